@@ -1,0 +1,25 @@
+# The two entry points of the README: each sets everything up from nothing, then does its job.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODEL ?=
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch first, so the project's torch range adds nothing heavy.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+.PHONY: install serve test lint
+install: $(VENV)/.installed
+
+serve: install
+	$(VENV)/bin/blip2-serve $(if $(MODEL),--model $(MODEL))
+
+lint: install
+	$(VENV)/bin/ruff check training service tests bench
+	$(VENV)/bin/ruff format --check training service tests bench
+
+test: lint
+	$(VENV)/bin/python -m pytest -q -x tests

@@ -1,0 +1,86 @@
+"""Process-group set-up and the one place where features are gathered across ranks.
+
+Everything here works unchanged in a single plain process (no process group): rank 0, world size 1,
+gathers return their input. Under `torchrun` the group is created from the environment
+(gloo on CPU, NCCL on GPU).
+
+Which gathers carry gradient, and why:
+- ITC features (`gather(..., with_grad=True)`): each rank scores its own rows against the whole
+  global batch, and the gather's backward sends every rank's gradient back to the rank that owns the
+  features. With DDP's gradient averaging this gives exactly the gradient of one process holding the
+  whole batch (tested under torchrun). LAVIS gathers ITC features without gradient, which drops the
+  gradient that flows through the other ranks' copies; on one process both are the same.
+- ITM hard-negative images (`with_grad=True`, as in LAVIS): a negative image from another rank
+  still trains the Q-Former that produced its features.
+- Token ids, masks and image ids (`with_grad=False`): integers, nothing to differentiate.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def setup(device_preference: str = "auto") -> torch.device:
+    """Join the process group when launched by torchrun; pick this process's device."""
+    use_cuda = torch.cuda.is_available() and device_preference in ("auto", "cuda")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not is_distributed():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def teardown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def gather(tensor: torch.Tensor, with_grad: bool) -> torch.Tensor:
+    """Concatenate `tensor` from every rank along dim 0, in rank order."""
+    if not is_distributed():
+        return tensor
+    if with_grad:
+        return torch.cat(dist_fn.all_gather(tensor), dim=0)
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.detach().contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def pad_to_global_length(tokens: torch.Tensor, pad_value: int) -> torch.Tensor:
+    """Right-pad (batch, length) tokens to the longest length on any rank, so they can be gathered."""
+    length = torch.tensor([tokens.shape[1]], device=tokens.device)
+    if is_distributed():
+        dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    return torch.nn.functional.pad(tokens, (0, int(length.item()) - tokens.shape[1]), value=pad_value)
+
+
+def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average logged scalars over ranks, so the log shows the global figure."""
+    if not is_distributed():
+        return values
+    stacked = torch.tensor(list(values.values()), device=device, dtype=torch.float64)
+    dist.all_reduce(stacked)
+    return dict(zip(values, (stacked / world_size()).tolist(), strict=True))
