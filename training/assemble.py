@@ -85,7 +85,11 @@ def load_vision_tower(path: str) -> Blip2VisionModel:
     if config.model_type not in ("blip-2", "instructblip"):
         raise ValueError(f"{path} holds a {config.model_type!r} model, not a BLIP-2 vision tower")
     vision = Blip2VisionModel(Blip2VisionConfig(**config.vision_config.to_dict()))
-    state = {k.removeprefix("vision_model."): v for k, v in _safetensors_state(path).items() if k.startswith("vision_model.")}
+    state = {
+        k.removeprefix("vision_model."): v
+        for k, v in _safetensors_state(path).items()
+        if k.startswith("vision_model.")
+    }
     vision.load_state_dict(state)
     return vision
 
@@ -100,7 +104,9 @@ def _safetensors_state(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def qformer_config_from_bert(bert_path: str, vocab_size: int, encoder_hidden_size: int, **overrides) -> Blip2QFormerConfig:
+def qformer_config_from_bert(
+    bert_path: str, vocab_size: int, encoder_hidden_size: int, **overrides
+) -> Blip2QFormerConfig:
     bert = AutoConfig.from_pretrained(bert_path)
     return Blip2QFormerConfig(
         vocab_size=vocab_size,
@@ -136,7 +142,9 @@ def copy_bert_into_qformer(stage1: Stage1Model, bert_path: str) -> list[str]:
             name = key.replace(".attention.self.", ".attention.attention.")
             targets["retrieval.qformer." + name] = value
             if ".intermediate." in name or (".output." in name and ".attention." not in name):
-                query_name = name.replace(".intermediate.", ".intermediate_query.").replace(".output.", ".output_query.")
+                query_name = name.replace(".intermediate.", ".intermediate_query.").replace(
+                    ".output.", ".output_query."
+                )
                 targets["retrieval.qformer." + query_name] = value
         elif key.startswith("cls.predictions.transform.") or key == "cls.predictions.bias":
             targets[key] = value
@@ -153,7 +161,9 @@ def copy_bert_into_qformer(stage1: Stage1Model, bert_path: str) -> list[str]:
     return sorted(k for k in own if k.startswith("retrieval.qformer.") and k not in targets)
 
 
-def _fresh_stage1(vision: Blip2VisionModel, qformer_config: Blip2QFormerConfig, num_query_tokens: int, tokenizer) -> Stage1Model:
+def _fresh_stage1(
+    vision: Blip2VisionModel, qformer_config: Blip2QFormerConfig, num_query_tokens: int, tokenizer
+) -> Stage1Model:
     config = Blip2Config(
         vision_config=vision.config.to_dict(),
         qformer_config=qformer_config.to_dict(),
@@ -167,9 +177,13 @@ def _fresh_stage1(vision: Blip2VisionModel, qformer_config: Blip2QFormerConfig, 
     return Stage1Model(retrieval, tokenizer.bos_token_id, tokenizer.pad_token_id)
 
 
-def attach_llm(stage1: Stage1Model, llm: PreTrainedModel, llm_tokenizer: PreTrainedTokenizerBase, image_size: int) -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
+def attach_llm(
+    stage1: Stage1Model, llm: PreTrainedModel, llm_tokenizer: PreTrainedTokenizerBase, image_size: int
+) -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
     """A generation model: the stage-1 ViT and Q-Former, a fresh projection, and the given LLM."""
-    processor = Blip2Processor(image_processor(image_size), llm_tokenizer, num_query_tokens=stage1.num_query_tokens)
+    processor = Blip2Processor(
+        image_processor(image_size), llm_tokenizer, num_query_tokens=stage1.num_query_tokens
+    )
     tokenizer = processor.tokenizer
     image_token_index = tokenizer.convert_tokens_to_ids(processor.image_token.content)
     if llm.get_input_embeddings().num_embeddings < len(tokenizer):
@@ -180,8 +194,12 @@ def attach_llm(stage1: Stage1Model, llm: PreTrainedModel, llm_tokenizer: PreTrai
     text_config = llm.config
     if getattr(text_config, "bos_token_id", None) is None:
         # generate() with no prompt starts from bos; for T5 that is the lone </s> an empty prompt encodes to.
-        text_config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    qformer_config = Blip2QFormerConfig(**{**stage1.retrieval.config.qformer_config.to_dict(), "use_qformer_text_input": False})
+        text_config.bos_token_id = (
+            tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        )
+    qformer_config = Blip2QFormerConfig(
+        **{**stage1.retrieval.config.qformer_config.to_dict(), "use_qformer_text_input": False}
+    )
     config = Blip2Config(
         vision_config=stage1.retrieval.config.vision_config.to_dict(),
         qformer_config=qformer_config.to_dict(),
@@ -223,7 +241,9 @@ def from_parts(
 ) -> Blip2Parts:
     """Assemble from a vision tower (checkpoint folder or Blip2VisionConfig fields), a BERT and an optional LLM."""
     if (vision is None) == (vision_config is None):
-        raise ValueError("give exactly one of vision (a checkpoint folder) or vision_config (Blip2VisionConfig fields)")
+        raise ValueError(
+            "give exactly one of vision (a checkpoint folder) or vision_config (Blip2VisionConfig fields)"
+        )
     if vision is not None:
         tower = load_vision_tower(vision)
     else:
@@ -231,7 +251,10 @@ def from_parts(
         tower = Blip2VisionModel(Blip2VisionConfig(**{"initializer_range": INIT_STD, **vision_config}))
     tokenizer = qformer_tokenizer(qformer_bert)
     qformer_config = qformer_config_from_bert(
-        qformer_bert, len(tokenizer), tower.config.hidden_size, cross_attention_frequency=cross_attention_frequency
+        qformer_bert,
+        len(tokenizer),
+        tower.config.hidden_size,
+        cross_attention_frequency=cross_attention_frequency,
     )
     stage1 = _fresh_stage1(tower, qformer_config, num_query_tokens, tokenizer)
     copy_bert_into_qformer(stage1, qformer_bert)
@@ -241,7 +264,9 @@ def from_parts(
 def _with_llm(stage1: Stage1Model, qformer_tok, llm_and_tokenizer) -> Blip2Parts:
     image_size = stage1.retrieval.config.vision_config.image_size
     # The retrieval model reads plain text: its processor must not prepend image placeholder tokens.
-    parts = Blip2Parts(stage1, Blip2Processor(image_processor(image_size), qformer_tok, num_query_tokens=None))
+    parts = Blip2Parts(
+        stage1, Blip2Processor(image_processor(image_size), qformer_tok, num_query_tokens=None)
+    )
     if llm_and_tokenizer is not None:
         parts.generation, parts.generation_processor = attach_llm(stage1, *llm_and_tokenizer, image_size)
     return parts

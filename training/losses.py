@@ -44,7 +44,12 @@ class Stage1Losses:
         return self.itc + self.itm + self.itg  # equal weights, as in the paper
 
     def as_floats(self) -> dict[str, float]:
-        return {"loss": self.total.item(), "itc": self.itc.item(), "itm": self.itm.item(), "itg": self.itg.item()}
+        return {
+            "loss": self.total.item(),
+            "itc": self.itc.item(),
+            "itm": self.itm.item(),
+            "itg": self.itg.item(),
+        }
 
 
 @dataclass
@@ -135,7 +140,9 @@ def stage1_losses(
     itg_hidden = qformer_pass(model, image_embeds, decoder_ids, attention_mask, multimodal_causal_mask)
     logits = model.itg_logits(itg_hidden[:, num_queries:])
     itg = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), label_smoothing=LABEL_SMOOTHING
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        label_smoothing=LABEL_SMOOTHING,
     )
     return Stage1Losses(itc=itc, itm=itm, itg=itg)
 
@@ -145,7 +152,9 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, positives: torch.Tensor) -> HardNegatives:
+def sample_hard_negatives(
+    sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, positives: torch.Tensor
+) -> HardNegatives:
     """For each text an image, and for each image a text, drawn with probability softmax(similarity)."""
     weights_t2i = F.softmax(sim_t2i.masked_fill(positives, EXCLUDED_LOGIT), dim=1)
     weights_i2t = F.softmax(sim_i2t.masked_fill(positives, EXCLUDED_LOGIT), dim=1)

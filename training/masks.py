@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 
 
-def _blocks(num_queries: int, text_mask: torch.Tensor, query_to_text: bool, text_to_query: bool, causal: bool):
+def _blocks(
+    num_queries: int, text_mask: torch.Tensor, query_to_text: bool, text_to_query: bool, causal: bool
+):
     batch, text_len = text_mask.shape
     device = text_mask.device
     q2q = torch.ones(num_queries, num_queries, dtype=torch.bool, device=device)
@@ -23,7 +25,9 @@ def _blocks(num_queries: int, text_mask: torch.Tensor, query_to_text: bool, text
     if causal:
         t2t = torch.tril(t2t)
     may_see = torch.cat([torch.cat([q2q, q2t], dim=1), torch.cat([t2q, t2t], dim=1)], dim=0)
-    visible_keys = torch.cat([torch.ones(batch, num_queries, dtype=torch.bool, device=device), text_mask.bool()], 1)
+    visible_keys = torch.cat(
+        [torch.ones(batch, num_queries, dtype=torch.bool, device=device), text_mask.bool()], 1
+    )
     return may_see[None, None] & visible_keys[:, None, None, :]
 
 
