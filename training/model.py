@@ -22,6 +22,29 @@ ITG_HEAD_FILE = "itg_head.safetensors"
 INITIAL_TEMPERATURE = 0.07
 
 
+def frozen_vision_features(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The frozen ViT blocks' output, before `post_layernorm` (which trains, as LAVIS's ln_vision does).
+
+    This is also what `cache-features` stores. Images larger than the tower's native size get
+    interpolated position embeddings (e.g. 364 px fine-tuning on a 224 px ViT).
+    """
+    native = vision_model.config.image_size
+    with torch.no_grad():
+        embeddings = vision_model.embeddings(
+            pixel_values.to(vision_model.embeddings.patch_embedding.weight.dtype),
+            interpolate_pos_encoding=pixel_values.shape[-1] != native,
+        )
+        hidden = vision_model.encoder(inputs_embeds=embeddings).last_hidden_state
+    return hidden.float()  # the LayerNorm after the ViT runs in fp32
+
+
+def freeze_vision_blocks(vision_model: nn.Module) -> None:
+    """Freeze the ViT's embeddings and blocks; `post_layernorm` stays trainable."""
+    for module in (vision_model.embeddings, vision_model.encoder):
+        module.requires_grad_(False)
+        module.eval()
+
+
 class _LMPrediction(nn.Module):
     def __init__(self, hidden_size: int, vocab_size: int, layer_norm_eps: float) -> None:
         super().__init__()

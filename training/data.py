@@ -1,0 +1,239 @@
+"""Image-text data: JSONL manifests, WebDataset shards, cached ViT features, and the batch collator.
+
+A manifest line is `{"image": path, "text": ...}` (optionally `"image_id"`); relative image paths are
+resolved against the manifest's folder. A missing or corrupt image is skipped and counted, never fatal:
+the collator drops it and reports how many it dropped in `batch["skipped"]`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from safetensors.torch import load_file
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from training import distributed
+
+log = logging.getLogger(__name__)
+IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """Rows of a JSONL manifest with `image` made absolute; blank lines ignored, bad lines reported."""
+    path = Path(path)
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+        if "image" not in row:
+            raise ValueError(f"{path}:{number}: no 'image' field")
+        row["image"] = str((path.parent / row["image"]).resolve())
+        rows.append(row)
+    return rows
+
+
+def image_id_table(rows: list[dict]) -> dict[str, int]:
+    """Integer ids for the rows' images: `image_id` when given, else the image path."""
+    table: dict[str, int] = {}
+    for row in rows:
+        table.setdefault(str(row.get("image_id", row["image"])), len(table))
+    return table
+
+
+class ImageTransform:
+    """BLIP-2's image preprocessing. Training: RandomResizedCrop(scale 0.5-1) and horizontal flip, bicubic;
+    evaluation: a plain resize. Both normalise with the CLIP mean and std."""
+
+    def __init__(self, image_size: int, train: bool, min_scale: float = 0.5) -> None:
+        self.image_size, self.train, self.min_scale = image_size, train, min_scale
+        self.mean = torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
+
+    def _random_crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        area = width * height
+        for _ in range(10):
+            target = area * random.uniform(self.min_scale, 1.0)
+            ratio = np.exp(random.uniform(np.log(3 / 4), np.log(4 / 3)))
+            w, h = round((target * ratio) ** 0.5), round((target / ratio) ** 0.5)
+            if 0 < w <= width and 0 < h <= height:
+                left, top = random.randint(0, width - w), random.randint(0, height - h)
+                return left, top, left + w, top + h
+        return 0, 0, width, height
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB")
+        if self.train:
+            image = image.crop(self._random_crop_box(*image.size))
+            if random.random() < 0.5:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (pixels - self.mean) / self.std
+
+
+def load_image(source: str | bytes) -> Image.Image:
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        image.load()
+        return image.convert("RGB")
+
+
+class ManifestDataset(Dataset):
+    """Images and texts from a JSONL manifest; a row whose image cannot be read yields None."""
+
+    def __init__(self, manifest: str | Path, transform: ImageTransform, text_field: str = "text") -> None:
+        self.rows = read_manifest(manifest)
+        self.transform, self.text_field = transform, text_field
+        self.ids = image_id_table(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict | None:
+        row = self.rows[index]
+        try:
+            pixels = self.transform(load_image(row["image"]))
+        except IMAGE_ERRORS as error:
+            log.warning("skipping %s: %s", row["image"], error)
+            return None
+        return {
+            "pixel_values": pixels,
+            "text": row[self.text_field],
+            "image_id": self.ids[str(row.get("image_id", row["image"]))],
+            "row": row,
+        }
+
+
+class FeatureDataset(Dataset):
+    """Rows of a manifest paired with ViT features cached by `blip2-train data cache-features`."""
+
+    def __init__(self, manifest: str | Path, features_dir: str | Path, text_field: str = "text") -> None:
+        self.rows = read_manifest(manifest)
+        self.text_field = text_field
+        self.ids = image_id_table(self.rows)
+        self.cache = FeatureCache(features_dir)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict | None:
+        row = self.rows[index]
+        features = self.cache.get(row["image"])
+        if features is None:
+            log.warning("no cached features for %s", row["image"])
+            return None
+        return {
+            "vision_hidden": features.float(),
+            "text": row[self.text_field],
+            "image_id": self.ids[str(row.get("image_id", row["image"]))],
+            "row": row,
+        }
+
+
+class FeatureCache:
+    """Reads the shards written by `cache-features`: `index.json` maps image path -> [shard file, row]."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.index = json.loads((self.folder / "index.json").read_text())
+        self._shards: dict[str, torch.Tensor] = {}
+
+    def get(self, image: str) -> torch.Tensor | None:
+        entry = self.index.get(image)
+        if entry is None:
+            return None
+        shard, row = entry
+        if shard not in self._shards:
+            self._shards[shard] = load_file(str(self.folder / shard))["features"]
+        return self._shards[shard][row]
+
+
+class WebDatasetShards(IterableDataset):
+    """Image-text pairs from WebDataset tar shards (`.jpg`/`.png` + `.txt`/`.json`), split per rank and worker.
+
+    A corrupt shard or sample is skipped with a warning and counted in `self.skipped` of the worker.
+    """
+
+    def __init__(self, urls: list[str], transform: ImageTransform, text_field: str = "text") -> None:
+        self.urls, self.transform, self.text_field = urls, transform, text_field
+        self.skipped = 0
+
+    def _my_urls(self) -> list[str]:
+        worker = get_worker_info()
+        num_workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        stride = distributed.world_size() * num_workers
+        return self.urls[distributed.rank() * num_workers + worker_id :: stride]
+
+    def __iter__(self) -> Iterator[dict | None]:
+        import webdataset as wds
+
+        def skip(error: Exception) -> bool:
+            self.skipped += 1
+            log.warning("skipping corrupt WebDataset data: %s", error)
+            return True
+
+        pipeline = wds.WebDataset(self._my_urls(), shardshuffle=False, handler=skip, nodesplitter=None)
+        for sample in pipeline:
+            yield self._decode(sample)
+
+    def _decode(self, sample: dict) -> dict | None:
+        image_bytes = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+        if image_bytes is None:
+            return None
+        try:
+            pixels = self.transform(load_image(image_bytes))
+        except IMAGE_ERRORS as error:
+            log.warning("skipping %s: %s", sample.get("__key__"), error)
+            return None
+        if "json" in sample:
+            meta = json.loads(sample["json"])
+            text = meta.get(self.text_field) or meta.get("caption")
+        else:
+            text = (
+                sample["txt"].decode("utf-8") if isinstance(sample.get("txt"), bytes) else sample.get("txt")
+            )
+        if not text:
+            return None
+        key = sample["__key__"]
+        return {"pixel_values": pixels, "text": text, "image_id": hash(key) % (2**31), "row": {"key": key}}
+
+
+class Collator:
+    """Drops unreadable samples, stacks images (or cached features) and, given a tokenizer, tokenizes texts."""
+
+    def __init__(self, tokenizer=None, max_text_length: int = 32) -> None:
+        self.tokenizer, self.max_text_length = tokenizer, max_text_length
+
+    def __call__(self, samples: list[dict | None]) -> dict:
+        kept = [s for s in samples if s is not None]
+        batch: dict = {"skipped": len(samples) - len(kept), "size": len(kept)}
+        if not kept:
+            return batch
+        for key in ("pixel_values", "vision_hidden"):
+            if key in kept[0]:
+                batch[key] = torch.stack([s[key] for s in kept])
+        if self.tokenizer is not None:
+            tokens = self.tokenizer(
+                [s["text"] for s in kept],
+                padding="longest",
+                truncation=True,
+                max_length=self.max_text_length,
+                return_tensors="pt",
+            )
+            batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
+        batch["image_ids"] = torch.tensor([s["image_id"] for s in kept])
+        batch["texts"] = [s["text"] for s in kept]
+        batch["rows"] = [s["row"] for s in kept]
+        return batch

@@ -1,0 +1,172 @@
+"""What each stage trains: a Task module per stage, whose forward(batch) returns its named losses.
+
+Stage 1 trains the Q-Former against the frozen ViT (ITC + ITM + ITG). Stage 2 connects the Q-Former
+through one linear projection to a frozen LLM: language modelling for decoder LLMs (OPT, Qwen2,
+Llama...), prefix language modelling for encoder-decoder LLMs (Flan-T5). In both, the ViT blocks are
+frozen and kept in eval mode, and its final LayerNorm trains with the Q-Former, as in LAVIS.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import Blip2ForConditionalGeneration
+from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
+
+from training.losses import stage1_losses
+from training.model import Stage1Model, freeze_vision_blocks, frozen_vision_features
+
+
+class _FrozenVisionTask(nn.Module):
+    """Shared by the stages: the frozen ViT stays in eval mode whatever mode the task is put in."""
+
+    vision_model: nn.Module
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        freeze_vision_blocks(self.vision_model)
+        return self
+
+    def vision_hidden(self, batch: dict) -> torch.Tensor:
+        if "vision_hidden" in batch:  # cached by `blip2-train data cache-features`
+            return batch["vision_hidden"].float()
+        return frozen_vision_features(self.vision_model, batch["pixel_values"])
+
+    def prepare_for_device(self, device: torch.device, settings) -> None:
+        """On a GPU the frozen ViT runs in fp16 (as in the paper); trainable weights stay fp32."""
+        if device.type == "cuda" and settings.precision != "fp32":
+            for module in (self.vision_model.embeddings, self.vision_model.encoder):
+                module.half()
+
+
+class Stage1Task(_FrozenVisionTask):
+    def __init__(self, model: Stage1Model, processor, use_image_ids: bool = False) -> None:
+        super().__init__()
+        self.model, self.processor, self.use_image_ids = model, processor, use_image_ids
+        self.vision_model = model.retrieval.vision_model
+        freeze_vision_blocks(self.vision_model)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        losses = stage1_losses(
+            self.model,
+            self.vision_hidden(batch),
+            batch["input_ids"],
+            batch["attention_mask"],
+            image_ids=batch["image_ids"] if self.use_image_ids else None,
+        )
+        return {"loss": losses.total, "itc": losses.itc, "itm": losses.itm, "itg": losses.itg}
+
+    def save_model(self, folder: Path) -> None:
+        self.model.save_pretrained(folder)
+        self.processor.save_pretrained(folder)
+
+
+def project_queries(model: nn.Module, vision_hidden: torch.Tensor) -> torch.Tensor:
+    """Image -> soft visual prompt: LayerNorm, Q-Former queries over the image, linear projection to the LLM."""
+    image_embeds = model.vision_model.post_layernorm(vision_hidden)
+    queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
+    query_output = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds).last_hidden_state
+    return model.language_projection(query_output)
+
+
+class Stage2Task(_FrozenVisionTask):
+    """Generative learning with the LLM frozen. Also serves caption and VQA fine-tuning (per-sample prompts).
+
+    Decoder LLMs: input [queries; bos prompt text eos], loss on the text only (prompt, queries and
+    padding are -100). LAVIS ends the target with "\\n"; we end it with the tokenizer's eos, so plain
+    `generate()` stops by itself. Encoder-decoder LLMs with a prompt: the prompt (and queries) go to the
+    encoder and the text is the target; without a prompt, prefix LM: a split point drawn between token 1
+    and the middle, the prefix to the encoder, the rest as the target.
+    """
+
+    def __init__(
+        self, model: Blip2ForConditionalGeneration, processor, prompt: str = "", max_text_length: int = 32
+    ) -> None:
+        super().__init__()
+        self.model, self.processor, self.prompt, self.max_text_length = (
+            model,
+            processor,
+            prompt,
+            max_text_length,
+        )
+        self.vision_model = model.vision_model
+        self.tokenizer = processor.tokenizer
+        self.decoder_only = model.config.use_decoder_only_language_model
+        model.language_model.requires_grad_(False)
+        model.language_model.eval()
+        freeze_vision_blocks(self.vision_model)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.language_model.eval()  # frozen LLM: no dropout
+        return self
+
+    def _ids(self, text: str, special: bool) -> list[int]:
+        return self.tokenizer(
+            text, add_special_tokens=special, truncation=True, max_length=self.max_text_length
+        )["input_ids"]
+
+    def _decoder_only_rows(self, prompts: list[str], texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        rows = []
+        for prompt, text in zip(prompts, texts, strict=True):
+            # bos (where the tokenizer adds one) and the prompt are context, never targets
+            context = len(self._ids(prompt, special=True))
+            ids = self._ids(prompt + text, special=True)[: self.max_text_length - 1] + [
+                self.tokenizer.eos_token_id
+            ]
+            rows.append((ids, [-100] * context + ids[context:]))
+        return rows
+
+    def _encoder_decoder_rows(self, prompts: list[str], texts: list[str]):
+        rows = []
+        eos = self.tokenizer.eos_token_id
+        for prompt, text in zip(prompts, texts, strict=True):
+            if prompt:
+                source, target = self._ids(prompt, special=False), self._ids(text, special=False)
+            else:
+                tokens = self._ids(text, special=False)
+                split = random.randint(1, max(1, len(tokens) // 2))
+                source, target = tokens[:split], tokens[split:]
+            rows.append((source + [eos], target + [eos]))
+        return rows
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        texts = batch["texts"]
+        prompts = batch.get("prompts") or [self.prompt] * len(texts)
+        projected = project_queries(self.model, self.vision_hidden(batch))
+        device, num_queries = projected.device, projected.shape[1]
+        image_token = self.model.config.image_token_index
+        pad = self.tokenizer.pad_token_id
+        if self.decoder_only:
+            rows = self._decoder_only_rows(prompts, texts)
+            width = max(len(ids) for ids, _ in rows)
+            input_ids = [[image_token] * num_queries + ids + [pad] * (width - len(ids)) for ids, _ in rows]
+            labels = [[-100] * num_queries + lab + [-100] * (width - len(lab)) for _, lab in rows]
+            attention = [[1] * (num_queries + len(ids)) + [0] * (width - len(ids)) for ids, _ in rows]
+            extra = {}
+        else:
+            rows = self._encoder_decoder_rows(prompts, texts)
+            width = max(len(src) for src, _ in rows)
+            target_width = max(len(tgt) for _, tgt in rows)
+            input_ids = [[image_token] * num_queries + src + [pad] * (width - len(src)) for src, _ in rows]
+            attention = [[1] * (num_queries + len(src)) + [0] * (width - len(src)) for src, _ in rows]
+            labels = [tgt + [-100] * (target_width - len(tgt)) for _, tgt in rows]
+            decoder_mask = [[1] * len(tgt) + [0] * (target_width - len(tgt)) for _, tgt in rows]
+            extra = {"decoder_attention_mask": torch.tensor(decoder_mask, device=device)}
+        image_outputs = BaseModelOutputWithVisionQformerOutputs(pooler_output=projected)
+        output = self.model(
+            pixel_values=None,
+            input_ids=torch.tensor(input_ids, device=device),
+            attention_mask=torch.tensor(attention, device=device),
+            labels=torch.tensor(labels, device=device),
+            mm_encoder_outputs={"image": image_outputs},
+            **extra,
+        )
+        return {"loss": output.loss}
+
+    def save_model(self, folder: Path) -> None:
+        self.model.save_pretrained(folder)
+        self.processor.save_pretrained(folder)
