@@ -34,9 +34,13 @@ How LAVIS is made to run offline and deterministically, without changing what `f
 - Single process: no process group. `dist.get_rank()` (called directly by forward) and
   `torch.distributed.get_world_size()` (called by `all_gather_with_grad`) are patched to 0 and 1;
   `concat_all_gather` takes its own non-distributed branch and returns its input unchanged.
-  A second ITC gradient is recorded under a real one-process gloo group (`--` nothing to patch):
+  A second ITC gradient is recorded under a real one-process gloo group (nothing patched):
   there `concat_all_gather` copies the features WITHOUT gradient, so LAVIS's ITC gradient is not
   the same; see `grad_pg1/itc/*` and the test's documentation.
+- No `image_ids` case: `Blip2Qformer.forward` in LAVIS 1.0.2 (and on its main branch) has no
+  image-id branch; ITC targets are always the diagonal, which is what unique ids give here.
+- Float32 on the CPU. The generated file is tensor-identical from run to run (its header order may
+  differ). A one-off float64 run of both sides agreed to ~1e-14 relative (see the test docstring).
 - Hard negatives: `torch.multinomial` is patched to return chosen indices in the order forward
   calls it (first one image per text, then one text per image); each choice is checked to have a
   nonzero sampling weight in LAVIS's own distribution.
