@@ -1,0 +1,101 @@
+"""`blip2-serve` / `python -m service`: CLI flags (which override BLIP2_* variables) -> settings -> uvicorn.
+
+SIGTERM drains: /ready turns 503 and new requests get 503, requests in flight finish (up to
+drain_timeout_s), then uvicorn shuts down. A second SIGTERM or SIGINT exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import typing
+
+import uvicorn
+from pydantic import SecretStr, ValidationError
+
+from service.app import create_app, drain
+from service.settings import Settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blip2-serve",
+        description="Serve BLIP-2 / InstructBLIP checkpoints over HTTP. Every flag also reads from BLIP2_<NAME>.",
+        argument_default=argparse.SUPPRESS,  # only flags given on the command line override the environment
+    )
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kinds = set(typing.get_args(field.annotation)) or {field.annotation}
+        help_text = (field.description or "").replace("%", "%%")
+        if bool in kinds:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif SecretStr in kinds:
+            parser.add_argument(
+                flag, help=help_text + " (prefer the environment variable: flags show in `ps`)"
+            )
+        elif name == "allowed_url_hosts":
+            parser.add_argument(
+                flag, type=lambda v: [h.strip().lower() for h in v.split(",") if h.strip()], help=help_text
+            )
+        else:
+            parser.add_argument(flag, help=help_text)
+    return parser
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn stops listening at the first SIGTERM; we first drain, so Kubernetes sees /ready fail."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.draining = False
+        self.exit_code = 0
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if sig == signal.SIGTERM and not self.draining and not self.should_exit:
+            self.draining = True
+            asyncio.get_event_loop().call_soon_threadsafe(
+                lambda: asyncio.ensure_future(self._drain_then_exit())
+            )
+            return
+        super().handle_exit(sig, frame)
+        self.force_exit = self.force_exit or self.draining  # a second signal while draining: now
+
+    async def _drain_then_exit(self) -> None:
+        await drain(self.config.app)
+        self.should_exit = True
+
+    def load_failed(self) -> None:
+        self.exit_code = 1
+        self.should_exit = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    try:
+        settings = Settings(**args)
+    except ValidationError as exc:
+        print(f"blip2-serve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    if settings.model is None and settings.retrieval_model is None:
+        print(
+            "blip2-serve: no model given. Pass --model PATH_OR_HUB_ID (a folder written by `blip2-train`, or e.g. "
+            "Salesforce/blip2-opt-2.7b) or set BLIP2_MODEL.",
+            file=sys.stderr,
+        )
+        return 2
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    server = DrainingServer(config)
+    app.state.on_load_failure = server.load_failed
+    server.run()
+    return server.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The application: `create_app(settings)`.
+
+Start-up loads and warms the models in the background, so /health answers while a large checkpoint
+loads and /ready says yes only when the first request will be fast. On SIGTERM (see __main__.py),
+`drain()` turns /ready to 503 and refuses new work, waits for the requests in flight, then the server exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service import chat, routes
+from service.batching import Engine
+from service.errors import error_body, install_handlers
+from service.inference import Runner
+from service.loading import load_models
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger("service.app")
+access_log = logging.getLogger("service.access")
+OPEN_PATHS = {"/health", "/ready", "/metrics"}  # probes and scrapers carry no API key
+
+
+async def _load(app: FastAPI) -> None:
+    state = app.state
+    try:
+        models = await asyncio.to_thread(load_models, state.settings)
+        for name, seconds in models.load_seconds.items():
+            state.metrics.load_seconds.labels(name).set(seconds)
+        runner = Runner(models)
+        engine = Engine(
+            runner,
+            max_batch_size=state.settings.max_batch_size,
+            max_wait_s=state.settings.max_wait_ms / 1000,
+            max_queue_size=state.settings.max_queue_size,
+            metrics=state.metrics,
+        )
+        if state.settings.warmup:
+            await asyncio.get_running_loop().run_in_executor(engine.executor, runner.warm_up)
+        engine.start()
+        state.runner, state.engine = runner, engine
+        state.phase = "ready"
+        state.metrics.ready.set(1)
+        log.info("ready")
+    except Exception as exc:  # an operator's mistake (bad path, wrong folder): say it and stay unhealthy
+        state.phase, state.load_error = "failed", str(exc)
+        log.error(
+            "model loading failed: %s", exc, exc_info=not isinstance(exc, (OSError, ValueError, RuntimeError))
+        )
+        if state.on_load_failure is not None:
+            state.on_load_failure()
+
+
+async def drain(app: FastAPI, timeout_s: float | None = None) -> bool:
+    """Refuse new work, then wait for the requests in flight; True when all finished in time."""
+    state = app.state
+    state.phase = "draining"
+    state.metrics.ready.set(0)
+    if state.engine is not None:
+        state.engine.accepting = False
+    deadline = time.monotonic() + (state.settings.drain_timeout_s if timeout_s is None else timeout_s)
+    while state.working > 0 or (state.engine is not None and state.engine.busy):
+        if time.monotonic() >= deadline:
+            log.warning("drain timed out with %d requests in flight", state.working)
+            return False
+        await asyncio.sleep(0.05)
+    log.info("drained")
+    return True
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.started = int(time.time())
+        loading = asyncio.create_task(_load(app))
+        yield
+        loading.cancel()
+        if app.state.engine is not None:
+            await app.state.engine.stop()
+
+    app = FastAPI(
+        title="BLIP-2 inference server",
+        description="Captioning, VQA, prompted generation, embeddings and retrieval with BLIP-2 models.",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url="/docs",
+    )
+    state = app.state
+    state.settings, state.metrics = settings, Metrics()
+    state.phase, state.load_error, state.on_load_failure = "loading", None, None
+    state.runner = state.engine = None
+    state.working, state.started = 0, int(time.time())
+    install_handlers(app)
+    app.include_router(routes.router)
+    app.include_router(chat.router)
+    app.add_middleware(Gatekeeper, settings=settings, app_state=state)
+    return app
+
+
+class Gatekeeper:
+    """Pure ASGI middleware (BaseHTTPMiddleware would break disconnect detection): API key, body size
+    cap, in-flight count, metrics and one structured log line per request."""
+
+    def __init__(self, app, settings: Settings, app_state) -> None:
+        self.app, self.settings, self.state = app, settings, app_state
+        key = settings.api_key.get_secret_value() if settings.api_key else ""
+        self.expected = f"Bearer {key}".encode() if key else None
+        # Room for the images a request may carry, base64-inflated, plus its text fields.
+        self.max_body = settings.max_image_bytes * settings.max_images_per_request * 4 // 3 + 1024 * 1024
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        headers = dict(scope["headers"])
+        if self.expected is not None and path not in OPEN_PATHS:
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):  # constant time; the key is never logged
+                response = error_body(401, "unauthorized", "a valid `Authorization: Bearer <key>` header is required",
+                                      {"WWW-Authenticate": "Bearer"})  # fmt: skip
+                return await response(scope, receive, send)
+        declared = int(headers.get(b"content-length", b"0") or 0)
+        if declared > self.max_body:
+            return await error_body(413, "payload_too_large", f"the body is over {self.max_body} bytes")(
+                scope, receive, send
+            )
+
+        counted = path not in OPEN_PATHS
+        status, received, started = 500, 0, time.perf_counter()
+
+        async def capped_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:  # chunked uploads without a Content-Length
+                from service.errors import too_large
+
+                raise too_large(f"the body is over {self.max_body} bytes")
+            return message
+
+        async def tracked_send(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        if counted:
+            self.state.working += 1
+            self.state.metrics.in_flight.inc()
+        try:
+            await self.app(scope, capped_receive, tracked_send)
+        finally:
+            if counted:
+                self.state.working -= 1
+                self.state.metrics.in_flight.dec()
+            self._record(scope, path, status, time.perf_counter() - started)
+
+    def _record(self, scope, path: str, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        label = getattr(route, "path", None) or "other"
+        metrics = self.state.metrics
+        metrics.requests.labels(label, str(status)).inc()
+        metrics.request_seconds.labels(label).observe(seconds)
+        if path in OPEN_PATHS:
+            return  # probes and scrapes would drown the log
+        line = {"route": label, "method": scope["method"], "status": status, "latency_s": round(seconds, 4)}
+        extra = scope.get("state", {})
+        if "batch_size" in extra:
+            line["batch_size"] = extra["batch_size"]
+        if self.settings.log_prompts and "prompt" in extra:
+            line["prompt"] = extra["prompt"]
+        access_log.info(json.dumps(line))

@@ -1,0 +1,239 @@
+"""What one batch does on the model thread: generation, embeddings, retrieval scores.
+
+Generation goes through the checkpoint class's own `generate`, so answers equal plain transformers'.
+Retrieval runs the ViT once per image and feeds the same features to ITC and to the ITM re-rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.nn import functional as F
+
+from service.loading import GenerationModel, LoadedModels, RetrievalModel
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Settings of one generate call; requests share a batch only when these are equal."""
+
+    max_new_tokens: int = 30
+    min_new_tokens: int = 0
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
+        if not self.do_sample:  # transformers warns when sampling knobs come without sampling
+            kwargs.pop("temperature"), kwargs.pop("top_p")
+        return kwargs
+
+
+@dataclass
+class Generated:
+    text: str
+    tokens: int
+    finish_reason: str  # "stop" (end of sequence) or "length" (max_new_tokens reached)
+
+
+@dataclass
+class GenerateJob:
+    image: Image.Image
+    prompt: str
+
+
+@dataclass
+class EmbedJob:
+    images: list[Image.Image]
+    texts: list[str]
+    query_vectors: bool = False
+
+
+@dataclass
+class RetrieveJob:
+    query_text: str | None
+    query_image: Image.Image | None
+    candidate_texts: list[str]
+    candidate_images: list[Image.Image]
+    top_k: int
+
+
+class Runner:
+    """Runs one batch of same-key jobs; called by the engine on its worker thread."""
+
+    def __init__(self, models: LoadedModels) -> None:
+        self.models = models
+
+    def __call__(self, key: Hashable, jobs: list[Any]) -> list[Any]:
+        task = key[0]
+        with torch.inference_mode():
+            if task == "generate":
+                return self.generate(key[1], jobs)
+            if task == "embed":
+                return self.embed(jobs)
+            if task == "retrieve":
+                return [self.retrieve(job) for job in jobs]
+        raise ValueError(f"unknown task {task!r}")
+
+    # -- generation ---------------------------------------------------------------------------------
+    def generate(self, options: GenerationOptions, jobs: list[GenerateJob]) -> list[Generated]:
+        gen = self.models.generation
+        inputs = gen.processor(
+            images=[job.image for job in jobs],
+            text=[job.prompt for job in jobs],
+            return_tensors="pt",
+            padding=True,
+        )
+        inputs = {k: v.to(self.models.device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.models.dtype)
+        output = gen.model.generate(**inputs, **options.generate_kwargs())
+        if not gen.is_encoder_decoder:  # decoder LLMs return the prompt (queries included) before the answer
+            output = output[:, inputs["input_ids"].shape[1] :]
+        return [self._decoded(gen, row, options) for row in output.cpu()]
+
+    @staticmethod
+    def _decoded(gen: GenerationModel, row: torch.Tensor, options: GenerationOptions) -> Generated:
+        tokenizer = gen.processor.tokenizer
+        ids = row.tolist()
+        start = gen.model.config.text_config.decoder_start_token_id if gen.is_encoder_decoder else None
+        if start is not None and ids and ids[0] == start:
+            ids = ids[1:]
+        eos = tokenizer.eos_token_id
+        stopped = eos in ids
+        if stopped:
+            ids = ids[: ids.index(eos)]
+        ids = [i for i in ids if i != tokenizer.pad_token_id]
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return Generated(text, len(ids), "stop" if stopped or len(ids) < options.max_new_tokens else "length")
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """Tokens the LLM sees for a prompt: the text plus the query tokens."""
+        gen = self.models.generation
+        return len(gen.processor.tokenizer(prompt)["input_ids"]) + gen.model.config.num_query_tokens
+
+    # -- retrieval model ----------------------------------------------------------------------------
+    def _retrieval(self) -> RetrievalModel:
+        return self.models.retrieval
+
+    def vision_features(self, images: list[Image.Image]) -> torch.Tensor:
+        """ViT outputs, one pass per image (the tower may be shared with the generation model)."""
+        ret = self._retrieval()
+        pixels = ret.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        pixels = pixels.to(self.models.device, self.models.dtype)
+        return ret.model.vision_model(pixel_values=pixels).last_hidden_state
+
+    def query_features(self, vision: torch.Tensor) -> torch.Tensor:
+        """Q-Former queries over the image -> projected, L2-normalised: (images, queries, 256)."""
+        model = self._retrieval().model
+        mask = torch.ones(vision.shape[:-1], dtype=torch.long, device=vision.device)
+        queries = model.query_tokens.expand(vision.shape[0], -1, -1)
+        out = model.qformer(query_embeds=queries, encoder_hidden_states=vision, encoder_attention_mask=mask)
+        hidden = out.last_hidden_state.to(model.vision_projection.weight.dtype)
+        return F.normalize(model.vision_projection(hidden), dim=-1)
+
+    def _tokens(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        ret = self._retrieval()
+        limit = ret.model.config.qformer_config.max_position_embeddings
+        tokens = ret.processor.tokenizer(
+            texts, padding=True, truncation=True, max_length=limit, return_tensors="pt"
+        )
+        return {k: tokens[k].to(self.models.device) for k in ("input_ids", "attention_mask")}
+
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        """The [CLS] output of the Q-Former's text side -> projected, L2-normalised: (texts, 256)."""
+        model = self._retrieval().model
+        tokens = self._tokens(texts)
+        out = model.qformer(
+            query_embeds=model.embeddings(input_ids=tokens["input_ids"]),
+            query_length=0,
+            attention_mask=tokens["attention_mask"],
+        )
+        hidden = out.last_hidden_state[:, 0, :].to(model.text_projection.weight.dtype)
+        return F.normalize(model.text_projection(hidden), dim=-1)
+
+    def itm_logits(self, vision: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """Image-text matching logits (pairs, 2), averaged over the query outputs, as transformers does."""
+        model = self._retrieval().model
+        tokens = self._tokens(texts)
+        queries = model.query_tokens.expand(vision.shape[0], -1, -1)
+        query_mask = torch.ones(queries.shape[:-1], dtype=torch.long, device=vision.device)
+        out = model.qformer(
+            query_embeds=model.embeddings(input_ids=tokens["input_ids"], query_embeds=queries),
+            query_length=queries.shape[1],
+            attention_mask=torch.cat([query_mask, tokens["attention_mask"]], dim=1),
+            encoder_hidden_states=vision,
+            encoder_attention_mask=torch.ones(vision.shape[:-1], dtype=torch.long, device=vision.device),
+        )
+        hidden = out.last_hidden_state[:, : queries.shape[1], :].to(model.itm_head.weight.dtype)
+        return model.itm_head(hidden).mean(dim=1).float()
+
+    def embed(self, jobs: list[EmbedJob]) -> list[dict[str, Any]]:
+        """All images of all jobs in one ViT + Q-Former pass, all texts in one text pass, then split."""
+        images = [image for job in jobs for image in job.images]
+        texts = [text for job in jobs for text in job.texts]
+        queries = self.query_features(self.vision_features(images)).float().cpu() if images else None
+        text_vectors = self.text_features(texts).float().cpu() if texts else None
+        results, i, t = [], 0, 0
+        for job in jobs:
+            result: dict[str, Any] = {}
+            if job.images:
+                mine = queries[i : i + len(job.images)]
+                i += len(job.images)
+                # One vector per image: the normalised mean of its query vectors (ITC itself takes the max).
+                result["image"] = F.normalize(mine.mean(dim=1), dim=-1)
+                if job.query_vectors:
+                    result["image_queries"] = mine
+            if job.texts:
+                result["text"] = text_vectors[t : t + len(job.texts)]
+                t += len(job.texts)
+            results.append(result)
+        return results
+
+    def retrieve(self, job: RetrieveJob) -> list[dict[str, Any]]:
+        """ITC similarity for every candidate, then ITM on the top k; LAVIS's final score is ITM + ITC."""
+        if job.query_text is not None:
+            vision = self.vision_features(job.candidate_images)
+            text = self.text_features([job.query_text]).float()
+            itc = (self.query_features(vision).float() @ text[0]).amax(dim=1)
+        else:
+            vision = self.vision_features([job.query_image])
+            texts = self.text_features(job.candidate_texts).float()
+            itc = (self.query_features(vision).float()[0] @ texts.T).amax(dim=0)
+        k = min(job.top_k, itc.numel())
+        top = torch.topk(itc, k).indices
+        if job.query_text is not None:
+            logits = self.itm_logits(vision[top], [job.query_text] * k)
+        else:
+            logits = self.itm_logits(vision.expand(k, -1, -1), [job.candidate_texts[i] for i in top.tolist()])
+        probabilities = logits.softmax(dim=-1)[:, 1]
+        ranked = [
+            {
+                "index": i,
+                "itc_score": itc[i].item(),
+                "itm_score": probabilities[n].item(),
+                "score": (logits[n, 1] + itc[i]).item(),
+            }
+            for n, i in enumerate(top.tolist())
+        ]
+        ranked.sort(key=lambda r: r["score"], reverse=True)
+        chosen = set(top.tolist())
+        rest = sorted((i for i in range(itc.numel()) if i not in chosen), key=lambda i: -itc[i].item())
+        ranked += [{"index": i, "itc_score": itc[i].item(), "itm_score": None, "score": None} for i in rest]
+        return ranked
+
+    def warm_up(self) -> None:
+        """One tiny call per model, so the first real request does not pay for lazy initialisation."""
+        image = Image.new("RGB", (32, 32), (127, 127, 127))
+        with torch.inference_mode():
+            if self.models.generation is not None:
+                self.generate(GenerationOptions(max_new_tokens=2), [GenerateJob(image, "")])
+            if self.models.retrieval is not None:
+                self.retrieve(RetrieveJob(None, image, ["a photo"], [], top_k=1))

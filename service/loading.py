@@ -1,0 +1,264 @@
+"""Model loading: the checkpoint folder decides the class; weights load from safetensors only by default.
+
+No code from a model folder ever runs (`trust_remote_code=False` everywhere). With 8-bit or 4-bit the
+LLM is quantised by bitsandbytes while the ViT, Q-Former, query tokens, projection and LM head stay in
+full precision: quantising them costs quality for little memory (they are ~1/15 of a 2.7B model) and a
+tied LM head breaks bitsandbytes' 8-bit layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    BitsAndBytesConfig,
+    Blip2ForConditionalGeneration,
+    Blip2ForImageTextRetrieval,
+    InstructBlipForConditionalGeneration,
+    PretrainedConfig,
+)
+
+from service.settings import Settings
+
+log = logging.getLogger("service.loading")
+
+# Kept out of quantisation: everything but the LLM's transformer blocks.
+SKIP_QUANTISATION = ["vision_model", "qformer", "query_tokens", "language_projection", "lm_head"]
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl")
+
+
+class _Once(logging.Filter):
+    """bitsandbytes logs a warning on every 8-bit CPU matmul (fp32 inputs cast to fp16); once is enough."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_Once())
+warnings.filterwarnings("once", message="MatMul8bitLt")
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder that cannot be served; the message says why and what to do."""
+
+
+@dataclass
+class GenerationModel:
+    model: torch.nn.Module
+    processor: object
+    kind: str  # "blip-2" or "instructblip"
+    llm_type: str  # the LLM's model_type: "opt", "t5", ...
+    is_encoder_decoder: bool
+    max_positions: int | None  # the decoder LLM's position limit (prompt + queries + new tokens)
+
+
+@dataclass
+class RetrievalModel:
+    model: Blip2ForImageTextRetrieval
+    processor: object
+
+
+@dataclass
+class LoadedModels:
+    device: torch.device
+    dtype: torch.dtype
+    generation: GenerationModel | None = None
+    retrieval: RetrievalModel | None = None
+    quantization: str | None = None
+    shared_vision: bool = False
+    load_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name!r} asked for, but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device, llm_type: str | None) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if llm_type in ("t5", "mt5", "umt5") else torch.float16
+
+
+def check_weights(source: str, allow_pickle: bool) -> None:
+    """Refuse pickle-only folders up front (a hub id is checked by `use_safetensors=True` at download)."""
+    path = Path(source)
+    if not path.exists():
+        if source.startswith((".", "/", "~")) or source.count("/") > 1:
+            raise ModelLoadError(f"model folder {source!r} does not exist")
+        return
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ModelLoadError(f"{source!r} is not a model folder (no config.json)")
+    if any(path.glob("*.safetensors")):
+        return
+    if any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir()):
+        if allow_pickle:
+            log.warning("loading pickle-based weights from %s (allow_pickle is on)", source)
+            return
+        raise ModelLoadError(
+            f"{source!r} holds only pickle-based weights; convert them to safetensors, or set "
+            "BLIP2_ALLOW_PICKLE=true if you trust the folder (pickle can run code)"
+        )
+    raise ModelLoadError(f"{source!r} holds no weights (*.safetensors)")
+
+
+def read_config(source: str) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the config of {source!r}: {exc}") from exc
+
+
+def is_retrieval(config: PretrainedConfig) -> bool:
+    return config.model_type == "blip-2" and "Blip2ForImageTextRetrieval" in (config.architectures or [])
+
+
+def generation_class(config: PretrainedConfig) -> type:
+    if config.model_type == "instructblip":
+        return InstructBlipForConditionalGeneration
+    if config.model_type == "blip-2" and not is_retrieval(config):
+        return Blip2ForConditionalGeneration
+    raise ModelLoadError(
+        f"a {config.model_type!r} checkpoint ({config.architectures}) is not a BLIP-2 generation model"
+    )
+
+
+def quantization_config(
+    settings: Settings, device: torch.device, dtype: torch.dtype
+) -> BitsAndBytesConfig | None:
+    eight_bit = settings.load_in_8bit if settings.load_in_8bit is not None else device.type == "cuda"
+    if settings.load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=SKIP_QUANTISATION,
+        )
+    if eight_bit:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP_QUANTISATION)
+    return None
+
+
+def _pretrained_kwargs(settings: Settings) -> dict:
+    return {"trust_remote_code": False, "use_safetensors": None if settings.allow_pickle else True}
+
+
+def load_generation(
+    source: str, config: PretrainedConfig, settings: Settings, device: torch.device
+) -> GenerationModel:
+    text_config = config.text_config
+    dtype = resolve_dtype(settings.dtype, device, text_config.model_type)
+    quant = quantization_config(settings, device, dtype)
+    kwargs = _pretrained_kwargs(settings) | {"dtype": dtype}
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        if device.type == "cuda":
+            kwargs["device_map"] = {"": device.index or 0}
+    model = generation_class(config).from_pretrained(source, **kwargs).eval()
+    if quant is None:
+        model.to(device)
+    processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
+    if getattr(processor, "num_query_tokens", None) is None:
+        processor.num_query_tokens = config.num_query_tokens
+    encoder_decoder = bool(text_config.is_encoder_decoder)
+    if not encoder_decoder:
+        # Batched generation with a decoder LLM needs the prompts flush right (left padding); released
+        # checkpoints ship right padding, which silently changes batched answers.
+        processor.tokenizer.padding_side = "left"
+    return GenerationModel(
+        model=model,
+        processor=processor,
+        kind=config.model_type,
+        llm_type=text_config.model_type,
+        is_encoder_decoder=encoder_decoder,
+        max_positions=None if encoder_decoder else getattr(text_config, "max_position_embeddings", None),
+    )
+
+
+def load_retrieval(
+    source: str, settings: Settings, device: torch.device, dtype: torch.dtype
+) -> RetrievalModel:
+    kwargs = _pretrained_kwargs(settings) | {"dtype": dtype}
+    model = Blip2ForImageTextRetrieval.from_pretrained(source, **kwargs).eval().to(device)
+    processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
+    return RetrievalModel(model=model, processor=processor)
+
+
+def share_vision_tower(generation: torch.nn.Module, retrieval: torch.nn.Module) -> bool:
+    """Point the retrieval model at the generation model's ViT when their weights are equal (not names)."""
+    a, b = generation.vision_model.state_dict(), retrieval.vision_model.state_dict()
+    if a.keys() != b.keys():
+        return False
+    for key, tensor in a.items():
+        other = b[key]
+        if (
+            tensor.shape != other.shape
+            or tensor.dtype != other.dtype
+            or not torch.equal(tensor, other.to(tensor.device))
+        ):
+            return False
+    retrieval.vision_model = generation.vision_model
+    return True
+
+
+def load_models(settings: Settings) -> LoadedModels:
+    """Load what the settings name; raises ModelLoadError with a message an operator can act on."""
+    if settings.model is None and settings.retrieval_model is None:
+        raise ModelLoadError("no model given: pass --model PATH_OR_HUB_ID or set BLIP2_MODEL")
+    device = resolve_device(settings.device)
+    generation_source, retrieval_source = settings.model, settings.retrieval_model
+    if generation_source is not None:
+        check_weights(generation_source, settings.allow_pickle)
+        config = read_config(generation_source)
+        if is_retrieval(config):
+            if retrieval_source is not None:
+                raise ModelLoadError(
+                    f"--model {generation_source!r} is a retrieval model; give a generation model"
+                )
+            generation_source, retrieval_source = None, generation_source
+    loaded = LoadedModels(device=device, dtype=resolve_dtype(settings.dtype, device, None))
+    if generation_source is not None:
+        start = time.perf_counter()
+        loaded.generation = load_generation(generation_source, config, settings, device)
+        loaded.dtype = loaded.generation.model.vision_model.dtype
+        loaded.load_seconds["generation"] = time.perf_counter() - start
+        quant = getattr(loaded.generation.model.config, "quantization_config", None)
+        if quant is not None:
+            loaded.quantization = "4bit" if quant.load_in_4bit else "8bit"
+    if retrieval_source is not None:
+        check_weights(retrieval_source, settings.allow_pickle)
+        if not is_retrieval(read_config(retrieval_source)):
+            raise ModelLoadError(
+                f"--retrieval-model {retrieval_source!r} is not a Blip2ForImageTextRetrieval checkpoint"
+            )
+        start = time.perf_counter()
+        loaded.retrieval = load_retrieval(retrieval_source, settings, device, loaded.dtype)
+        loaded.load_seconds["retrieval"] = time.perf_counter() - start
+    if loaded.generation is not None and loaded.retrieval is not None:
+        loaded.shared_vision = share_vision_tower(loaded.generation.model, loaded.retrieval.model)
+    log.info(
+        "models loaded: generation=%s retrieval=%s device=%s dtype=%s quantization=%s shared_vision=%s",
+        generation_source, retrieval_source, device, loaded.dtype, loaded.quantization, loaded.shared_vision,
+    )  # fmt: skip
+    return loaded

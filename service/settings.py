@@ -1,0 +1,145 @@
+"""Server configuration: one typed object, filled from `BLIP2_*` environment variables and CLI flags.
+
+Each field's description is the documentation: docs/SERVER.md's settings table is generated from it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+
+
+class Settings(BaseSettings):
+    """Settings of the BLIP-2 inference server (`blip2-serve`)."""
+
+    model_config = SettingsConfigDict(env_prefix="BLIP2_", extra="ignore", protected_namespaces=())
+
+    model: str | None = Field(
+        None,
+        description="Generation model: a folder or hub id holding a Blip2ForConditionalGeneration or "
+        "InstructBlipForConditionalGeneration checkpoint (a Blip2ForImageTextRetrieval one serves "
+        "/embed and /retrieve only). Default: the packaged `service/default_model/generation` when present.",
+    )
+    retrieval_model: str | None = Field(
+        None,
+        description="Stage-1 model (Blip2ForImageTextRetrieval) for /embed and /retrieve. "
+        "Default: the packaged `service/default_model/stage1` when present; without one those routes answer 501.",
+    )
+    served_model_name: str | None = Field(
+        None, description="Name reported by /v1/models and in responses. Default: the model folder's name."
+    )
+    host: str = Field("0.0.0.0", description="Interface to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    device: str = Field(
+        "auto", description="`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="Weights dtype outside the quantised LLM. `auto`: fp32 on CPU; on GPU fp16, or bf16 when "
+        "the LLM is T5 (it overflows in fp16).",
+    )
+    load_in_8bit: bool | None = Field(
+        None,
+        description="Load the LLM in 8-bit with bitsandbytes (ViT, Q-Former, query tokens and projection stay "
+        "unquantised). Unset: on when a CUDA GPU is present. Works on the CPU too.",
+    )
+    load_in_4bit: bool = Field(False, description="Load the LLM in 4-bit NF4 instead (bitsandbytes).")
+    allow_pickle: bool = Field(
+        False, description="Allow pickle-based weight files (.bin/.pth). Off: only safetensors are loaded."
+    )
+    warmup: bool = Field(True, description="Run one request through each model before /ready says yes.")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Most requests run together in one batch.")
+    max_wait_ms: float = Field(
+        10.0,
+        ge=0,
+        description="Under load, how long a batch waits for company before it runs. A request that arrives "
+        "to an idle server runs at once.",
+    )
+    max_queue_size: int = Field(
+        64,
+        ge=1,
+        description="Requests waiting beyond this number are refused at once with 429 and Retry-After.",
+    )
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="Deadline per request, queueing included; past it the answer is 504."
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish before the exit."
+    )
+    max_image_bytes: int = Field(
+        20 * 1024 * 1024, gt=0, description="Largest image accepted, in bytes (413)."
+    )
+    max_image_pixels: int = Field(
+        40_000_000,
+        gt=0,
+        description="Largest image accepted in pixels, read from the header before decoding (413).",
+    )
+    max_images_per_request: int = Field(16, ge=1, description="Most images in one /embed or /retrieve call.")
+    allowed_url_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Hosts whose http(s) image URLs the server may fetch (JSON list or comma-separated). "
+        "Empty: remote URLs are refused (no SSRF).",
+    )
+    url_fetch_timeout_s: float = Field(5.0, gt=0, description="Timeout of one allowed image URL fetch.")
+    api_key: SecretStr | None = Field(
+        None,
+        description="When set, every route but /health, /ready and /metrics needs `Authorization: Bearer <key>`.",
+    )
+    max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt, question or text accepted (422).")
+    max_new_tokens_limit: int = Field(
+        256, ge=1, description="Upper bound of max_new_tokens a client may ask for."
+    )
+    max_num_beams: int = Field(8, ge=1, description="Upper bound of num_beams a client may ask for.")
+    max_retrieve_candidates: int = Field(128, ge=1, description="Most candidates in one /retrieve call.")
+    itm_top_k: int = Field(16, ge=1, description="Default number of /retrieve candidates re-ranked with ITM.")
+    caption_prompt: str | None = Field(
+        None,
+        description="Default /caption prompt. Unset: none for BLIP-2, a short instruction for InstructBLIP.",
+    )
+    vqa_prompt_template: str | None = Field(
+        None,
+        description="Default /vqa template with `{}` for the question. Unset: `Question: {} Answer:` for OPT, "
+        "`Question: {} Short answer:` for Flan-T5 and InstructBLIP.",
+    )
+    log_prompts: bool = Field(False, description="Put prompts in the request log lines (never image bytes).")
+    log_level: str = Field("info", description="Python logging level.")
+
+    @field_validator("allowed_url_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                import json
+
+                return json.loads(value)
+            return [host.strip().lower() for host in value.split(",") if host.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _packaged_defaults(self) -> Settings:
+        # A later release ships a default model folder; until it exists, `model` stays None and the
+        # CLI says so clearly.
+        if self.model is None and (DEFAULT_MODEL_DIR / "generation").is_dir():
+            self.model = str(DEFAULT_MODEL_DIR / "generation")
+        if self.retrieval_model is None and (DEFAULT_MODEL_DIR / "stage1").is_dir():
+            self.retrieval_model = str(DEFAULT_MODEL_DIR / "stage1")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("choose one of load_in_8bit and load_in_4bit")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        source = (self.model or self.retrieval_model or "blip2").rstrip("/")
+        path = Path(source)
+        # blip2-train writes <run>/generation and <run>/stage1: the run's name says more.
+        if path.name in ("generation", "stage1") and path.parent.name:
+            return path.parent.name
+        return path.name if path.exists() else source
