@@ -231,7 +231,7 @@ def patched(obj, name, value):
 
 
 @contextmanager
-def fixed_multinomial(indices: list[int], check: list[bool]):
+def fixed_multinomial(indices: list[int], check: list[bool], weights_seen: list[torch.Tensor]):
     """torch.multinomial that returns `indices` in call order (and checks each has nonzero weight)."""
     queue = list(indices)
 
@@ -239,6 +239,7 @@ def fixed_multinomial(indices: list[int], check: list[bool]):
         assert num_samples == 1 and weights.dim() == 1
         index = queue.pop(0)
         check.append(bool(weights[index] > 0))
+        weights_seen.append(weights.detach().clone())
         return torch.tensor([index])
 
     with patched(torch, "multinomial", multinomial):
@@ -251,10 +252,15 @@ def run_case(model, vision_hidden, input_ids, attention_mask, image_for_text, te
     model.tokenizer.batch = _Batch(input_ids, attention_mask)
     samples = {"image": vision_hidden, "text_input": ["caption"] * input_ids.shape[0]}
     checks: list[bool] = []
-    with fixed_multinomial(image_for_text.tolist() + text_for_image.tolist(), checks):
+    weights: list[torch.Tensor] = []
+    with fixed_multinomial(image_for_text.tolist() + text_for_image.tolist(), checks, weights):
         output = model(samples)
     assert all(checks), "a fixed hard negative has zero weight in LAVIS's sampling distribution"
-    return {"itc": output.loss_itc, "itm": output.loss_itm, "itg": output.loss_lm, "total": output.loss}
+    losses = {"itc": output.loss_itc, "itm": output.loss_itm, "itg": output.loss_lm, "total": output.loss}
+    # The (unnormalised) sampling weights LAVIS handed to torch.multinomial, one row per call.
+    batch = input_ids.shape[0]
+    sampling = {"weights_t2i": torch.stack(weights[:batch]), "weights_i2t": torch.stack(weights[batch:])}
+    return losses, sampling
 
 
 def gradients(model, loss) -> dict[str, torch.Tensor]:
@@ -319,7 +325,10 @@ def main() -> None:
         patched(dist, "get_rank", lambda *a, **k: 0),
         patched(dist, "get_world_size", lambda *a, **k: 1),
     ):
-        losses = run_case(model, vision_hidden, input_ids, attention_mask, image_for_text, text_for_image)
+        losses, sampling = run_case(
+            model, vision_hidden, input_ids, attention_mask, image_for_text, text_for_image
+        )
+    tensors.update({f"sampling/{k}": v for k, v in sampling.items()})
     for name, loss in losses.items():
         tensors[f"loss/{name}"] = loss.detach().reshape(())
         if name != "total":
@@ -330,7 +339,9 @@ def main() -> None:
     # 2. A real one-process gloo group: same losses, but concat_all_gather detaches the ITC features.
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
     try:
-        losses_pg = run_case(model, vision_hidden, input_ids, attention_mask, image_for_text, text_for_image)
+        losses_pg, _ = run_case(
+            model, vision_hidden, input_ids, attention_mask, image_for_text, text_for_image
+        )
     finally:
         dist.destroy_process_group()
     for name, loss in losses_pg.items():

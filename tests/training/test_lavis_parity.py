@@ -212,3 +212,38 @@ def test_itc_gradient_under_a_one_process_group(reference):
     for name in ("text_proj.weight", "vision_proj.weight", "query_tokens"):
         stop_gradient = tensors[f"grad_pg1/itc/{name}"]
         assert (grads[name] - stop_gradient).abs().max() > 0.05 * stop_gradient.abs().max(), name
+
+
+def test_hard_negative_sampling_distribution_equals_lavis(reference, monkeypatch):
+    """The distribution ITM negatives are drawn from, row by row, normalised as torch.multinomial does.
+
+    LAVIS 1.0.2 hands multinomial `softmax(sim) + 1e-4` with the positive set to 0: every negative keeps
+    a floor of 1e-4 before renormalisation (with a global batch of 1680 that is ~14% of the mass spread
+    uniformly). EXPECTED TO FAIL while `training.losses.sample_hard_negatives` uses
+    softmax(sim with the positive at -10000) without that floor.
+    """
+    tensors = reference[0]
+    seen: list[torch.Tensor] = []
+
+    def multinomial(weights, num_samples, *args, **kwargs):
+        seen.append(weights.detach().clone())
+        return weights.argmax(dim=-1, keepdim=True)
+
+    model = _project_model(reference[1], reference[3])
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+    with torch.no_grad():
+        stage1_losses(
+            model,
+            tensors["inputs/vision_hidden"],
+            tensors["inputs/input_ids"],
+            tensors["inputs/attention_mask"],
+        )
+    ours = dict(zip(("weights_t2i", "weights_i2t"), seen, strict=True))
+    for name, weights in ours.items():
+        expected = tensors[f"sampling/{name}"]
+        torch.testing.assert_close(
+            weights / weights.sum(1, keepdim=True),
+            expected / expected.sum(1, keepdim=True),
+            **TOLERANCE,
+            msg=lambda m, n=name: f"{n}: {m}",
+        )
