@@ -1,0 +1,175 @@
+"""Every route of the real app (lifespan included) on tiny checkpoints, the LLM in 8-bit on the CPU."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from conftest import b64, encode, metric, photo, running_app, settings_for
+from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+
+def test_health_ready_docs_models(opt8):
+    assert opt8.get("/health").json() == {"status": "ok"}
+    assert opt8.get("/ready").json() == {"status": "ready"}
+    assert opt8.get("/docs").status_code == 200
+    paths = opt8.get("/openapi.json").json()["paths"]
+    for path in (
+        "/caption",
+        "/vqa",
+        "/generate",
+        "/embed",
+        "/retrieve",
+        "/v1/chat/completions",
+        "/v1/models",
+    ):
+        assert path in paths
+    assert "multipart/form-data" in paths["/caption"]["post"]["requestBody"]["content"]
+    models = opt8.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "tiny-opt"
+
+
+def test_caption_json_and_multipart_agree(opt8, photos):
+    by_json = opt8.post("/caption", json={"image": b64(photos[0])})
+    assert by_json.status_code == 200, by_json.text
+    body = by_json.json()
+    assert body["model"] == "tiny-opt" and isinstance(body["caption"], str)
+    assert body["usage"]["completion_tokens"] >= 1
+    by_upload = opt8.post("/caption", files={"image": ("a.png", encode(photos[0]), "image/png")})
+    assert by_upload.json()["caption"] == body["caption"]
+    by_data_uri = opt8.post("/caption", json={"image": b64(photos[0], data_uri=True)})
+    assert by_data_uri.json()["caption"] == body["caption"]
+
+
+def test_caption_equals_plain_transformers(checkpoints, photos):
+    """The server's answer is exactly what transformers' own generate gives for the same folder."""
+    folder = checkpoints["tiny-opt"] / "generation"
+    with running_app(settings_for(folder)) as client:
+        served = client.post(
+            "/generate", json={"image": b64(photos[1]), "prompt": "a photo of", "max_new_tokens": 6}
+        )
+    model = Blip2ForConditionalGeneration.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    image = photo("chelsea").resize((96, 96))
+    inputs = processor(images=image, text="a photo of", return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=6)
+    expected = processor.tokenizer.decode(
+        out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    ).strip()
+    assert served.status_code == 200
+    assert served.json()["text"] == expected
+
+
+def test_vqa_and_generate_options(opt8, photos):
+    vqa = opt8.post("/vqa", json={"image": b64(photos[1]), "question": "what animal is this?"})
+    assert vqa.status_code == 200, vqa.text
+    assert vqa.json()["usage"]["completion_tokens"] <= 10  # the paper's default: at most 10 new tokens
+    custom = opt8.post(
+        "/vqa",
+        json={"image": b64(photos[1]), "question": "what?", "prompt_template": "Q: {} A:", "num_beams": 1},
+    )
+    assert custom.status_code == 200
+    generated = opt8.post(
+        "/generate",
+        json={"image": b64(photos[2]), "prompt": "a photo of", "max_new_tokens": 4, "min_new_tokens": 4},
+    )
+    assert generated.status_code == 200, generated.text
+    assert generated.json()["usage"]["completion_tokens"] == 4
+    assert generated.json()["finish_reason"] == "length"
+    sampled = opt8.post(
+        "/generate",
+        data={
+            "prompt": "a",
+            "do_sample": "true",
+            "temperature": "0.7",
+            "top_p": "0.9",
+            "max_new_tokens": "3",
+        },
+        files={"image": ("x.jpg", encode(photos[3], "JPEG"), "image/jpeg")},
+    )
+    assert sampled.status_code == 200, sampled.text
+
+
+def test_embed_normalised(opt8, photos):
+    response = opt8.post(
+        "/embed", json={"images": [b64(photos[0]), b64(photos[1])], "texts": ["a cat", "a rocket", "coffee"]}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["dim"] == 256
+    assert len(body["image_embeddings"]) == 2 and len(body["text_embeddings"]) == 3
+    for vector in body["image_embeddings"] + body["text_embeddings"]:
+        assert len(vector) == 256 and math.isclose(sum(v * v for v in vector), 1.0, rel_tol=1e-4)
+    queries = opt8.post("/embed", json={"images": [b64(photos[0])], "return_query_embeddings": True}).json()
+    assert len(queries["image_query_embeddings"][0]) == 8  # the tiny model's 8 query tokens
+    assert queries["image_embeddings"][0] == body["image_embeddings"][0]
+    upload = opt8.post(
+        "/embed",
+        files=[("images", ("a.png", encode(photos[0]), "image/png"))],
+        data={"texts": ["a cat", "a rocket"]},
+    )
+    assert upload.status_code == 200, upload.text
+    assert len(upload.json()["text_embeddings"]) == 2
+    assert upload.json()["text_embeddings"][0] == body["text_embeddings"][0]
+
+
+def test_retrieve_text_query_and_image_query(opt8, photos):
+    by_text = opt8.post(
+        "/retrieve", json={"text": "a cat", "images": [b64(p) for p in photos[:5]], "top_k": 3}
+    )
+    assert by_text.status_code == 200, by_text.text
+    results = by_text.json()["results"]
+    assert sorted(r["index"] for r in results) == [0, 1, 2, 3, 4]
+    reranked = [r for r in results if r["itm_score"] is not None]
+    assert len(reranked) == 3 and results[:3] == reranked  # ITM-scored ones first
+    assert all(0 <= r["itm_score"] <= 1 and -1 <= r["itc_score"] <= 1 for r in reranked)
+    assert [r["score"] for r in reranked] == sorted((r["score"] for r in reranked), reverse=True)
+    rest = results[3:]
+    assert [r["itc_score"] for r in rest] == sorted((r["itc_score"] for r in rest), reverse=True)
+    # ITC for a pair is the same whichever side is the query.
+    by_image = opt8.post("/retrieve", json={"image": b64(photos[1]), "texts": ["a dog", "a cat", "a cup"]})
+    assert by_image.status_code == 200
+    itc = {r["index"]: r["itc_score"] for r in by_image.json()["results"]}
+    same_pair = next(r for r in results if r["index"] == 1)["itc_score"]
+    assert math.isclose(itc[1], same_pair, rel_tol=1e-4, abs_tol=1e-5)
+    upload = opt8.post(
+        "/retrieve",
+        files={"image": ("q.png", encode(photos[1]), "image/png")},
+        data={"texts": ["a dog", "a cat"]},
+    )
+    assert upload.status_code == 200, upload.text
+
+
+def test_chat_completions_shape(opt8, photos):
+    body = {
+        "model": "tiny-opt",
+        "messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": b64(photos[0], data_uri=True)}},
+                                         {"type": "text", "text": "What is this?"}]},
+            {"role": "assistant", "content": "a person"},
+            {"role": "user", "content": "What colour?"},
+        ],
+        "max_tokens": 5,
+    }  # fmt: skip
+    response = opt8.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["role"] == "assistant"
+    assert answer["usage"]["completion_tokens"] <= 5
+    streamed = opt8.post("/v1/chat/completions", json=body | {"stream": True})
+    assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
+
+
+def test_metrics_exposition(opt8, photos):
+    opt8.post("/caption", json={"image": b64(photos[0]), "max_new_tokens": 2, "min_new_tokens": 1})
+    text = opt8.get("/metrics").text
+    assert "blip2_queue_depth" in text
+    assert metric(text, "blip2_requests_total", route="/caption", status="200") >= 1
+    assert metric(text, "blip2_generated_tokens_total") >= 1
+    assert metric(text, "blip2_model_load_seconds", model="generation") > 0
+    assert metric(text, "blip2_ready") == 1
+    for name in ("blip2_request_duration_seconds_count", "blip2_queue_wait_seconds_count"):
+        assert name in text
+    assert 'blip2_inference_duration_seconds_count{task="generate"}' in text
