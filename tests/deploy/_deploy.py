@@ -226,18 +226,27 @@ def settings_from_env(env: dict[str, str | None]):
 
 
 @functools.cache
-def server_routes() -> dict[str, frozenset[str]]:
-    """path -> HTTP methods of the FastAPI app that `blip2-serve` runs (no model is loaded)."""
+def server_app():
+    """The FastAPI app that `blip2-serve` runs, built from default settings (no model is loaded)."""
     if importlib.util.find_spec("service.app") is None:
         pytest.skip("service/app.py is not there yet: the route checks run once the server lands")
     from service.app import create_app
-
     from service.settings import Settings
 
-    app = create_app(Settings())
-    routes: dict[str, set[str]] = {}
-    for route in app.routes:
-        path = getattr(route, "path", None)
-        if path is not None:
-            routes.setdefault(path, set()).update(getattr(route, "methods", None) or {"GET"})
-    return {path: frozenset(methods) for path, methods in routes.items()}
+    return create_app(Settings())
+
+
+def serves(method: str, path: str) -> bool:
+    """Whether the server's router dispatches `method path` to a route, asked the way Starlette asks
+    when a request comes in (so included routers, mounts and path parameters all count)."""
+    from starlette.routing import Match
+
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "root_path": "",
+        "headers": [],
+        "query_string": b"",
+    }
+    return any(route.matches(scope)[0] == Match.FULL for route in server_app().router.routes)

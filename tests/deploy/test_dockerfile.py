@@ -14,7 +14,7 @@ from _deploy import (
     blip2_env_keys,
     image_config,
     run,
-    server_routes,
+    serves,
     settings_fields,
     settings_from_env,
     tool,
@@ -99,7 +99,7 @@ def test_healthcheck_probes_liveness_with_the_shipped_script(variant):
     command = re.search(r"CMD (\[.*\])", check).group(1)
     argv = __import__("json").loads(command)
     assert argv[:2] == ["python", "/opt/blip2/healthcheck.py"]
-    assert argv[2] == "/health" and "GET" in server_routes()["/health"]
+    assert argv[2] == "/health" and serves("GET", "/health")
     assert "COPY docker/healthcheck.py /opt/blip2/healthcheck.py" in DOCKERFILE.read_text()
 
 
