@@ -9,7 +9,8 @@ Which gathers carry gradient, and why:
   global batch, and the gather's backward sends every rank's gradient back to the rank that owns the
   features. With DDP's gradient averaging this gives exactly the gradient of one process holding the
   whole batch (tested under torchrun). LAVIS gathers ITC features without gradient, which drops the
-  gradient that flows through the other ranks' copies; on one process both are the same.
+  gradient that flows through the gathered copies (its own rows included); with no process group at all
+  both are the same (tests/training/test_lavis_parity.py pins both facts).
 - ITM hard-negative images (`with_grad=True`, as in LAVIS): a negative image from another rank
   still trains the Q-Former that produced its features.
 - Token ids, masks and image ids (`with_grad=False`): integers, nothing to differentiate.

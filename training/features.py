@@ -35,19 +35,18 @@ def cache_features(settings) -> dict:
     images = sorted({row["image"] for row in read_manifest(settings.manifest)})
 
     index: dict[str, list] = {}
-    shard: list[torch.Tensor] = []
-    shard_paths: list[str] = []
-    skipped = 0
+    pending: list[torch.Tensor] = []  # one (tokens, width) tensor per image, not yet in a shard
+    pending_paths: list[str] = []
+    skipped, shards_written = 0, 0
 
-    def flush() -> None:
-        if not shard:
-            return
-        name = f"features-{len(set(entry[0] for entry in index.values())):05d}.safetensors"
-        save_file({"features": torch.cat(shard).contiguous()}, str(output / name))
-        for row, path in enumerate(shard_paths):
+    def write_shard(count: int) -> None:
+        nonlocal shards_written
+        name = f"features-{shards_written:05d}.safetensors"
+        save_file({"features": torch.stack(pending[:count]).contiguous()}, str(output / name))
+        for row, path in enumerate(pending_paths[:count]):
             index[path] = [name, row]
-        shard.clear()
-        shard_paths.clear()
+        del pending[:count], pending_paths[:count]
+        shards_written += 1
 
     for start in tqdm(range(0, len(images), settings.batch_size), desc="cache-features"):
         pixels, paths = [], []
@@ -60,12 +59,14 @@ def cache_features(settings) -> dict:
                 log.warning("skipping %s: %s", path, error)
         if not pixels:
             continue
-        features = frozen_vision_features(tower, torch.stack(pixels).to(device)).to("cpu", dtype)
-        shard.append(features)
-        shard_paths.extend(paths)
-        if len(shard_paths) >= settings.shard_size:
-            flush()
-    flush()
+        pending.extend(
+            frozen_vision_features(tower, torch.stack(pixels).to(device)).to("cpu", dtype).unbind(0)
+        )
+        pending_paths.extend(paths)
+        while len(pending) >= settings.shard_size:
+            write_shard(settings.shard_size)
+    if pending:
+        write_shard(len(pending))
     (output / "index.json").write_text(json.dumps(index))
     summary = {"images": len(index), "skipped": skipped, "output": str(output)}
     print(json.dumps({"summary": summary}))

@@ -8,7 +8,7 @@ across ranks. It runs three Q-Former passes, each with its own mask (see `traini
    the max over queries of cosine(query, [CLS]) divided by a learned temperature; cross-entropy both
    ways with label smoothing 0.1; captions sharing an image id all count as positives.
 2. ITM, bidirectional mask, on 3B pairs [positives; (text, hard-negative image); (hard-negative text,
-   image)]; negatives drawn from softmax(similarity) with positives excluded; the 2-way head is
+   image)]; negatives drawn from softmax(similarity) + 1e-4 with positives excluded; the 2-way head is
    averaged over the query outputs.
 3. ITG, multimodal causal mask: [CLS] becomes [DEC] and the text is predicted token by token from
    the queries. LAVIS reuses the queries' key/value cache from pass 1 without detaching it; running
@@ -29,8 +29,8 @@ from training.masks import additive, bidirectional_mask, multimodal_causal_mask,
 from training.model import Stage1Model
 
 LABEL_SMOOTHING = 0.1
-# LAVIS's "large negative" that excludes positives before sampling hard negatives.
-EXCLUDED_LOGIT = -10000.0
+# LAVIS adds this floor to the softmax weights, so every negative keeps a chance of being drawn.
+NEGATIVE_WEIGHT_FLOOR = 1e-4
 
 
 @dataclass
@@ -155,9 +155,10 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 def sample_hard_negatives(
     sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, positives: torch.Tensor
 ) -> HardNegatives:
-    """For each text an image, and for each image a text, drawn with probability softmax(similarity)."""
-    weights_t2i = F.softmax(sim_t2i.masked_fill(positives, EXCLUDED_LOGIT), dim=1)
-    weights_i2t = F.softmax(sim_i2t.masked_fill(positives, EXCLUDED_LOGIT), dim=1)
+    """For each text an image, and for each image a text, drawn with probability softmax(similarity) + 1e-4,
+    positives excluded (weight 0), as LAVIS does."""
+    weights_t2i = (F.softmax(sim_t2i, dim=1) + NEGATIVE_WEIGHT_FLOOR).masked_fill(positives, 0)
+    weights_i2t = (F.softmax(sim_i2t, dim=1) + NEGATIVE_WEIGHT_FLOOR).masked_fill(positives, 0)
     return HardNegatives(
         image_for_text=torch.multinomial(weights_t2i, 1).squeeze(1),
         text_for_image=torch.multinomial(weights_i2t, 1).squeeze(1),

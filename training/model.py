@@ -28,13 +28,18 @@ def frozen_vision_features(vision_model: nn.Module, pixel_values: torch.Tensor) 
     This is also what `cache-features` stores. Images larger than the tower's native size get
     interpolated position embeddings (e.g. 364 px fine-tuning on a 224 px ViT).
     """
-    native = vision_model.config.image_size
     with torch.no_grad():
-        embeddings = vision_model.embeddings(
-            pixel_values.to(vision_model.embeddings.patch_embedding.weight.dtype),
-            interpolate_pos_encoding=pixel_values.shape[-1] != native,
-        )
-        hidden = vision_model.encoder(inputs_embeds=embeddings).last_hidden_state
+        return vision_block_features(vision_model, pixel_values)
+
+
+def vision_block_features(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """`frozen_vision_features` with gradients, for fine-tuning with the ViT unfrozen (`--train-vit`)."""
+    native = vision_model.config.image_size
+    embeddings = vision_model.embeddings(
+        pixel_values.to(vision_model.embeddings.patch_embedding.weight.dtype),
+        interpolate_pos_encoding=pixel_values.shape[-1] != native,
+    )
+    hidden = vision_model.encoder(inputs_embeds=embeddings).last_hidden_state
     return hidden.float()  # the LayerNorm after the ViT runs in fp32
 
 

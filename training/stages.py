@@ -17,27 +17,43 @@ from transformers import Blip2ForConditionalGeneration
 from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
 
 from training.losses import stage1_losses
-from training.model import Stage1Model, freeze_vision_blocks, frozen_vision_features
+from training.model import (
+    Stage1Model,
+    freeze_vision_blocks,
+    frozen_vision_features,
+    vision_block_features,
+)
 
 
 class _FrozenVisionTask(nn.Module):
-    """Shared by the stages: the frozen ViT stays in eval mode whatever mode the task is put in."""
+    """Shared by the stages: the frozen ViT stays in eval mode whatever mode the task is put in.
+
+    Caption fine-tuning may unfreeze it (`train_vit`): then it trains, and runs and stays in fp32.
+    """
 
     vision_model: nn.Module
+    train_vit: bool = False
 
     def train(self, mode: bool = True):
         super().train(mode)
-        freeze_vision_blocks(self.vision_model)
+        if not self.train_vit:
+            freeze_vision_blocks(self.vision_model)
         return self
 
     def vision_hidden(self, batch: dict) -> torch.Tensor:
         if "vision_hidden" in batch:  # cached by `blip2-train data cache-features`
+            if self.train_vit:
+                raise ValueError("cached ViT features cannot train the ViT: drop --features or --train-vit")
             return batch["vision_hidden"].float()
+        if self.train_vit:
+            pixels = batch["pixel_values"]
+            with torch.autocast(pixels.device.type, enabled=False):  # fp16/bf16 ViT training diverges
+                return vision_block_features(self.vision_model, pixels.float())
         return frozen_vision_features(self.vision_model, batch["pixel_values"])
 
     def prepare_for_device(self, device: torch.device, settings) -> None:
         """On a GPU the frozen ViT runs in fp16 (as in the paper); trainable weights stay fp32."""
-        if device.type == "cuda" and settings.precision != "fp32":
+        if device.type == "cuda" and settings.precision != "fp32" and not self.train_vit:
             for module in (self.vision_model.embeddings, self.vision_model.encoder):
                 module.half()
 
@@ -64,11 +80,31 @@ class Stage1Task(_FrozenVisionTask):
         self.processor.save_pretrained(folder)
 
 
-def project_queries(model: nn.Module, vision_hidden: torch.Tensor) -> torch.Tensor:
-    """Image -> soft visual prompt: LayerNorm, Q-Former queries over the image, linear projection to the LLM."""
+def project_queries(
+    model: nn.Module,
+    vision_hidden: torch.Tensor,
+    qformer_input_ids: torch.Tensor | None = None,
+    qformer_attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Image -> soft visual prompt: LayerNorm, Q-Former queries over the image, linear projection to the LLM.
+
+    With `qformer_input_ids` (an InstructBLIP model) the question enters the Q-Former too and meets the
+    queries in self-attention, so the queries are question-conditioned; only the query outputs are kept.
+    """
     image_embeds = model.vision_model.post_layernorm(vision_hidden)
     queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
-    query_output = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds).last_hidden_state
+    if qformer_input_ids is None:
+        query_output = model.qformer(
+            query_embeds=queries, encoder_hidden_states=image_embeds
+        ).last_hidden_state
+    else:
+        query_mask = torch.ones(queries.shape[:2], dtype=qformer_attention_mask.dtype, device=queries.device)
+        query_output = model.qformer(
+            input_ids=qformer_input_ids,
+            attention_mask=torch.cat([query_mask, qformer_attention_mask], dim=1),
+            query_embeds=queries,
+            encoder_hidden_states=image_embeds,
+        ).last_hidden_state[:, : queries.shape[1]]
     return model.language_projection(query_output)
 
 
@@ -83,9 +119,15 @@ class Stage2Task(_FrozenVisionTask):
     """
 
     def __init__(
-        self, model: Blip2ForConditionalGeneration, processor, prompt: str = "", max_text_length: int = 32
+        self,
+        model: Blip2ForConditionalGeneration,
+        processor,
+        prompt: str = "",
+        max_text_length: int = 32,
+        train_vit: bool = False,
     ) -> None:
         super().__init__()
+        self.train_vit = train_vit
         self.model, self.processor, self.prompt, self.max_text_length = (
             model,
             processor,
@@ -97,7 +139,10 @@ class Stage2Task(_FrozenVisionTask):
         self.decoder_only = model.config.use_decoder_only_language_model
         model.language_model.requires_grad_(False)
         model.language_model.eval()
-        freeze_vision_blocks(self.vision_model)
+        if train_vit:
+            self.vision_model.requires_grad_(True)
+        else:
+            freeze_vision_blocks(self.vision_model)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -136,7 +181,12 @@ class Stage2Task(_FrozenVisionTask):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         texts = batch["texts"]
         prompts = batch.get("prompts") or [self.prompt] * len(texts)
-        projected = project_queries(self.model, self.vision_hidden(batch))
+        projected = project_queries(
+            self.model,
+            self.vision_hidden(batch),
+            batch.get("qformer_input_ids"),
+            batch.get("qformer_attention_mask"),
+        )
         device, num_queries = projected.device, projected.shape[1]
         image_token = self.model.config.image_token_index
         pad = self.tokenizer.pad_token_id

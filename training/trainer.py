@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import sys
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -165,7 +167,10 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 def train(task: nn.Module, dataset: Dataset, collate, settings: TrainSettings) -> dict:
     """Run `settings.steps` optimizer steps of `task` on `dataset`; returns the run summary."""
     device = distributed.setup(settings.device)
-    torch.manual_seed(settings.seed + distributed.rank())
+    seed = settings.seed + distributed.rank()
+    torch.manual_seed(seed)
+    random.seed(seed)  # image augmentation draws from Python's RNG
+    np.random.seed(seed)
     output = Path(settings.output)
     ckpt_dir = output / "checkpoints"
     if distributed.is_main_process():

@@ -1,0 +1,166 @@
+"""`blip2-train finetune --task caption|vqa|retrieval`: the paper's task fine-tuning, on the shared loop.
+
+- caption: `Stage2Task` with the LLM frozen and the prompt "a photo of" (never a target); the Q-Former
+  trains, and with `--train-vit` the ViT too (in fp32). `--image-size` above the tower's native size
+  interpolates its position embeddings once (bicubic, as LAVIS does) and saves the model at that size.
+- vqa: `Stage2Task` on an InstructBLIP model (see `training.instructblip`): the prompt
+  "Question: {} Short answer:" goes to the LLM and, through the `qformer_tokenizer`, into the
+  Q-Former, where it conditions the queries; the loss is on the answer only, the LLM frozen.
+- retrieval: `Stage1Task` (ITC + ITM + ITG) with image ids, so every caption of an image is a positive.
+- `--lora-rank r`: LoRA adapters on the Q-Former's linear layers instead of training its weights,
+  merged back before the model is saved.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.data import Collator
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = {"caption": "a photo of", "vqa": "Question: {} Short answer:", "retrieval": ""}
+TASKS = tuple(DEFAULT_PROMPTS)
+
+
+def resolve_prompt(task: str, prompt: str | None) -> str:
+    return DEFAULT_PROMPTS[task] if prompt is None else prompt
+
+
+def join_target(prompt: str, text: str) -> str:
+    """The target as it follows the prompt: one space between them (the prompt is context, not target)."""
+    return " " + text.strip() if prompt and not prompt[-1].isspace() else text.strip()
+
+
+class PromptCollator:
+    """Batches for Stage2Task with a prompt per sample: `prompt.format(row[field])` (or the prompt as it is)
+    and the target text joined to it; given a Q-Former tokenizer, the prompt is tokenized for it too."""
+
+    def __init__(
+        self, prompt: str, field: str | None = None, qformer_tokenizer=None, max_text_length: int = 32
+    ):
+        self.prompt, self.field, self.qformer_tokenizer = prompt, field, qformer_tokenizer
+        self.max_text_length = max_text_length
+        self.collate = Collator(None)
+
+    def __call__(self, samples: list[dict | None]) -> dict:
+        batch = self.collate(samples)
+        if batch["size"] == 0:
+            return batch
+        prompts = [
+            self.prompt.format(row[self.field]) if self.field else self.prompt for row in batch["rows"]
+        ]
+        batch["prompts"] = prompts
+        batch["texts"] = [join_target(p, t) for p, t in zip(prompts, batch["texts"], strict=True)]
+        if self.qformer_tokenizer is not None:
+            tokens = self.qformer_tokenizer(
+                prompts,
+                padding="longest",
+                truncation=True,
+                max_length=self.max_text_length,
+                return_tensors="pt",
+            )
+            batch["qformer_input_ids"], batch["qformer_attention_mask"] = (
+                tokens["input_ids"],
+                tokens["attention_mask"],
+            )
+        return batch
+
+
+def resize_vision_tower(vision_model: nn.Module, image_processor, image_size: int) -> None:
+    """Make the ViT native at `image_size`: bicubic-interpolate its patch position embeddings once."""
+    embeddings = vision_model.embeddings
+    if image_size in (0, embeddings.image_size):
+        return
+    patch = embeddings.patch_size
+    if image_size % patch:
+        raise SystemExit(f"--image-size {image_size} is not a multiple of the patch size {patch}")
+    old, new = embeddings.image_size // patch, image_size // patch
+    position = embeddings.position_embedding.data
+    grid = position[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=(new, new), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, -1).to(position.dtype)
+    embeddings.position_embedding = nn.Parameter(torch.cat([position[:, :1], grid], dim=1))
+    embeddings.image_size, embeddings.num_patches, embeddings.num_positions = (
+        image_size,
+        new * new,
+        new * new + 1,
+    )
+    vision_model.config.image_size = image_size
+    image_processor.size = {"height": image_size, "width": image_size}
+    log.info(
+        "vision tower resized to %d px (%dx%d patches, position embeddings interpolated)",
+        image_size,
+        new,
+        new,
+    )
+
+
+def _merge_lora_on_save(task: nn.Module, tuner) -> None:
+    """The saved folder holds merged weights: plain transformers loads it without peft."""
+    save = task.save_model
+
+    def save_model(folder):
+        from training.lora import merge_lora
+
+        merge_lora(tuner)
+        save(folder)
+
+    task.save_model = save_model
+
+
+def build_finetune(s) -> tuple[nn.Module, object, int, str]:
+    """The task module, the collate function, the training image size and the manifest's target field."""
+    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+    from training.assemble import copy_stage1_into_generation
+    from training.instructblip import load_vqa_model
+    from training.lora import add_qformer_lora, count_parameters
+    from training.model import Stage1Model
+    from training.stages import Stage1Task, Stage2Task
+
+    if s.task not in TASKS:
+        raise SystemExit(f"--task must be one of {', '.join(TASKS)}")
+    if not s.init:
+        raise SystemExit("finetune needs --init (a generation, stage-1 or InstructBLIP folder)")
+    if s.train_vit and s.task != "caption":
+        raise SystemExit("--train-vit is a caption fine-tuning option")
+    prompt = resolve_prompt(s.task, s.prompt)
+    if s.task == "retrieval":
+        processor = AutoProcessor.from_pretrained(s.init)
+        model = Stage1Model.from_pretrained(s.init)
+        vision, qformer, frozen = (
+            model.retrieval.vision_model,
+            model.retrieval.qformer,
+            [model.retrieval.embeddings],
+        )
+        resize_vision_tower(vision, processor.image_processor, s.image_size)
+        task = Stage1Task(model, processor, use_image_ids=True)
+        collate, text_field = Collator(processor.tokenizer, s.max_text_length), "text"
+    elif s.task == "caption":
+        processor = AutoProcessor.from_pretrained(s.init)
+        model = Blip2ForConditionalGeneration.from_pretrained(s.init, dtype=torch.float32)
+        if s.stage1:
+            copy_stage1_into_generation(Stage1Model.from_pretrained(s.stage1), model)
+        vision, qformer, frozen = model.vision_model, model.qformer, []
+        resize_vision_tower(vision, processor.image_processor, s.image_size)
+        task = Stage2Task(
+            model, processor, prompt=prompt, max_text_length=s.max_text_length, train_vit=s.train_vit
+        )
+        collate, text_field = PromptCollator(prompt), "text"
+    else:
+        model, processor = load_vqa_model(s.init, s.stage1)
+        vision, qformer, frozen = model.vision_model, model.qformer, []
+        resize_vision_tower(vision, processor.image_processor, s.image_size)
+        task = Stage2Task(model, processor, max_text_length=s.max_text_length)
+        collate = PromptCollator(prompt, "question", processor.qformer_tokenizer, s.max_text_length)
+        text_field = "answer"
+    if s.lora_rank > 0:
+        tuner = add_qformer_lora(qformer, s.lora_rank, s.lora_alpha, s.lora_dropout, frozen=frozen)
+        _merge_lora_on_save(task, tuner)
+    log.info("finetune %s: parameters %s", s.task, count_parameters(task))
+    return task, collate, vision.config.image_size, text_field
