@@ -51,8 +51,10 @@ def decode_image(data: bytes, settings: Settings) -> Image.Image:
             return to_rgb(image)
     except ApiError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise invalid_image(f"cannot decode the image: {exc}") from None
+    except UnidentifiedImageError:
+        raise invalid_image("cannot decode the image: not a supported image format") from None
+    except Image.DecompressionBombError as exc:
+        raise too_large(str(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt files
         raise invalid_image(f"cannot decode the image: {exc}") from None
 

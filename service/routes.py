@@ -226,13 +226,11 @@ async def caption(request: Request) -> schemas.CaptionResponse:
     settings = settings_of(request)
     runner = runner_of(request, "generation")
     body, files = await parse_body(request, schemas.CaptionRequest)
+    options = make_options(body, CAPTION_DEFAULTS, settings)  # cheap checks before decoding the image
+    default_prompt = family_prompt(runner, settings)[0]
+    prompt = check_text(settings, "prompt", body.prompt if body.prompt is not None else default_prompt)
     image = await one_image(request, body.image, files.get("image"))
-    prompt = check_text(
-        settings, "prompt", body.prompt if body.prompt is not None else family_prompt(runner, settings)[0]
-    )
-    result, usage = await generate_text(
-        request, runner, image, prompt, make_options(body, CAPTION_DEFAULTS, settings)
-    )
+    result, usage = await generate_text(request, runner, image, prompt, options)
     return schemas.CaptionResponse(model=settings.model_name, caption=result.text, usage=usage)
 
 
@@ -244,14 +242,13 @@ async def vqa(request: Request) -> schemas.VqaResponse:
     settings = settings_of(request)
     runner = runner_of(request, "generation")
     body, files = await parse_body(request, schemas.VqaRequest)
-    image = await one_image(request, body.image, files.get("image"))
+    options = make_options(body, VQA_DEFAULTS, settings)
     template = body.prompt_template or family_prompt(runner, settings)[1]
     if template.count("{}") != 1:
         raise unprocessable("prompt_template: must hold exactly one `{}` for the question")
     prompt = check_text(settings, "question", template.replace("{}", body.question))
-    result, usage = await generate_text(
-        request, runner, image, prompt, make_options(body, VQA_DEFAULTS, settings)
-    )
+    image = await one_image(request, body.image, files.get("image"))
+    result, usage = await generate_text(request, runner, image, prompt, options)
     return schemas.VqaResponse(model=settings.model_name, answer=result.text, usage=usage)
 
 
@@ -265,11 +262,10 @@ async def generate(request: Request) -> schemas.GenerateResponse:
     settings = settings_of(request)
     runner = runner_of(request, "generation")
     body, files = await parse_body(request, schemas.GenerateRequest)
-    image = await one_image(request, body.image, files.get("image"))
+    options = make_options(body, GENERATE_DEFAULTS, settings)
     prompt = check_text(settings, "prompt", body.prompt)
-    result, usage = await generate_text(
-        request, runner, image, prompt, make_options(body, GENERATE_DEFAULTS, settings)
-    )
+    image = await one_image(request, body.image, files.get("image"))
+    result, usage = await generate_text(request, runner, image, prompt, options)
     return schemas.GenerateResponse(
         model=settings.model_name, text=result.text, finish_reason=result.finish_reason, usage=usage
     )

@@ -1,50 +1,16 @@
-"""Fixtures for the server tests: tiny checkpoints on disk, real photos, and running servers.
-
-Checkpoints are built from configs by `training` (tests may import it; `service` never does) and saved
-with save_pretrained, so the server loads them through the same path a user's checkpoint takes.
-"""
+"""Fixtures for the server tests; the helpers they use live in servertools.py."""
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import io
-import os
-import socket
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-import torch
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
-from skimage import data
-
-from service.app import create_app
-from service.settings import Settings
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-REPO = Path(__file__).resolve().parents[2]
-PHOTOS = (
-    "astronaut",
-    "chelsea",
-    "coffee",
-    "rocket",
-    "immunohistochemistry",
-    "retina",
-    "hubble_deep_field",
-    "cat",
-)
-WAIT_S = 120  # upper bound for a server to come up; a bound on a wait, never a measured figure
+from servertools import PHOTOS, build_instructblip, photo, running_app, settings_for
 
 
-# -- checkpoints -------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """tiny-opt and tiny-t5 presets (`stage1/` + `generation/`) and a tiny InstructBLIP built from configs."""
@@ -59,97 +25,10 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return folders
 
 
-def build_instructblip(preset_dir: Path, out: Path) -> Path:
-    """An InstructBLIP with the preset's ViT, OPT and tokenizers: the Q-Former also reads the question."""
-    from transformers import (
-        AutoConfig,
-        AutoProcessor,
-        InstructBlipConfig,
-        InstructBlipForConditionalGeneration,
-        InstructBlipProcessor,
-    )
-
-    generation = preset_dir / "generation"
-    config = AutoConfig.from_pretrained(generation)
-    stage1 = AutoProcessor.from_pretrained(preset_dir / "stage1")
-    llm = AutoProcessor.from_pretrained(generation)
-    qformer = config.qformer_config.to_dict() | {"vocab_size": len(stage1.tokenizer)}
-    torch.manual_seed(0)
-    model = InstructBlipForConditionalGeneration(
-        InstructBlipConfig(
-            vision_config=config.vision_config.to_dict(),
-            qformer_config=qformer,
-            text_config=config.text_config.to_dict(),
-            num_query_tokens=config.num_query_tokens,
-            image_token_index=config.image_token_index,
-        )
-    )
-    with torch.no_grad():
-        model.query_tokens.normal_(std=0.02)  # transformers starts them at zero
-    model.save_pretrained(out)
-    InstructBlipProcessor(
-        image_processor=llm.image_processor,
-        tokenizer=llm.tokenizer,
-        qformer_tokenizer=stage1.tokenizer,
-        num_query_tokens=config.num_query_tokens,
-    ).save_pretrained(out)
-    return out
-
-
-# -- images ------------------------------------------------------------------------------------------
-def photo(name: str = "astronaut") -> Image.Image:
-    """One of scikit-image's bundled real photos, as RGB."""
-    array = getattr(data, name)()
-    image = Image.fromarray(array)
-    return image.convert("RGB")
-
-
-def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **kwargs)
-    return buffer.getvalue()
-
-
-def b64(image_or_bytes, fmt: str = "PNG", data_uri: bool = False) -> str:
-    raw = image_or_bytes if isinstance(image_or_bytes, bytes) else encode(image_or_bytes, fmt)
-    text = base64.b64encode(raw).decode()
-    return f"data:image/{fmt.lower()};base64,{text}" if data_uri else text
-
-
 @pytest.fixture(scope="session")
 def photos() -> list[Image.Image]:
     # Shrunk copies: the tiny models read 64 px anyway, and small PNGs keep the tests quick.
     return [photo(name).resize((96, 96)) for name in PHOTOS]
-
-
-# -- running the app ---------------------------------------------------------------------------------
-def settings_for(folder: Path | None, retrieval: Path | None = None, **overrides) -> Settings:
-    values = {
-        "model": str(folder) if folder else None,
-        "retrieval_model": str(retrieval) if retrieval else None,
-    }
-    return Settings(**(values | {"load_in_8bit": False} | overrides))
-
-
-def wait_ready(get) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.TransportError):
-            response = get("/ready")
-            if response.status_code == 200:
-                return
-            if get("/health").status_code == 503:
-                raise RuntimeError(f"model loading failed: {get('/health').text}")
-        time.sleep(0.05)
-    raise TimeoutError("the server did not become ready")
-
-
-@contextlib.contextmanager
-def running_app(settings: Settings) -> Iterator[TestClient]:
-    """The real app, lifespan included, behind Starlette's TestClient; yields once /ready says yes."""
-    with TestClient(create_app(settings)) as client:
-        wait_ready(client.get)
-        yield client
 
 
 @pytest.fixture(scope="session")
@@ -159,93 +38,3 @@ def opt8(checkpoints) -> Iterator[TestClient]:
     settings = settings_for(folder / "generation", folder / "stage1", load_in_8bit=True, max_batch_size=8)
     with running_app(settings) as client:
         yield client
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class LiveServer:
-    """uvicorn serving the app in this process on a loopback port: real HTTP, and the app state in reach."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.app = create_app(settings.model_copy(update={"host": "127.0.0.1", "port": free_port()}))
-        settings = self.app.state.settings
-        self.url = f"http://127.0.0.1:{settings.port}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_config=None)
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        with httpx.Client(base_url=self.url) as client:
-            wait_ready(client.get)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(WAIT_S)
-
-
-def start_process(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """`python -m service ARGS` as a separate process; returns it and its base URL once ready."""
-    port = free_port()
-    command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), *args]
-    process = subprocess.Popen(
-        command,
-        cwd=REPO,
-        env=os.environ | {"HF_HUB_OFFLINE": "1"} | (env or {}),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=url) as client:
-            wait_ready(lambda path: _alive_get(process, client, path))
-    except BaseException:
-        process.kill()
-        print(process.stdout.read())
-        raise
-    return process, url
-
-
-def _alive_get(process: subprocess.Popen, client: httpx.Client, path: str) -> httpx.Response:
-    if process.poll() is not None:
-        raise RuntimeError(f"the server exited with {process.returncode}: {process.stdout.read()}")
-    return client.get(path)
-
-
-class Gate:
-    """Holds the engine's model thread busy until released: queues build up deterministically, no timing."""
-
-    def __init__(self, app) -> None:
-        self.app, self.event = app, threading.Event()
-
-    def __enter__(self) -> Gate:
-        self.app.state.engine.executor.submit(self.event.wait)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.event.set()
-
-    def wait_queued(self, count: int) -> None:
-        """Block until `count` requests wait in the queue."""
-        deadline = time.monotonic() + WAIT_S
-        while self.app.state.engine.depth < count:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"queue depth stayed at {self.app.state.engine.depth}, expected {count}")
-            time.sleep(0.01)
-
-
-def metric(text: str, name: str, **labels) -> float:
-    """Value of one sample in Prometheus text output (0 when absent)."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    target = f"{name}{{{wanted}}}" if labels else name
-    for line in text.splitlines():
-        if line.startswith(target + " "):
-            return float(line.split()[-1])
-    return 0.0

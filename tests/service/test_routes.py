@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from conftest import b64, encode, metric, photo, running_app, settings_for
+from servertools import b64, encode, metric, photo, running_app, settings_for
 from transformers import AutoProcessor, Blip2ForConditionalGeneration
 
 
