@@ -202,13 +202,29 @@ class Gate:
     def __exit__(self, *exc) -> None:
         self.event.set()
 
+    def wait_taken(self) -> None:
+        """Block until a batch has been taken off the queue and waits behind the gate."""
+        self._until(lambda engine: engine._running > 0, "no batch was taken")
+
     def wait_queued(self, count: int) -> None:
         """Block until `count` requests wait in the queue."""
+        self._until(lambda engine: engine.depth >= count, f"fewer than {count} requests queued")
+
+    def _until(self, condition, message: str) -> None:
         deadline = time.monotonic() + WAIT_S
-        while self.app.state.engine.depth < count:
+        while not condition(self.app.state.engine):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"queue depth stayed at {self.app.state.engine.depth}, expected {count}")
+                raise TimeoutError(message)
             time.sleep(0.01)
+
+
+def wait_for(condition, message: str) -> None:
+    """Poll `condition()` until true (bounded by WAIT_S): waiting on state, never measuring time."""
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(message)
+        time.sleep(0.01)
 
 
 def metric(text: str, name: str, **labels) -> float:
