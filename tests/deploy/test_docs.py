@@ -1,0 +1,154 @@
+"""docs/DEPLOYMENT.md: the commands it gives are the ones these tests validate. Each command, in a code
+block or inline, is read from the page and checked: compose lines render with the real Compose v2 and
+the same flags, kubectl lines name kustomizations and objects that exist (secrets and namespaces are
+created with --dry-run=client), curl lines call routes the server has, docker build lines build the
+image names that compose and the manifests run."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+import pytest
+from _deploy import DOCS, KUSTOMIZATIONS, REPO, compose_config, render, run, serves, tool
+
+COMMANDS = ("docker", "kubectl", "helm", "curl", "make", "python", "export")
+
+
+def _commands() -> list[str]:
+    text = DOCS.read_text()
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if line:
+                found.append(line)
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    for span in re.findall(r"`([^`]+)`", prose):
+        words = span.split()
+        while words and re.fullmatch(r"[A-Z][A-Z0-9_]*=\S+", words[0]):
+            words = words[1:]
+        if len(words) > 2 and words[0] in COMMANDS:  # "docker stop" in a sentence is no command
+            found.append(span)
+    return found
+
+
+def _split(command: str) -> tuple[dict[str, str], list[str]]:
+    words = shlex.split(command)
+    env = {}
+    while re.fullmatch(r"[A-Z][A-Z0-9_]*=.*", words[0]):
+        key, _, value = words.pop(0).partition("=")
+        env[key] = value
+    return env, words
+
+
+COMMAND_LINES = _commands()
+
+
+def test_the_page_has_commands_for_every_deployment():
+    joined = "\n".join(COMMAND_LINES)
+    for needed in [
+        "docker compose -f docker/compose.yaml up",
+        "docker compose -f docker/compose.yaml --profile cpu up",
+        "--profile monitoring",
+        *(f"kubectl apply -k {k}" for k in KUSTOMIZATIONS),
+        "docker build -f docker/Dockerfile",
+    ]:
+        assert needed in joined, needed
+
+
+@pytest.mark.parametrize("command", COMMAND_LINES)
+def test_command_is_valid(command):
+    env, words = _split(command)
+    if words[:2] == ["docker", "compose"]:
+        _check_compose(words[2:], env)
+    elif words[:2] == ["docker", "build"]:
+        _check_build(words[2:])
+    elif words[0] == "kubectl":
+        _check_kubectl(words[1:])
+    elif words[0] == "curl":
+        _check_curl(words[1:])
+    elif words[:2] == ["helm", "install"]:
+        values = words[words.index("-f") + 1]
+        assert (REPO / values).is_file(), values
+        assert "prometheus-adapter" in words[3]
+    elif words[0] == "export":
+        assert re.fullmatch(r"(HF_TOKEN|BLIP2_\w+)=.*", words[1]), words
+    elif words[0] in ("make", "python"):
+        assert command in ("make test", "python -m pytest tests/deploy -q"), command
+    else:
+        pytest.fail(f"no check for {command!r}: add one to tests/deploy/test_docs.py")
+
+
+def _check_compose(args: list[str], env: dict[str, str]) -> None:
+    subcommands = {"up", "down", "logs", "ps", "build", "pull", "config", "restart", "stop"}
+    at = next(i for i, word in enumerate(args) if word in subcommands)
+    global_args, subcommand = args[:at], args[at]
+    assert global_args[:2] == ["-f", "docker/compose.yaml"], "run from the repository root"
+    rendered = compose_config(*global_args, env=env)["services"]
+    services = set(rendered)
+    assert services, f"{args}: no service selected"
+    for key, value in env.items():
+        if key.startswith("BLIP2_"):
+            assert any(s.get("environment", {}).get(key) == value for s in rendered.values()), key
+    assert services & {"blip2", "blip2-cpu"}, "a server service runs"
+    if subcommand == "up":
+        assert {"-d"} <= set(args[at + 1 :])
+
+
+def _check_build(args: list[str]) -> None:
+    assert args[args.index("-f") + 1] == "docker/Dockerfile"
+    assert args[-1] == ".", "the build context is the repository root"
+    variant = "gpu"
+    if "--build-arg" in args:
+        key, _, variant = args[args.index("--build-arg") + 1].partition("=")
+        assert key == "VARIANT" and variant in ("gpu", "cpu")
+    tag = args[args.index("-t") + 1]
+    assert tag == f"blip2-stack:{variant}", "the name compose and the manifests use"
+
+
+def _objects() -> set[tuple[str, str]]:
+    return {(doc["kind"].lower(), doc["metadata"]["name"]) for k in KUSTOMIZATIONS for doc in render(k)}
+
+
+def _check_kubectl(args: list[str]) -> None:
+    if args[:2] == ["-n", "blip2"]:
+        args = args[2:]
+    else:
+        assert "-n" not in args, "the manifests use the namespace blip2"
+    verb = args[0]
+    if verb in ("apply", "delete") and args[1] == "-k":
+        assert args[2] in KUSTOMIZATIONS, args[2]
+    elif verb == "create":
+        # Offline: what the cluster would receive.
+        out = run([tool("kubectl"), "-n", "blip2", *args, "--dry-run=client", "-o", "yaml"]).stdout
+        if args[1] == "secret":
+            assert args[3] == "blip2-secrets"
+            keys = {a.split("=", 1)[1].split("=")[0] for a in args if a.startswith("--from-literal=")}
+            assert keys == {"HF_TOKEN", "BLIP2_API_KEY"}, "the keys the pods read"
+        else:
+            assert args[1:3] == ["namespace", "blip2"], out
+    elif verb in ("logs", "rollout", "port-forward", "delete"):
+        target = next(a for a in args[1:] if not a.startswith("-") and a != "status")
+        kind, _, name = target.partition("/") if "/" in target else (args[1], "", args[2])
+        kind = {"job": "job", "deployment": "deployment", "service": "service"}[kind]
+        assert (kind, name) in _objects(), target
+        if verb == "port-forward":
+            ports = args[-1].split(":")
+            service = next(d for d in render("k8s/base") if d["kind"] == "Service")
+            assert int(ports[1]) == service["spec"]["ports"][0]["port"]
+    elif verb == "get" and args[1] == "--raw":
+        metric = args[2].rsplit("/", 1)[1]
+        hpa = next(d for d in render("k8s/base") if d["kind"] == "HorizontalPodAutoscaler")
+        assert metric == hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+        assert "/namespaces/blip2/" in args[2]
+    else:
+        pytest.fail(f"no check for kubectl {shlex.join(args)}")
+
+
+def _check_curl(args: list[str]) -> None:
+    url = next(a for a in args if "localhost:" in a)
+    port, _, path = url.split("localhost:")[1].partition("/")
+    assert port == "8000"
+    method = "POST" if {"-F", "-d", "--data", "--form"} & set(args) else "GET"
+    assert serves(method, "/" + path), f"{method} /{path}"
