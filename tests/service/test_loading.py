@@ -1,0 +1,100 @@
+"""Model loading from checkpoint folders: the folder decides the class, safetensors only, 8-bit/4-bit LLM
+with the ViT and Q-Former kept out of quantisation, one ViT shared between generation and retrieval."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from servertools import settings_for
+from transformers import (
+    Blip2ForConditionalGeneration,
+    Blip2ForImageTextRetrieval,
+    InstructBlipForConditionalGeneration,
+)
+
+from service.loading import ModelLoadError, load_models
+
+
+def quantised(module: torch.nn.Module, kind: type) -> list[str]:
+    return [name for name, child in module.named_modules() if isinstance(child, kind)]
+
+
+def test_8bit_llm_only_on_the_cpu(opt8):
+    """The running app's generation model: Linear8bitLt in the LLM, none in the ViT, Q-Former or projection."""
+    models = opt8.app.state.runner.models
+    model = models.generation.model
+    assert models.device.type == "cpu" and models.quantization == "8bit"
+    assert quantised(model.language_model, bnb.nn.Linear8bitLt)
+    for part in (model.vision_model, model.qformer):
+        assert not quantised(part, bnb.nn.Linear8bitLt)
+        assert all(p.dtype == torch.float32 for p in part.parameters())
+    assert isinstance(model.language_projection, torch.nn.Linear)
+    assert not isinstance(model.language_projection, bnb.nn.Linear8bitLt)
+    assert models.shared_vision and models.retrieval.model.vision_model is model.vision_model
+
+
+def test_4bit_llm(checkpoints):
+    models = load_models(settings_for(checkpoints["tiny-opt"] / "generation", load_in_4bit=True))
+    model = models.generation.model
+    assert models.quantization == "4bit"
+    assert quantised(model.language_model, bnb.nn.Linear4bit)
+    assert not quantised(model.vision_model, bnb.nn.Linear4bit) and not quantised(
+        model.qformer, bnb.nn.Linear4bit
+    )
+
+
+def test_the_folder_decides_the_class(checkpoints):
+    opt, t5 = checkpoints["tiny-opt"], checkpoints["tiny-t5"]
+    models = load_models(settings_for(t5 / "generation", t5 / "stage1"))
+    assert isinstance(models.generation.model, Blip2ForConditionalGeneration)
+    assert models.generation.is_encoder_decoder and models.generation.llm_type == "t5"
+    assert isinstance(models.retrieval.model, Blip2ForImageTextRetrieval)
+    instruct = load_models(settings_for(checkpoints["instructblip"]))
+    assert isinstance(instruct.generation.model, InstructBlipForConditionalGeneration)
+    assert instruct.generation.processor.tokenizer.padding_side == "left"  # batched decoder LLM
+    retrieval_only = load_models(settings_for(opt / "stage1"))
+    assert retrieval_only.generation is None and retrieval_only.retrieval is not None
+    with pytest.raises(ModelLoadError, match="not a Blip2ForImageTextRetrieval"):
+        load_models(settings_for(opt / "generation", opt / "generation"))
+
+
+def test_vision_tower_shared_only_when_weights_are_equal(checkpoints, tmp_path):
+    opt = checkpoints["tiny-opt"]
+    assert load_models(settings_for(opt / "generation", opt / "stage1")).shared_vision
+    # Same names, different weights: a fine-tuned ViT must not be shared.
+    tuned = Blip2ForImageTextRetrieval.from_pretrained(opt / "stage1")
+    with torch.no_grad():
+        tuned.vision_model.post_layernorm.weight.add_(0.01)
+    tuned.save_pretrained(tmp_path / "tuned")
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json"):
+        (tmp_path / "tuned" / name).write_bytes((opt / "stage1" / name).read_bytes())
+    models = load_models(settings_for(opt / "generation", tmp_path / "tuned"))
+    assert not models.shared_vision
+    assert models.retrieval.model.vision_model is not models.generation.model.vision_model
+
+
+def test_pickle_weights_refused_unless_allowed(checkpoints, tmp_path):
+    source = checkpoints["tiny-opt"] / "generation"
+    model = Blip2ForConditionalGeneration.from_pretrained(source)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # the legacy pickle format
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "processor_config.json",
+    ):
+        (tmp_path / name).write_bytes((source / name).read_bytes())
+    with pytest.raises(ModelLoadError, match="pickle"):
+        load_models(settings_for(tmp_path))
+    assert load_models(settings_for(tmp_path, allow_pickle=True)).generation is not None
+
+
+def test_clear_errors_for_bad_folders(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_models(settings_for(tmp_path / "missing"))
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_models(settings_for(tmp_path))
+    with pytest.raises(ModelLoadError, match="no model given"):
+        load_models(settings_for(None))
