@@ -9,6 +9,8 @@ model, which is a tiny checkpoint built here (the CPU image's packaged default m
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import signal
@@ -46,6 +48,10 @@ def _deployment_env(where: str) -> dict[str, str]:
     """The variables a deployment adds on top of the image's (secrets left unset)."""
     if where == "image":
         return {}
+    if where == "k8s-gpu":
+        # The GPU ConfigMap's source file (configMapGenerator envs), read without kubectl.
+        lines = (K8S / "base" / "server.env").read_text().splitlines()
+        return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
     if where == "compose":
         env = compose_config("-f", str(DOCKER / "compose.yaml"), "--profile", "cpu")["services"]["blip2-cpu"]
         return {k: str(v) for k, v in env["environment"].items() if v is not None}
@@ -58,7 +64,7 @@ def _deployment_env(where: str) -> dict[str, str]:
 
 
 def _entrypoint(where: str, tiny: Path, tmp: Path) -> tuple[list[str], dict[str, str]]:
-    image = image_config("cpu")
+    image = image_config("gpu" if where.endswith("-gpu") else "cpu")
     env = {**image["Env"], **_deployment_env(where)}
     here = str(Path(sys.executable).parent)
     env["PATH"] = env["PATH"].replace("/opt/venv/bin", here).replace("$PATH", os.environ.get("PATH", ""))
@@ -71,9 +77,13 @@ def _entrypoint(where: str, tiny: Path, tmp: Path) -> tuple[list[str], dict[str,
     return image["Entrypoint"] + image["Cmd"], env
 
 
-def _get(port: int, path: str) -> tuple[int, str]:
+def _get(port: int, path: str, body: dict | None = None) -> tuple[int, str]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
@@ -105,8 +115,33 @@ def _autoscaler_metrics() -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("where", ["image", "compose", "k8s"])
+def _png_data_uri() -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+GPU_CASE = pytest.param(
+    "k8s-gpu",
+    marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not _has_cuda(), reason="the GPU image's settings need a CUDA GPU"),
+    ],
+)
+
+
+@pytest.mark.parametrize("where", ["image", "compose", "k8s", GPU_CASE])
 def test_entry_point_serves_and_drains(where, tiny_checkpoint, tmp_path):
+    """image / compose / k8s: the CPU image with what each deployment adds; k8s-gpu: the GPU image with
+    the base's settings (cuda, float16, the LLM in 8-bit), on a machine with a GPU."""
     argv, env = _entrypoint(where, tiny_checkpoint, tmp_path)
     port = int(env["BLIP2_PORT"])
     log = tmp_path / "server.log"
@@ -135,6 +170,9 @@ def test_entry_point_serves_and_drains(where, tiny_checkpoint, tmp_path):
 
         status, models = _get(port, "/v1/models")
         assert status == 200 and json.loads(models)["data"]
+        status, answer = _get(port, "/caption", {"image": _png_data_uri(), "max_new_tokens": 4})
+        assert status == 200, answer
+        assert isinstance(json.loads(answer)["caption"], str)
 
         # SIGTERM (docker stop, pod deletion): the server drains and exits cleanly in time.
         drain_s = float(env.get("BLIP2_DRAIN_TIMEOUT_S", 30))
