@@ -11,10 +11,11 @@ import dataclasses
 import json
 import logging
 import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -72,6 +73,108 @@ class Stage2Settings(TrainSettings, DataSourceSettings):
 
 
 @dataclass
+class FinetuneSettings(TrainSettings, DataSourceSettings):
+    """Fine-tune for a task: caption (LLM frozen), vqa (InstructBLIP format) or retrieval (stage-1 losses)."""
+
+    task: str = arg("caption", "caption | vqa | retrieval")
+    init: str = arg(
+        "",
+        "caption: generation folder; vqa: generation (with --stage1) or InstructBLIP folder; retrieval: stage-1 folder",
+    )
+    stage1: str = arg(
+        "",
+        "stage-1 folder: vqa takes the Q-Former's text embeddings and text FFN from it; caption its Q-Former",
+    )
+    prompt: str | None = arg(
+        None,
+        "caption: text before each caption (default 'a photo of'); vqa: template with {} for the question (default 'Question: {} Short answer:')",
+    )
+    train_vit: bool = arg(False, "caption: train the ViT too (kept in fp32)")
+    lora_rank: int = arg(0, "LoRA rank for the Q-Former's linear layers instead of full fine-tuning (0: off)")
+    lora_alpha: float = arg(0.0, "LoRA scaling alpha (0: twice the rank)")
+    lora_dropout: float = arg(0.0, "dropout on the LoRA path")
+    lr: float = arg(1e-5, "peak learning rate (the paper's caption fine-tuning)")
+    min_lr: float = arg(0.0, "learning rate at the end of the cosine decay")
+
+
+@dataclass
+class EvalSettings:
+    """Evaluate a checkpoint: VQA accuracy, caption BLEU/CIDEr, or retrieval recall@k; writes metrics.json."""
+
+    task: str = arg("vqa", "vqa | caption | retrieval")
+    model: str = arg("", "vqa/caption: BLIP-2 generation or InstructBLIP folder; retrieval: stage-1 folder")
+    manifest: str = arg("", "JSONL manifest (vqa: question + answer(s); caption/retrieval: image + text)")
+    output: str = arg("runs/eval", "folder for metrics.json and predictions.jsonl")
+    batch_size: int = arg(32, "images (or image-text pairs) per forward pass")
+    limit: int = arg(0, "evaluate only the first N manifest rows (0: all)")
+    prompt: str | None = arg(
+        None,
+        "vqa: template with {} (default 'Question: {} Short answer:'); caption: prefix (default 'a photo of')",
+    )
+    num_beams: int = arg(5, "beam width")
+    max_new_tokens: int | None = arg(None, "most generated tokens (default: vqa 10, caption 30)")
+    min_new_tokens: int | None = arg(None, "fewest generated tokens (default: vqa 0, caption 8)")
+    length_penalty: float | None = arg(None, "beam length penalty (default: vqa -1, caption 1)")
+    k_test: int = arg(128, "retrieval: candidates re-ranked by ITM per query")
+    max_text_length: int = arg(35, "retrieval: tokens per text")
+    java_metrics: bool = arg(True, "caption: PTB tokenizer, METEOR and SPICE where Java is installed")
+    device: str = arg("auto", "auto | cpu | cuda")
+    progress: bool = arg(True, "show progress bars on stderr")
+
+
+@dataclass
+class EasyVqaSettings:
+    """Import the easy-VQA package: images, VQA manifests and derived caption manifests per split."""
+
+    output: str = arg("data/easy-vqa", "folder for images/, vqa_<split>.jsonl and captions_<split>.jsonl")
+    splits: str = arg("train,test", "comma-separated splits")
+    limit_images: int = arg(0, "keep the first N images of each split (0: all)")
+
+
+@dataclass
+class CocoSettings:
+    """Import COCO captions in the Karpathy-split JSON (dataset_coco.json) as caption manifests."""
+
+    karpathy_json: str = arg("", "the Karpathy split file, e.g. dataset_coco.json")
+    images: str = arg("", "COCO image root (holds train2014/, val2014/)")
+    output: str = arg("data/coco", "folder for captions_{train,val,test}.jsonl")
+
+
+@dataclass
+class Vqav2Settings:
+    """Import VQAv2 question (+ annotation) JSON as a VQA manifest."""
+
+    questions: str = arg("", "v2_OpenEnded_mscoco_<split>_questions.json")
+    annotations: str = arg("", "v2_mscoco_<split>_annotations.json (absent for test splits)")
+    images: str = arg("", "folder holding the split's COCO images")
+    output: str = arg("data/vqav2/vqa.jsonl", "manifest to write")
+    image_pattern: str = arg(
+        "COCO_{subtype}_{image_id:012d}.jpg", "image file name from data_subtype and image_id"
+    )
+
+
+@dataclass
+class CapfiltSettings:
+    """CapFilt: sample N captions per image, rank them and the originals by ITC, keep the top K."""
+
+    manifest: str = arg("", "caption manifest to bootstrap")
+    captioner: str = arg("", "generation folder that writes the synthetic captions")
+    scorer: str = arg("", "stage-1 folder whose ITC similarity ranks the captions")
+    output: str = arg("data/capfilt.jsonl", "new manifest (plus <stem>.candidates.jsonl with every score)")
+    num_captions: int = arg(10, "captions sampled per image")
+    keep: int = arg(2, "captions kept per image (synthetic or original, by ITC rank)")
+    prompt: str = arg("a photo of", "captioner prompt")
+    top_p: float = arg(0.9, "nucleus sampling threshold")
+    max_new_tokens: int = arg(30, "most tokens per synthetic caption")
+    min_new_tokens: int = arg(5, "fewest tokens per synthetic caption")
+    max_text_length: int = arg(35, "scorer tokens per caption")
+    batch_size: int = arg(32, "images per forward pass")
+    seed: int = arg(0, "sampling seed")
+    device: str = arg("auto", "auto | cpu | cuda")
+    progress: bool = arg(True, "show progress bars on stderr")
+
+
+@dataclass
 class CacheFeaturesSettings:
     """Run the frozen ViT once over a manifest's images and store its outputs for later epochs."""
 
@@ -83,10 +186,19 @@ class CacheFeaturesSettings:
     dtype: str = arg("float16", "storage dtype: float16 | float32")
 
 
+def _unwrap_optional(kind: Any) -> Any:
+    """`X | None` -> X: an optional setting takes X on the command line, None means "the default"."""
+    if get_origin(kind) in (Union, types.UnionType):
+        args = [a for a in get_args(kind) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return kind
+
+
 def _add_dataclass_arguments(parser: argparse.ArgumentParser, settings_class: type) -> None:
     hints = get_type_hints(settings_class)
     for f in dataclasses.fields(settings_class):
-        kind = hints[f.name]
+        kind = _unwrap_optional(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
         if kind is bool:
@@ -137,18 +249,18 @@ def run_init(s: InitSettings) -> dict:
     return written
 
 
-def _dataset(s: DataSourceSettings, image_size: int):
+def _dataset(s: DataSourceSettings, image_size: int, text_field: str = "text"):
     from training.data import FeatureDataset, ImageTransform, ManifestDataset, WebDatasetShards
 
     transform = ImageTransform(s.image_size or image_size, train=True)
     if s.features:
         if not s.train_manifest:
             raise SystemExit("--features needs --train-manifest (which rows to train on)")
-        return FeatureDataset(s.train_manifest, s.features)
+        return FeatureDataset(s.train_manifest, s.features, text_field)
     if s.shards:
-        return WebDatasetShards([u for u in s.shards.split(",") if u], transform)
+        return WebDatasetShards([u for u in s.shards.split(",") if u], transform, text_field)
     if s.train_manifest:
-        return ManifestDataset(s.train_manifest, transform)
+        return ManifestDataset(s.train_manifest, transform, text_field)
     raise SystemExit("no training data: give --train-manifest, --shards or --features")
 
 
@@ -189,6 +301,55 @@ def run_stage2(s: Stage2Settings) -> dict:
     return train(task, dataset, Collator(None), s)
 
 
+def run_finetune(s: FinetuneSettings) -> dict:
+    from training.finetune import build_finetune
+    from training.trainer import train
+
+    task, collate, image_size, text_field = build_finetune(s)
+    return train(task, _dataset(s, image_size, text_field), collate, s)
+
+
+def run_eval(s: EvalSettings) -> dict:
+    from training.evaluate import run_eval as evaluate
+
+    return evaluate(s)
+
+
+def _print_summary(summary: dict) -> dict:
+    print(json.dumps({"summary": summary}), flush=True)
+    return summary
+
+
+def run_easy_vqa(s: EasyVqaSettings) -> dict:
+    from training.importers import import_easy_vqa
+
+    splits = tuple(x for x in s.splits.split(",") if x)
+    return _print_summary(import_easy_vqa(s.output, splits, s.limit_images))
+
+
+def run_coco(s: CocoSettings) -> dict:
+    from training.importers import import_coco_karpathy
+
+    if not s.karpathy_json or not s.images:
+        raise SystemExit("coco needs --karpathy-json and --images")
+    return _print_summary(import_coco_karpathy(s.karpathy_json, s.images, s.output))
+
+
+def run_vqav2(s: Vqav2Settings) -> dict:
+    from training.importers import import_vqav2
+
+    if not s.questions or not s.images:
+        raise SystemExit("vqav2 needs --questions and --images")
+    summary = import_vqav2(s.questions, s.images, s.output, s.annotations or None, s.image_pattern)
+    return _print_summary(summary)
+
+
+def run_capfilt(s: CapfiltSettings) -> dict:
+    from training.capfilt import capfilt
+
+    return capfilt(s)
+
+
 def run_cache_features(s: CacheFeaturesSettings) -> dict:
     from training.features import cache_features
 
@@ -200,9 +361,15 @@ COMMANDS: dict[str, Command] = {
     "init": (InitSettings, run_init),
     "stage1": (Stage1Settings, run_stage1),
     "stage2": (Stage2Settings, run_stage2),
+    "finetune": (FinetuneSettings, run_finetune),
+    "eval": (EvalSettings, run_eval),
 }
 DATA_COMMANDS: dict[str, Command] = {
     "cache-features": (CacheFeaturesSettings, run_cache_features),
+    "easy-vqa": (EasyVqaSettings, run_easy_vqa),
+    "coco": (CocoSettings, run_coco),
+    "vqav2": (Vqav2Settings, run_vqav2),
+    "capfilt": (CapfiltSettings, run_capfilt),
 }
 
 

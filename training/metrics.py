@@ -113,8 +113,10 @@ def vqa_metrics(predictions: Sequence[str], rows: Sequence[dict]) -> dict:
 
 # --- captions ------------------------------------------------------------------------------------------
 
-_PTB_DROPPED = {"''", "'", "``", "`", "-lrb-", "-rrb-", "-lcb-", "-rcb-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}  # fmt: skip
-_WORDS = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|'[a-z]+|[^\sa-z0-9]+")
+_PTB_DROPPED = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";"}  # fmt: skip
+_WORDS = re.compile(r"\d+(?:[.,]\d+)+|[a-z0-9]+(?=n't)|n't|'[a-z]+|[a-z0-9]+|\.\.\.|--|[^\sa-z0-9]")
+# PTB writes brackets as -lrb- etc., and (lower-cased) pycocoevalcap keeps them
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "{": "-lcb-", "}": "-rcb-", "[": "-lsb-", "]": "-rsb-"}
 
 
 def java_available() -> bool:
@@ -123,7 +125,7 @@ def java_available() -> bool:
 
 def simple_tokenize(text: str) -> str:
     """A Python stand-in for pycocoevalcap's PTB tokenizer: lowercase words, punctuation tokens dropped."""
-    tokens = _WORDS.findall(text.lower().replace("\n", " "))
+    tokens = [_BRACKETS.get(t, t) for t in _WORDS.findall(text.lower().replace("\n", " "))]
     return " ".join(t for t in tokens if t not in _PTB_DROPPED)
 
 

@@ -206,6 +206,8 @@ class Stage2Task(_FrozenVisionTask):
             labels = [tgt + [-100] * (target_width - len(tgt)) for _, tgt in rows]
             decoder_mask = [[1] * len(tgt) + [0] * (target_width - len(tgt)) for _, tgt in rows]
             extra = {"decoder_attention_mask": torch.tensor(decoder_mask, device=device)}
+        if "qformer_input_ids" in batch:  # InstructBLIP's forward requires them (already used above)
+            extra["qformer_input_ids"] = batch["qformer_input_ids"]
         image_outputs = BaseModelOutputWithVisionQformerOutputs(pooler_output=projected)
         output = self.model(
             pixel_values=None,

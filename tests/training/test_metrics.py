@@ -1,0 +1,123 @@
+"""Each metric pinned against cases computed by hand (the arithmetic is in the comments)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from training.metrics import (
+    caption_metrics,
+    normalize_answer,
+    retrieval_recall,
+    simple_tokenize,
+    vqa_accuracy,
+    vqa_metrics,
+)
+
+# Ten human answers: 4 x yes, 3 x yeah, 2 x no, 1 x maybe.
+HUMANS = ["yes"] * 4 + ["yeah"] * 3 + ["no"] * 2 + ["maybe"]
+
+
+@pytest.mark.parametrize(
+    "prediction, expected",
+    [
+        # leaving out one of the 4 "yes": 3 others agree -> 1; leaving out any other: 4 agree -> 1
+        ("yes", 1.0),
+        # leaving out a "yeah" (3 subsets): 2 agree -> 2/3; otherwise (7): 3 agree -> 1. (3*2/3 + 7)/10
+        ("yeah", 0.9),
+        # leaving out a "no" (2): 1/3; otherwise (8): 2/3. (2/3 + 16/3)/10
+        ("no", 0.6),
+        # leaving out "maybe" (1): 0; otherwise (9): 1/3. 3/10
+        ("maybe", 0.3),
+        ("blue", 0.0),
+    ],
+)
+def test_vqa_accuracy_ten_humans(prediction, expected):
+    assert vqa_accuracy(prediction, HUMANS) == pytest.approx(expected)
+
+
+def test_vqa_answer_normalisation():
+    assert normalize_answer("Two.") == "2"
+    assert normalize_answer("The Dog!") == "dog"
+    assert normalize_answer("dont know") == "don't know"
+    assert normalize_answer("1,000") == "1000"
+    assert normalize_answer("a red-and-white\tsign") == "red and white sign"
+    # normalisation applies before counting: "2" and "two" are the same answer
+    assert vqa_accuracy("two", ["2", "2", "2", "3", "3", "3", "3", "3", "3", "3"]) == pytest.approx(0.9)
+
+
+def test_vqa_single_answer_is_exact_match_and_per_type():
+    rows = [
+        {"answer": "blue", "question_type": "color"},
+        {"answer": "circle", "question_type": "shape"},
+        {"answer": "yes", "question_type": "yes/no"},
+        {"answer": "no", "question_type": "yes/no"},
+        {"answers": HUMANS, "answer": "yes", "question_type": "yes/no"},
+    ]
+    metrics = vqa_metrics(["Blue", "triangle", "yes", "yes", "yeah"], rows)
+    # accuracy: 1 + 0 + 1 + 0 + 0.9 = 2.9 / 5; exact match: 1 + 0 + 1 + 0 + 0 = 2 / 5
+    assert metrics["accuracy"] == pytest.approx(58.0)
+    assert metrics["exact_match"] == pytest.approx(40.0)
+    assert metrics["count"] == 5
+    assert metrics["per_type"]["yes/no"]["accuracy"] == pytest.approx(100 * 1.9 / 3)
+    assert metrics["per_type"]["color"]["exact_match"] == 100.0
+    assert metrics["per_type"]["shape"]["accuracy"] == 0.0
+
+
+def test_bleu_and_cider_on_a_two_caption_corpus():
+    references = {"1": ["the cat sat on a mat"], "2": ["a dog runs"]}
+    predictions = {"1": "The cat sat on the mat.", "2": "a dog runs"}
+    metrics = caption_metrics(predictions, references, java=False)
+    # Corpus BLEU, clipped n-gram matches summed over both captions (lengths 6+3 = refs 6+3, BP = 1):
+    #   1-grams: (5 + 3) / (6 + 3); 2-grams: (3 + 2) / (5 + 2); 3-grams: (2 + 1) / (4 + 1); 4-grams: 1 / 3
+    precisions = [8 / 9, 5 / 7, 3 / 5, 1 / 3]
+    bleu_4 = math.exp(sum(math.log(p) for p in precisions) / 4)
+    assert metrics["bleu_4"] == pytest.approx(100 * bleu_4, rel=1e-6)
+    assert metrics["bleu_1"] == pytest.approx(100 * 8 / 9, rel=1e-6)
+    # CIDEr-D with 2 images: idf = log(2 / df). Every n-gram of "a dog runs" occurs in one reference
+    # only (df = 1), so for image 2 each of n = 1, 2, 3 has cosine 1 and n = 4 is empty:
+    # 10 * (1 + 1 + 1 + 0) / 4 = 7.5. Image 1 ("the cat sat on the mat" vs "the cat sat on a mat"):
+    # the n-grams of image 1's reference all have df = 1 except "a" (df = 2, idf 0).
+    #   n=1: cand tf {the:2, cat, sat, on, mat}, ref {the, cat, sat, on, a(idf 0), mat}, weight log 2 each;
+    #        dot = min(2,1)*1 + 4 = 5 (the clipped "the"), |c| = sqrt(4 + 4), |r| = sqrt(5) -> 5 / sqrt(40)
+    #   n=2: cand {the cat, cat sat, sat on, on the, the mat}, ref {the cat, cat sat, sat on, on a, a mat}
+    #        -> 3 / (sqrt 5 * sqrt 5) = 0.6;  n=3: 2 / 4 = 0.5;  n=4: 1 / 3
+    # lengths are equal, so no length penalty: 10 * (5/sqrt(40) + 0.6 + 0.5 + 1/3) / 4
+    cider_1 = 10 * (5 / math.sqrt(40) + 0.6 + 0.5 + 1 / 3) / 4
+    assert metrics["cider"] == pytest.approx(100 * (cider_1 + 7.5) / 2, rel=1e-6)
+    assert metrics["tokenizer"] == "python"
+    assert "meteor (no Java)" in metrics["skipped"]
+
+
+def test_python_tokenizer_matches_ptb_rules():
+    assert simple_tokenize("A man's hat, on the mat.") == "a man 's hat on the mat"
+
+
+def test_recall_at_k_with_duplicated_image_ids():
+    # 3 images; texts 0,1 belong to image 0, text 2 to image 1, texts 3,4 to image 2.
+    text_image = [0, 0, 1, 2, 2]
+    i2t = torch.tensor(
+        [
+            [0.1, 0.9, 0.5, 0.2, 0.0],  # image 0: best text 1 (its own) -> hit at rank 0
+            [0.8, 0.7, 0.6, 0.1, 0.0],  # image 1: its text 2 is ranked third -> rank 2
+            [0.9, 0.1, 0.2, 0.3, 0.8],  # image 2: text 0, then text 4 (its own) -> rank 1
+        ]
+    )
+    t2i = torch.tensor(
+        [
+            [0.9, 0.1, 0.0],  # text 0 -> image 0 first: rank 0
+            [0.1, 0.9, 0.0],  # text 1 -> image 1, then its image 0 ... rank 1
+            [0.1, 0.9, 0.5],  # text 2 -> image 1: rank 0
+            [0.5, 0.4, 0.3],  # text 3 -> image 2 ranked last: rank 2
+            [0.0, 0.1, 0.9],  # text 4 -> image 2: rank 0
+        ]
+    )
+    metrics = retrieval_recall(i2t, t2i, text_image, ks=(1, 2, 3))
+    assert metrics["i2t_r1"] == pytest.approx(100 / 3)
+    assert metrics["i2t_r2"] == pytest.approx(200 / 3)
+    assert metrics["i2t_r3"] == pytest.approx(100.0)
+    assert metrics["t2i_r1"] == pytest.approx(60.0)
+    assert metrics["t2i_r2"] == pytest.approx(80.0)
+    assert metrics["t2i_r3"] == pytest.approx(100.0)
