@@ -106,11 +106,13 @@ class Runner:
         start = gen.model.config.text_config.decoder_start_token_id if gen.is_encoder_decoder else None
         if start is not None and ids and ids[0] == start:
             ids = ids[1:]
-        eos = tokenizer.eos_token_id
-        stopped = eos in ids
+        eos = gen.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
+        # Rows that stop early in a batch are padded after their end of sequence: cut there.
+        end = next((n for n, token in enumerate(ids) if token in eos), None)
+        stopped = end is not None
         if stopped:
-            ids = ids[: ids.index(eos)]
-        ids = [i for i in ids if i != tokenizer.pad_token_id]
+            ids = ids[:end]
         text = tokenizer.decode(ids, skip_special_tokens=True).strip()
         return Generated(text, len(ids), "stop" if stopped or len(ids) < options.max_new_tokens else "length")
 

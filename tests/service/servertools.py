@@ -160,10 +160,13 @@ class LiveServer:
         self.thread.join(WAIT_S)
 
 
-def start_process(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """`python -m service ARGS` as a separate process; returns it and its base URL once ready."""
+def start_process(
+    args: list[str], env: dict[str, str] | None = None, entry: list[str] | None = None
+) -> tuple[subprocess.Popen, str]:
+    """`python -m service ARGS` (or `entry` ARGS) as a separate process; returns it and its URL once ready."""
     port = free_port()
-    command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), *args]
+    entry = entry or [sys.executable, "-m", "service"]
+    command = [*entry, "--host", "127.0.0.1", "--port", str(port), *args]
     process = subprocess.Popen(
         command,
         cwd=REPO,

@@ -19,23 +19,21 @@ def batch_stats(client, task: str = "generate") -> tuple[float, float]:
     return metric(text, "blip2_batch_size_count", task=task), metric(text, "blip2_batch_size_sum", task=task)
 
 
-def send_together(client, requests: list[tuple[str, dict]]) -> list:
-    """Hold the model thread, queue every request, then let them run: they share batches."""
+PRIMER = {"max_new_tokens": 1, "min_new_tokens": 1, "num_beams": 1}  # settings no test request uses
+
+
+def send_together(client, requests: list[tuple[str, dict]], image: str) -> list:
+    """Hold the model thread with a primer request, queue every request behind it, then let them run:
+    requests with equal settings share batches. The primer adds one generate batch of one."""
     app = client.app
     with ThreadPoolExecutor(len(requests) + 1) as pool:
         with Gate(app) as gate:
-            primer = (
-                pool.submit(client.post, "/embed", json={"texts": ["primer"]})
-                if app.state.runner.models.retrieval
-                else None
-            )
-            if primer is not None:
-                gate.wait_taken()
+            primer = pool.submit(client.post, "/caption", json={"image": image} | PRIMER)
+            gate.wait_taken()
             futures = [pool.submit(client.post, path, json=body) for path, body in requests]
-            gate.wait_queued(len(requests) - (0 if primer is not None else 1))
+            gate.wait_queued(len(requests))
         responses = [f.result() for f in futures]
-        if primer is not None:
-            assert primer.result().status_code == 200
+        assert primer.result().status_code == 200
     for response in responses:
         assert response.status_code == 200, response.text
     return [r.json() for r in responses]
@@ -49,10 +47,12 @@ def test_batched_equals_alone_and_metrics_show_batches(opt8, photos):
     requests = vqa_requests(photos)  # six different images and questions, the paper's beam-5 settings
     alone = [opt8.post(path, json=body).json() for path, body in requests]
     count_before, sum_before = batch_stats(opt8)
-    together = send_together(opt8, requests)
+    together = send_together(opt8, requests, b64(photos[7]))
     assert [r["answer"] for r in together] == [r["answer"] for r in alone]
     count_after, sum_after = batch_stats(opt8)
-    assert count_after - count_before == 1 and sum_after - sum_before == 6  # one batch of six
+    assert (
+        count_after - count_before == 2 and sum_after - sum_before == 7
+    )  # the primer, then one batch of six
     text = opt8.get("/metrics").text
     assert metric(text, "blip2_batch_size_bucket", task="generate", le="1.0") < metric(
         text, "blip2_batch_size_count", task="generate"
@@ -69,10 +69,10 @@ def test_different_settings_never_share_a_batch(opt8, photos):
     requests = greedy + beams + captions
     alone = [opt8.post(path, json=body).json() for path, body in requests]
     count_before, sum_before = batch_stats(opt8)
-    together = send_together(opt8, requests)
+    together = send_together(opt8, requests, b64(photos[7]))
     assert together == alone
     count_after, sum_after = batch_stats(opt8)
-    assert (count_after - count_before, sum_after - sum_before) == (3, 7)  # 3 + 3 + 1
+    assert (count_after - count_before, sum_after - sum_before) == (4, 8)  # primer + 3 + 3 + 1
 
 
 @pytest.mark.parametrize("name", ["tiny-t5", "instructblip"])
@@ -81,7 +81,7 @@ def test_batched_equals_alone_t5_and_instructblip(checkpoints, photos, name):
     with running_app(settings_for(folder, warmup=False)) as client:
         requests = vqa_requests(photos)[:5]
         alone = [client.post(path, json=body).json() for path, body in requests]
-        together = send_together(client, requests)
+        together = send_together(client, requests, b64(photos[7]))
         assert together == alone
         caption = client.post("/caption", json={"image": b64(photos[0])})
         assert caption.status_code == 200, caption.text
