@@ -23,7 +23,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 
 def is_distributed() -> bool:
@@ -59,13 +58,34 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward returns to each rank the sum, over all ranks, of the gradient of its rows.
+
+    torch.distributed.nn.functional.all_gather does this through a scatter on gloo that scrambles
+    non-contiguous gradients (what einsum's backward hands it); summing a contiguous copy is plain.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rows = tensor.shape[0]
+        parts = [torch.empty_like(tensor, memory_format=torch.contiguous_format) for _ in range(world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad[rank() * ctx.rows : (rank() + 1) * ctx.rows]
+
+
 def gather(tensor: torch.Tensor, with_grad: bool) -> torch.Tensor:
     """Concatenate `tensor` from every rank along dim 0, in rank order."""
     if not is_distributed():
         return tensor
     if with_grad:
-        return torch.cat(dist_fn.all_gather(tensor), dim=0)
-    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+        return _GatherWithGrad.apply(tensor)
+    parts = [torch.empty_like(tensor, memory_format=torch.contiguous_format) for _ in range(world_size())]
     dist.all_gather(parts, tensor.detach().contiguous())
     return torch.cat(parts, dim=0)
 

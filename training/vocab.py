@@ -1,12 +1,14 @@
 """Tokenizers for BLIP-2 parts: the Q-Former's BERT tokenizer with [DEC], and offline tokenizers for presets.
 
-Presets must build without a network, so their tokenizers are trained on the fly with the `tokenizers`
-library from a small built-in corpus. Real runs take the tokenizer that ships with the BERT / LLM checkpoint.
+Presets must build without a network, so their tokenizers are built with the `tokenizers` library
+from a small built-in corpus. Real runs take the tokenizer that ships with the BERT / LLM checkpoint.
 """
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+import string
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 DEC_TOKEN = "[DEC]"
@@ -27,10 +29,18 @@ image shows picture contains there is no any other same different left right up 
 """
 
 
-def _corpus_lines() -> list[str]:
-    words = _CORPUS.split()
-    # Whole sentences as well as words, so merges across common pairs are learned.
-    return [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)] + words
+def _wordpiece(specials: list[str], lowercase: bool) -> Tokenizer:
+    """A WordPiece whose vocabulary is built, not trained: specials, every printable ASCII character
+    (alone and as a ##continuation) and every corpus word. Trainers break ties in hash order, which
+    differs between processes; a built vocabulary is the same in every process (DDP ranks agree)."""
+    words = sorted(set(_CORPUS.split()) | {w.capitalize() for w in ("question", "answer", "short")})
+    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation))
+    vocab = specials + chars + ["##" + c for c in chars] + [w for w in words if len(w) > 1]
+    backend = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token=specials[-1]))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    return backend
 
 
 def qformer_tokenizer(bert_path: str | None = None) -> PreTrainedTokenizerBase:
@@ -42,14 +52,7 @@ def qformer_tokenizer(bert_path: str | None = None) -> PreTrainedTokenizerBase:
     if bert_path is not None:
         tokenizer = AutoTokenizer.from_pretrained(bert_path)
     else:
-        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        backend.normalizer = normalizers.BertNormalizer(lowercase=True)
-        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        backend.decoder = decoders.WordPiece()
-        backend.train_from_iterator(
-            _corpus_lines(), trainers.WordPieceTrainer(vocab_size=1000, special_tokens=specials)
-        )
+        backend = _wordpiece(["[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]"], lowercase=True)
         cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
         backend.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]",
@@ -70,7 +73,7 @@ def qformer_tokenizer(bert_path: str | None = None) -> PreTrainedTokenizerBase:
 
 
 def preset_llm_tokenizer(family: str) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer for a preset LLM, with the special tokens laid out as the family expects.
+    """A cased WordPiece tokenizer for a preset LLM, with the special tokens laid out as the family expects.
 
     OPT: <s>=0, <pad>=1, </s>=2 (bos and eos are both </s>), <unk>=3; prepends </s> like OPT's tokenizer.
     T5: <pad>=0, </s>=1, <unk>=2; appends </s> like T5's tokenizer.
@@ -81,17 +84,7 @@ def preset_llm_tokenizer(family: str) -> PreTrainedTokenizerFast:
         specials = ["<pad>", "</s>", "<unk>"]
     else:
         raise ValueError(f"unknown LLM family {family!r}: expected 'opt' or 't5'")
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(
-        _corpus_lines(),
-        trainers.BpeTrainer(
-            vocab_size=1000,
-            special_tokens=specials,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
+    backend = _wordpiece(specials, lowercase=False)
     eos_id = backend.token_to_id("</s>")
     if family == "opt":
         backend.post_processor = processors.TemplateProcessing(
