@@ -139,7 +139,8 @@ class Runner:
         queries = model.query_tokens.expand(vision.shape[0], -1, -1)
         out = model.qformer(query_embeds=queries, encoder_hidden_states=vision, encoder_attention_mask=mask)
         hidden = out.last_hidden_state.to(model.vision_projection.weight.dtype)
-        return F.normalize(model.vision_projection(hidden), dim=-1)
+        # Normalise in fp32: in fp16 the norms are off by ~1e-3.
+        return F.normalize(model.vision_projection(hidden).float(), dim=-1)
 
     def _tokens(self, texts: list[str]) -> dict[str, torch.Tensor]:
         ret = self._retrieval()
@@ -159,7 +160,7 @@ class Runner:
             attention_mask=tokens["attention_mask"],
         )
         hidden = out.last_hidden_state[:, 0, :].to(model.text_projection.weight.dtype)
-        return F.normalize(model.text_projection(hidden), dim=-1)
+        return F.normalize(model.text_projection(hidden).float(), dim=-1)
 
     def itm_logits(self, vision: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """Image-text matching logits (pairs, 2), averaged over the query outputs, as transformers does."""
