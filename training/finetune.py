@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.data import Collator
+from training.stages import join_target
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +30,6 @@ TASKS = tuple(DEFAULT_PROMPTS)
 
 def resolve_prompt(task: str, prompt: str | None) -> str:
     return DEFAULT_PROMPTS[task] if prompt is None else prompt
-
-
-def join_target(prompt: str, text: str) -> str:
-    """The target as it follows the prompt: one space between them (the prompt is context, not target)."""
-    return " " + text.strip() if prompt and not prompt[-1].isspace() else text.strip()
 
 
 class PromptCollator:

@@ -80,6 +80,11 @@ class Stage1Task(_FrozenVisionTask):
         self.processor.save_pretrained(folder)
 
 
+def join_target(prompt: str, text: str) -> str:
+    """The target as it follows the prompt: one space between them (the prompt is context, not target)."""
+    return " " + text.strip() if prompt and not prompt[-1].isspace() else text.strip()
+
+
 def project_queries(
     model: nn.Module,
     vision_hidden: torch.Tensor,
@@ -180,7 +185,11 @@ class Stage2Task(_FrozenVisionTask):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         texts = batch["texts"]
-        prompts = batch.get("prompts") or [self.prompt] * len(texts)
+        if "prompts" in batch:  # per-sample prompts come with their targets already joined
+            prompts = batch["prompts"]
+        else:
+            prompts = [self.prompt] * len(texts)
+            texts = [join_target(self.prompt, text) for text in texts]
         projected = project_queries(
             self.model,
             self.vision_hidden(batch),
