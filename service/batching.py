@@ -91,6 +91,7 @@ class Engine:
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._running = 0
+        self._current: list[WorkItem] = []
         self._last_batch_size = 0
         self._mean_batch_seconds = 0.5
         self.accepting = False
@@ -110,13 +111,15 @@ class Engine:
 
     async def stop(self) -> None:
         self.accepting = False
+        running = list(self._current)  # the loop's `finally` forgets it once cancelled
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        while self._queue:
-            item = self._queue.popleft()
+        # Whatever is queued, and a batch whose result the cancelled loop will not deliver, fails now.
+        for item in [*self._queue, *running]:
             if not item.future.done():
                 item.future.set_exception(EngineStopped("the server is shutting down"))
+        self._queue.clear()
         await asyncio.to_thread(self.executor.shutdown, wait=True)
 
     def retry_after_s(self) -> int:
@@ -161,13 +164,13 @@ class Engine:
                 # Under load: let the batch fill up, but never wait past max_wait after its first request.
                 await self._fill(batch)
             self._metrics.queue_depth(len(self._queue))
-            self._running = len(batch)
+            self._running, self._current = len(batch), batch
             try:
                 await self._run(batch)
             except Exception:  # the loop must survive anything a batch does
                 log.exception("batch failed")
             finally:
-                self._running = 0
+                self._running, self._current = 0, []
 
     def _take(self, key: Hashable | None = None, limit: int | None = None) -> list[WorkItem]:
         """Remove up to `limit` live requests with the head's key (or `key`) from the queue, in order."""

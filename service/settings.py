@@ -5,6 +5,7 @@ Each field's description is the documentation: docs/SERVER.md's settings table i
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -72,7 +73,7 @@ class Settings(BaseSettings):
         30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish before the exit."
     )
     max_image_bytes: int = Field(
-        20 * 1024 * 1024, gt=0, description="Largest image accepted, in bytes (413)."
+        20 * 1024 * 1024, gt=0, description="Largest image accepted, in bytes (413); 20 MiB by default."
     )
     max_image_pixels: int = Field(
         40_000_000,
@@ -143,3 +144,17 @@ class Settings(BaseSettings):
         if path.name in ("generation", "stage1") and path.parent.name:
             return path.parent.name
         return path.name if path.exists() else source
+
+
+def settings_table() -> str:
+    """The Markdown settings table of docs/SERVER.md, from the field descriptions (a test keeps them equal)."""
+    rows = ["| setting | CLI flag | default | what it does |", "|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default
+        shown = "unset" if default is None else f"`{default}`" if default != [] else "empty"
+        flag = "--" + name.replace("_", "-")
+        if bool in typing.get_args(field.annotation) or field.annotation is bool:
+            flag = "--[no-]" + flag[2:]
+        description = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `BLIP2_{name.upper()}` | `{flag}` | {shown} | {description} |")
+    return "\n".join(rows)
