@@ -284,7 +284,7 @@ def tiny_llm(family: str, tokenizer: PreTrainedTokenizerBase, width: int = 64) -
         return AutoModelForCausalLM.from_config(config)
     config = T5Config(
         vocab_size=len(tokenizer), d_model=width, d_kv=width // 4, d_ff=width * 2, num_layers=2, num_heads=4,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, initializer_factor=0.1,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id, dropout_rate=0.0,
     )  # fmt: skip
     return AutoModelForSeq2SeqLM.from_config(config)
