@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 from service import chat, routes
 from service.batching import Engine
-from service.errors import error_body, install_handlers
+from service.errors import error_body, install_handlers, too_large
 from service.inference import Runner
 from service.loading import load_models
 from service.metrics import Metrics
@@ -27,6 +27,7 @@ from service.settings import Settings
 log = logging.getLogger("service.app")
 access_log = logging.getLogger("service.access")
 OPEN_PATHS = {"/health", "/ready", "/metrics"}  # probes and scrapers carry no API key
+MULTI_IMAGE_PATHS = {"/embed", "/retrieve"}
 
 
 async def _load(app: FastAPI) -> None:
@@ -113,8 +114,10 @@ class Gatekeeper:
         self.app, self.settings, self.state = app, settings, app_state
         key = settings.api_key.get_secret_value() if settings.api_key else ""
         self.expected = f"Bearer {key}".encode() if key else None
-        # Room for the images a request may carry, base64-inflated, plus its text fields.
-        self.max_body = settings.max_image_bytes * settings.max_images_per_request * 4 // 3 + 1024 * 1024
+        # Room for the images a route may carry, base64-inflated, plus its text fields.
+        one = settings.max_image_bytes * 4 // 3 + 1024 * 1024
+        self.max_body = {path: one * settings.max_images_per_request for path in MULTI_IMAGE_PATHS}
+        self.max_body_default = one
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -127,11 +130,11 @@ class Gatekeeper:
                 response = error_body(401, "unauthorized", "a valid `Authorization: Bearer <key>` header is required",
                                       {"WWW-Authenticate": "Bearer"})  # fmt: skip
                 return await response(scope, receive, send)
-        declared = int(headers.get(b"content-length", b"0") or 0)
-        if declared > self.max_body:
-            return await error_body(413, "payload_too_large", f"the body is over {self.max_body} bytes")(
-                scope, receive, send
-            )
+        limit = self.max_body.get(path, self.max_body_default)
+        declared = headers.get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > limit:  # refused before a byte of the body is read
+            message = f"the body is over {limit} bytes"
+            return await error_body(413, "payload_too_large", message)(scope, receive, send)
 
         counted = path not in OPEN_PATHS
         status, received, started = 500, 0, time.perf_counter()
@@ -140,10 +143,8 @@ class Gatekeeper:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_body:  # chunked uploads without a Content-Length
-                from service.errors import too_large
-
-                raise too_large(f"the body is over {self.max_body} bytes")
+            if received > limit:  # chunked uploads come without a Content-Length
+                raise too_large(f"the body is over {limit} bytes")
             return message
 
         async def tracked_send(message) -> None:

@@ -46,9 +46,12 @@ def test_413_too_many_bytes_and_pixels(checkpoints, photos):
         many_pixels = encode(Image.new("RGB", (300, 300), (9, 9, 9)), "PNG")  # small file, too many pixels
         assert len(many_pixels) < 20_000
         assert "pixels" in error_of(client.post("/caption", json={"image": b64(many_pixels)}), 413)["message"]
-        # A declared body far over the cap is refused before it is read.
+        # A declared body far over the cap is refused before it is read; a chunked one as it streams in.
         huge = client.post("/caption", content=b"x" * 2_000_000, headers={"content-type": "application/json"})
         assert error_of(huge, 413)
+        chunks = (b"x" * 65536 for _ in range(40))  # 2.6 MB without a Content-Length
+        streamed = client.post("/caption", content=chunks, headers={"content-type": "application/json"})
+        assert error_of(streamed, 413)["type"] == "payload_too_large"
 
 
 @pytest.mark.parametrize(
