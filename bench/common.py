@@ -1,0 +1,152 @@
+"""Shared helpers of the benchmark scripts: which model, real photos, a `blip2-serve` process on loopback.
+
+Every script prints which model folder produced its figures: the packaged default model
+(`service/default_model/`) when it exists, otherwise the random `tiny-opt` preset saved to a cache folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO / "service" / "default_model"
+CACHE = Path(os.environ.get("BLIP2_BENCH_CACHE", "/tmp/blip2-bench"))
+PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "immunohistochemistry",
+    "retina",
+    "cat",
+    "hubble_deep_field",
+)
+SERVE = Path(sys.executable).parent / "blip2-serve"
+
+
+def model_folder(choice: str = "auto") -> tuple[Path, str]:
+    """(folder with `generation/` and `stage1/`, a label for the report). `auto`: the default model if present."""
+    if choice not in ("auto", "tiny-opt"):
+        return Path(choice), Path(choice).name
+    if choice == "auto" and (DEFAULT_MODEL / "generation").is_dir():
+        return DEFAULT_MODEL, "default_model (service/default_model)"
+    folder = CACHE / "tiny-opt"
+    if not (folder / "generation" / "config.json").exists():
+        from training.assemble import preset
+
+        preset("tiny-opt").save(folder)
+    return folder, "tiny-opt preset (random weights)"
+
+
+def photos(size: int = 224) -> list:
+    """scikit-image's real photos, resized, as RGB PIL images."""
+    from PIL import Image
+    from skimage import data
+
+    return [Image.fromarray(getattr(data, name)()).convert("RGB").resize((size, size)) for name in PHOTOS]
+
+
+def easy_vqa_set(count: int = 64) -> list[tuple[bytes, str, str]]:
+    """The first `count` easy-VQA test questions as (64x64 PNG bytes, question, answer): the default model's data."""
+    from easy_vqa import get_test_image_paths, get_test_questions
+
+    questions, answers, image_ids = get_test_questions()
+    paths = get_test_image_paths()
+    return [(Path(paths[image_ids[n]]).read_bytes(), questions[n], answers[n]) for n in range(count)]
+
+
+def png_b64(image) -> str:
+    """A PIL image or PNG bytes -> base64 text."""
+    if isinstance(image, bytes):
+        return base64.b64encode(image).decode()
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return (
+        f"{cpu}, {os.cpu_count()} CPUs visible, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`blip2-serve` as a child process on a free loopback port; `env` holds BLIP2_* settings."""
+
+    def __init__(self, env: dict[str, str], log_path: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path or CACHE / f"server-{self.port}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        env = os.environ | {"HF_HUB_OFFLINE": "1", "BLIP2_LOG_LEVEL": "warning"} | env
+        self.process = subprocess.Popen(
+            [str(SERVE), "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=REPO,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, limit_s: float = 300) -> Server:
+        deadline = time.monotonic() + limit_s
+        with httpx.Client(base_url=self.url, timeout=5) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.process.returncode}; see {self.log_path}")
+                with contextlib.suppress(httpx.TransportError):
+                    if client.get("/ready").status_code == 200:
+                        return self
+                time.sleep(0.1)
+        raise TimeoutError(f"server not ready within {limit_s} s; see {self.log_path}")
+
+    def stop(self, timeout_s: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+    def __enter__(self) -> Server:
+        return self.wait_ready()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))
+    return ordered[int(rank) - 1]
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")

@@ -1,0 +1,210 @@
+"""Closed-loop load against a real `blip2-serve` on loopback: dynamic batching on vs off, side by side.
+
+Two server processes are started from the same model folder, one with batching (max_batch_size=N) and
+one without (max_batch_size=1). For each route and concurrency the cells alternate off -> on, so both see
+the same machine noise. A cell: `concurrency` clients, each sending its next request as soon as the last
+answer arrives, until `--requests` answers are in (bounded: at most `--cell-limit-s` per cell).
+
+    python bench/serve_load.py                      # /caption /vqa /embed at 1, 8, 32
+    python bench/serve_load.py --routes caption --concurrency 32 --requests 256
+
+Prints one row per cell (requests/s, p50/p95/p99 latency, errors, server mean batch size) and the
+on/off throughput and p99 ratios; `--json PATH` also writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Server, easy_vqa_set, machine, model_folder, now, percentile, photos, png_b64  # noqa: E402
+
+
+def bodies(route: str, images: list[str], questions: list[str]) -> list[dict]:
+    if route == "caption":
+        return [{"image": image} for image in images]
+    if route == "vqa":
+        return [
+            {"image": image, "question": question} for image, question in zip(images, questions, strict=True)
+        ]
+    if route == "embed":
+        return [{"images": [image]} for image in images]
+    raise ValueError(route)
+
+
+def batch_stats(metrics_text: str) -> tuple[float, float]:
+    """(sum, count) of blip2_batch_size over all tasks: their difference between two scrapes is the mean."""
+    total = count = 0.0
+    for line in metrics_text.splitlines():
+        if m := re.match(r"blip2_batch_size_(sum|count)\{.*\} (\S+)", line):
+            if m.group(1) == "sum":
+                total += float(m.group(2))
+            else:
+                count += float(m.group(2))
+    return total, count
+
+
+async def cell(
+    url: str, route: str, payloads: list[dict], concurrency: int, requests: int, limit_s: float
+) -> dict:
+    latencies, statuses = [], {}
+    issued = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        before = batch_stats((await client.get("/metrics")).text)
+        started = time.perf_counter()
+        stop_at = started + limit_s
+
+        async def worker() -> None:
+            nonlocal issued
+            while issued < requests and time.perf_counter() < stop_at:
+                body = payloads[issued % len(payloads)]
+                issued += 1
+                t0 = time.perf_counter()
+                try:
+                    response = await client.post("/" + route, json=body)
+                    status = str(response.status_code)
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                latency = time.perf_counter() - t0
+                statuses[status] = statuses.get(status, 0) + 1
+                if status == "200":
+                    latencies.append(latency)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+        after = batch_stats((await client.get("/metrics")).text)
+    batches = after[1] - before[1]
+    return {
+        "ok": len(latencies),
+        "errors": sum(v for k, v in statuses.items() if k != "200"),
+        "statuses": statuses,
+        "wall_s": wall,
+        "rps": len(latencies) / wall,
+        "p50_ms": 1000 * percentile(latencies, 50) if latencies else None,
+        "p95_ms": 1000 * percentile(latencies, 95) if latencies else None,
+        "p99_ms": 1000 * percentile(latencies, 99) if latencies else None,
+        "mean_batch": (after[0] - before[0]) / batches if batches else None,
+    }
+
+
+def fmt(value, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        default="auto",
+        help="`auto` (default model if present, else tiny-opt), `tiny-opt`, or a folder with generation/ and stage1/",
+    )
+    parser.add_argument("--routes", default="caption,vqa,embed")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument(
+        "--requests", type=int, default=0, help="answers per cell (default: max(32, 6 x concurrency))"
+    )
+    parser.add_argument("--cell-limit-s", type=float, default=120, help="upper bound on one cell's duration")
+    parser.add_argument("--batch-size", type=int, default=32, help="max_batch_size of the batching server")
+    parser.add_argument("--max-wait-ms", type=float, default=10)
+    parser.add_argument(
+        "--images",
+        default="easy-vqa",
+        help="`easy-vqa`: 64 easy-VQA test images (64x64 PNG) with their questions; `photos:SIZE`: "
+        "scikit-image's photos resized to SIZE px, with easy-VQA questions",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="OMP_NUM_THREADS of both servers (0: torch's default). On a small shared machine 2 intra-op threads "
+        "spin against the event loop and the other tenants: 10-100x slower and erratic, so 1 by default",
+    )
+    parser.add_argument("--load-in-8bit", action="store_true", help="serve the LLM in 8-bit (both servers)")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args(argv)
+
+    folder, label = model_folder(args.model)
+    corpus = easy_vqa_set(64)
+    questions = [question for _, question, _ in corpus]
+    if args.images == "easy-vqa":
+        images = [png_b64(png) for png, _, _ in corpus]
+    else:
+        pictures = photos(int(args.images.split(":")[1]))
+        images = [png_b64(pictures[n % len(pictures)]) for n in range(len(corpus))]
+    common = {
+        "BLIP2_MODEL": str(folder / "generation"),
+        "BLIP2_RETRIEVAL_MODEL": str(folder / "stage1"),
+        "BLIP2_LOAD_IN_8BIT": "true" if args.load_in_8bit else "false",
+        "BLIP2_MAX_QUEUE_SIZE": "256",
+        "BLIP2_REQUEST_TIMEOUT_S": "600",
+        "BLIP2_MAX_WAIT_MS": str(args.max_wait_ms),
+    }
+    if args.threads:
+        common["OMP_NUM_THREADS"] = str(args.threads)
+    modes = {
+        "off": common | {"BLIP2_MAX_BATCH_SIZE": "1"},
+        "on": common | {"BLIP2_MAX_BATCH_SIZE": str(args.batch_size)},
+    }
+    print(f"# serve_load {now()} | model: {label} ({folder}) | images: {args.images} | machine: {machine()}")
+    print(
+        f"# batching on: max_batch_size={args.batch_size}, max_wait_ms={args.max_wait_ms}; off: max_batch_size=1; "
+        f"server OMP_NUM_THREADS={args.threads or 'default'}"
+    )
+    servers = {mode: Server(env) for mode, env in modes.items()}
+    rows = []
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        for route in args.routes.split(","):
+            payloads = bodies(route, images, questions)
+            for concurrency in [int(c) for c in args.concurrency.split(",")]:
+                requests = args.requests or max(32, 6 * concurrency)
+                for mode in ("off", "on"):
+                    url = servers[mode].url
+                    asyncio.run(
+                        cell(url, route, payloads, concurrency, concurrency, args.cell_limit_s)
+                    )  # warm-up round
+                    result = asyncio.run(cell(url, route, payloads, concurrency, requests, args.cell_limit_s))
+                    result |= {"route": route, "concurrency": concurrency, "batching": mode}
+                    rows.append(result)
+                    print(
+                        f"/{route:<7} c={concurrency:<3} batching {mode:<3} {result['rps']:8.2f} req/s  "
+                        f"p50 {fmt(result['p50_ms']):>8} ms  p95 {fmt(result['p95_ms']):>8} ms  "
+                        f"p99 {fmt(result['p99_ms']):>8} ms  errors {result['errors']} {result['statuses']}  "
+                        f"mean batch {fmt(result['mean_batch'], '.2f')}",
+                        flush=True,
+                    )
+    finally:
+        codes = {mode: server.stop() for mode, server in servers.items()}
+    print(
+        "\n| route | concurrency | req/s off | req/s on | throughput on/off | p99 off (ms) | p99 on (ms) | p99 on/off | errors off/on | mean batch on |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for off, on in zip(rows[0::2], rows[1::2], strict=True):
+        ratio = on["rps"] / off["rps"] if off["rps"] else float("nan")
+        p99 = on["p99_ms"] / off["p99_ms"] if on["p99_ms"] and off["p99_ms"] else float("nan")
+        print(
+            f"| /{on['route']} | {on['concurrency']} | {off['rps']:.2f} | {on['rps']:.2f} | **{ratio:.2f}x** | "
+            f"{fmt(off['p99_ms'])} | {fmt(on['p99_ms'])} | {p99:.2f} | {off['errors']}/{on['errors']} | {fmt(on['mean_batch'], '.2f')} |"
+        )
+    print(f"\nserver exit codes after SIGTERM: {codes}")
+    if args.json:
+        args.json.write_text(
+            json.dumps({"date": now(), "model": label, "machine": machine(), "rows": rows}, indent=1)
+        )
+    return 0 if all(r["errors"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
