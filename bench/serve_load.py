@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--images",
         default="easy-vqa",
-        help="`easy-vqa`: 64 easy-VQA test images (64x64 PNG) with their questions; `photos:SIZE`: "
+        help="`easy-vqa`: 256 easy-VQA test images (64x64 PNG) with their questions; `photos:SIZE`: "
         "scikit-image's photos resized to SIZE px, with easy-VQA questions",
     )
     parser.add_argument(
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     folder, label = model_folder(args.model)
-    corpus = easy_vqa_set(64)
+    corpus = easy_vqa_set(256)
     questions = [question for _, question, _ in corpus]
     if args.images == "easy-vqa":
         images = [png_b64(png) for png, _, _ in corpus]
@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         "BLIP2_MAX_QUEUE_SIZE": "256",
         "BLIP2_REQUEST_TIMEOUT_S": "600",
         "BLIP2_MAX_WAIT_MS": str(args.max_wait_ms),
+        # Every image is new to the server, as in real traffic: no ViT output is reused from a cache.
+        "BLIP2_VISION_CACHE_SIZE": "0",
     }
     if args.threads:
         common["OMP_NUM_THREADS"] = str(args.threads)

@@ -1,0 +1,260 @@
+"""BLIP-2 OPT-2.7B at its exact shapes, random weights, through the server's loading code and batching engine.
+
+The model has the shapes of Salesforce/blip2-opt-2.7b (EVA ViT-g: 1408 wide, 39 layers, patch 14, 224 px;
+32 queries; a BERT-base Q-Former with cross-attention every 2 layers; OPT-2.7B: 2560 wide, 32 layers,
+vocab 50272), built from configs with random weights on the GPU, saved as safetensors, then loaded with
+`service.loading.load_models` twice: LLM in fp16, and LLM in 8-bit (bitsandbytes). For each, captions at
+batch 1, 8 and 32 go through `service.batching.Engine` (B requests submitted at once form one batch):
+captions/s, peak GPU memory, and the ViT's share of the batch time (CUDA-synchronised hooks around it).
+
+Captions use the paper's beam width 5 with a fixed length of 30 new tokens (min = max = 30): random
+weights would otherwise stop at random lengths. Every request carries a different random image, so the
+server's ViT cache never helps. Results go to `--out` (default $OUT or /tmp) as JSON after every cell, and
+the run stops starting new cells after `--budget-s` seconds, so it ends inside a 5-minute slot.
+
+    python bench/gpu_blip2_opt27b_shapes.py                 # on one H100 / H200
+    python bench/gpu_blip2_opt27b_shapes.py --small         # tiny widths, same pipeline, runs on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+T0 = time.perf_counter()
+
+# Salesforce/blip2-opt-2.7b config.json, fields that set shapes.
+VISION = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
+              image_size=224, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True, initializer_range=0.02)  # fmt: skip
+QFORMER = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+               cross_attention_frequency=2, encoder_hidden_size=1408, vocab_size=30522, max_position_embeddings=512)  # fmt: skip
+OPT = dict(hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32, vocab_size=50272,
+           word_embed_proj_dim=2560, max_position_embeddings=2048, do_layer_norm_before=True,
+           bos_token_id=2, eos_token_id=2, pad_token_id=1, dropout=0.0, torch_dtype="float16")  # fmt: skip
+SMALL = {
+    "vision": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+    "qformer": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, encoder_hidden_size=64),
+    "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64),
+}  # fmt: skip
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.1f} s] {message}", flush=True)
+
+
+def build(folder: Path, small: bool, device: torch.device) -> int:
+    """Random model with the real shapes (or --small ones) + a processor, saved to `folder`. Returns params."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+
+    from training.assemble import image_processor
+    from training.vocab import preset_llm_tokenizer
+
+    tokenizer = preset_llm_tokenizer("opt")  # offline; ids fit in OPT's 50272 rows
+    processor = Blip2Processor(image_processor(224), tokenizer, num_query_tokens=32)
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token.content)
+    vision, qformer, opt = dict(VISION), dict(QFORMER), dict(OPT)
+    if small:
+        vision |= SMALL["vision"]
+        qformer |= SMALL["qformer"]
+        opt |= SMALL["opt"]
+    config = Blip2Config(
+        vision_config=vision, qformer_config=qformer, text_config=opt, num_query_tokens=32,
+        image_token_index=image_token,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            model = Blip2ForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.no_grad():
+        model.query_tokens.normal_(std=0.02)
+    params = sum(p.numel() for p in model.parameters())
+    log(f"built {params / 1e9:.3f} B parameters on {device}")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    log(f"saved to {folder}")
+    return params
+
+
+class VitClock:
+    """Forward hooks around the vision tower; with CUDA they synchronise so the times are the tower's own."""
+
+    def __init__(self, tower: torch.nn.Module, cuda: bool) -> None:
+        self.seconds, self.cuda, self._start = 0.0, cuda, 0.0
+        tower.register_forward_pre_hook(self._pre)
+        tower.register_forward_hook(self._post)
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def _pre(self, *_):
+        self._sync()
+        self._start = time.perf_counter()
+
+    def _post(self, *_):
+        self._sync()
+        self.seconds += time.perf_counter() - self._start
+
+
+def images(count: int, seed: int):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+async def rounds(engine, options, batch: int, count: int, seed: int) -> tuple[float, float]:
+    """`count` rounds of `batch` requests submitted together (one batch each): (seconds, mean new tokens)."""
+    from service.inference import GenerateJob
+
+    started, tokens = time.perf_counter(), []
+    for n in range(count):
+        jobs = [GenerateJob(image, "") for image in images(batch, seed + n)]
+        results = await asyncio.gather(*(engine.submit(("generate", options), job, 600) for job in jobs))
+        tokens += [r.tokens for r in results]
+    return time.perf_counter() - started, sum(tokens) / len(tokens)
+
+
+async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, save) -> None:
+    from service.batching import Engine
+    from service.inference import GenerationOptions, Runner
+    from service.loading import load_models
+    from service.settings import Settings
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    settings = Settings(model=str(folder), device=device, dtype="float16" if cuda else "float32",
+                        load_in_8bit=mode == "8bit", max_batch_size=max(batches))  # fmt: skip
+    models = load_models(settings)
+    gen = models.generation.model
+    entry = out.setdefault(mode, {})
+    entry["load_s"] = round(time.perf_counter() - started, 1)
+    entry["weights_bytes"] = gen.get_memory_footprint()
+    entry["llm_weights_bytes"] = gen.language_model.get_memory_footprint()
+    if cuda:
+        entry["gpu_allocated_after_load_bytes"] = torch.cuda.memory_allocated()
+    log(f"{mode}: loaded in {entry['load_s']} s, weights {entry['weights_bytes'] / 2**30:.2f} GiB")
+    runner = Runner(models)
+    clock = VitClock(gen.vision_model, cuda)
+    engine = Engine(runner, max_batch_size=max(batches), max_wait_s=0.05, max_queue_size=256)
+    engine.start()
+    options = GenerationOptions(max_new_tokens=args.tokens, min_new_tokens=args.tokens, num_beams=args.beams)
+    try:
+        for batch in batches:
+            if time.perf_counter() - T0 > args.budget_s:
+                entry.setdefault("skipped", []).append(batch)
+                log(f"{mode}: budget spent, batch {batch} skipped")
+                continue
+            await rounds(engine, options, batch, 1, seed=1000 * batch)  # warm-up (kernels, allocator)
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            clock.seconds = 0.0
+            count = args.rounds if batch < 32 else max(1, args.rounds - 1)
+            seconds, tokens = await rounds(engine, options, batch, count, seed=1000 * batch + 1)
+            cell = {
+                "captions_per_s": round(batch * count / seconds, 3),
+                "seconds_per_batch": round(seconds / count, 4),
+                "vit_share": round(clock.seconds / seconds, 4),
+                "rounds": count,
+                "mean_new_tokens": tokens,
+            }
+            if cuda:
+                cell["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+            entry[f"batch_{batch}"] = cell
+            log(f"{mode} batch {batch}: {cell}")
+            save()
+    finally:
+        await engine.stop()
+        del runner, models, gen
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--small", action="store_true", help="tiny widths and depths, for a CPU check")
+    parser.add_argument("--modes", default="fp16,8bit")
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--tokens", type=int, default=30, help="new tokens per caption (min = max)")
+    parser.add_argument("--beams", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="measured batches per cell (one fewer at 32)")
+    parser.add_argument("--budget-s", type=float, default=240, help="start no new cell after this")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", tempfile.gettempdir())))
+    args = parser.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    out: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "torch": torch.__version__,
+        "shapes": "small" if args.small else "Salesforce/blip2-opt-2.7b",
+        "caption": {"num_beams": args.beams, "new_tokens": args.tokens},
+    }
+    import transformers
+
+    out["transformers"] = transformers.__version__
+    with __import__("contextlib").suppress(ImportError):
+        import bitsandbytes
+
+        out["bitsandbytes"] = bitsandbytes.__version__
+    args.out.mkdir(parents=True, exist_ok=True)
+    target = args.out / ("gpu_shapes_small.json" if args.small else "gpu_shapes.json")
+
+    def save() -> None:
+        out["elapsed_s"] = round(time.perf_counter() - T0, 1)
+        target.write_text(json.dumps(out, indent=1))
+
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and shutil.disk_usage(shm).free > 20 * 2**30 else Path(tempfile.gettempdir())
+    folder = Path(tempfile.mkdtemp(prefix="blip2-opt27b-shapes-", dir=base))
+    try:
+        out["parameters"] = build(folder, args.small, torch.device("cuda" if cuda else "cpu"))
+        save()
+        batches = [int(b) for b in args.batches.split(",")]
+        for mode in args.modes.split(","):
+            if time.perf_counter() - T0 > args.budget_s:
+                out.setdefault("skipped_modes", []).append(mode)
+                continue
+            try:
+                asyncio.run(measure(folder, mode, batches, args, out, save))
+            except Exception as exc:  # record it and go on to the next mode
+                out.setdefault("errors", {})[mode] = f"{type(exc).__name__}: {exc}"
+                log(f"{mode} failed: {exc!r}")
+            save()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        save()
+    print(json.dumps(out, indent=1))
+    return 1 if out.get("errors") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
