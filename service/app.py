@@ -23,6 +23,7 @@ from service.inference import Runner
 from service.loading import load_models
 from service.metrics import Metrics
 from service.settings import Settings
+from service.vision import VisionCache
 
 log = logging.getLogger("service.app")
 access_log = logging.getLogger("service.access")
@@ -36,7 +37,7 @@ async def _load(app: FastAPI) -> None:
         models = await asyncio.to_thread(load_models, state.settings)
         for name, seconds in models.load_seconds.items():
             state.metrics.load_seconds.labels(name).set(seconds)
-        runner = Runner(models)
+        runner = Runner(models, VisionCache(state.settings.vision_cache_size, state.metrics.vision))
         engine = Engine(
             runner,
             max_batch_size=state.settings.max_batch_size,

@@ -1,7 +1,8 @@
 """What one batch does on the model thread: generation, embeddings, retrieval scores.
 
-Generation goes through the checkpoint class's own `generate`, so answers equal plain transformers'.
-Retrieval runs the ViT once per image and feeds the same features to ITC and to the ITM re-rank.
+Generation follows the checkpoint class's own `generate` step by step, starting from ViT states so that
+they can come from the vision cache (a test checks the answers equal plain transformers'). Retrieval
+feeds the same ViT states to ITC and to the ITM re-rank.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 from service.loading import GenerationModel, LoadedModels, RetrievalModel
+from service.vision import VisionCache
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,11 @@ class RetrieveJob:
 class Runner:
     """Runs one batch of same-key jobs; called by the engine on its worker thread."""
 
-    def __init__(self, models: LoadedModels) -> None:
+    def __init__(self, models: LoadedModels, vision_cache: VisionCache | None = None) -> None:
         self.models = models
+        self.vision = (
+            vision_cache if vision_cache is not None else VisionCache(0)
+        )  # (an empty cache is falsy)
 
     def __call__(self, key: Hashable, jobs: list[Any]) -> list[Any]:
         task = key[0]
@@ -92,12 +97,47 @@ class Runner:
             return_tensors="pt",
             padding=True,
         )
+        pixels = inputs.pop("pixel_values")
         inputs = {k: v.to(self.models.device) for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.models.dtype)
-        output = gen.model.generate(**inputs, **options.generate_kwargs())
+        states = self.vision.states(gen.model.vision_model, pixels, self.models.device, self.models.dtype)
+        output = self._generate(gen, states, inputs, options.generate_kwargs())
         if not gen.is_encoder_decoder:  # decoder LLMs return the prompt (queries included) before the answer
             output = output[:, inputs["input_ids"].shape[1] :]
         return [self._decoded(gen, row, options) for row in output.cpu()]
+
+    @staticmethod
+    def _generate(gen: GenerationModel, states: torch.Tensor, inputs: dict, kwargs: dict) -> torch.Tensor:
+        """The model's own `generate` from ViT states instead of pixels (transformers' steps, same order):
+        queries over the image (InstructBLIP: with the prompt too) -> projection -> into the image
+        placeholders of the prompt -> the LLM generates."""
+        model = gen.model
+        image_mask = torch.ones(states.shape[:-1], dtype=torch.long, device=states.device)
+        queries = model.query_tokens.expand(states.shape[0], -1, -1)
+        if gen.kind == "instructblip":
+            query_mask = torch.ones(queries.shape[:-1], dtype=torch.long, device=states.device)
+            out = model.qformer(
+                input_ids=inputs["qformer_input_ids"],
+                attention_mask=torch.cat([query_mask, inputs["qformer_attention_mask"]], dim=1),
+                query_embeds=queries,
+                encoder_hidden_states=states,
+                encoder_attention_mask=image_mask,
+            )
+        else:
+            out = model.qformer(
+                query_embeds=queries, encoder_hidden_states=states, encoder_attention_mask=image_mask
+            )
+        query_output = out.last_hidden_state[:, : queries.shape[1], :]
+        if query_output.dtype != states.dtype:  # the Q-Former stays fp32
+            query_output = query_output.to(states.dtype)
+        projected = model.language_projection(query_output)
+        input_ids = inputs["input_ids"]
+        embeds = model.get_input_embeddings()(input_ids)
+        placeholders = (input_ids == model.config.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(placeholders, projected.to(embeds.device, embeds.dtype))
+        llm_inputs = {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"]}
+        if not gen.is_encoder_decoder:
+            llm_inputs["input_ids"] = input_ids
+        return model.language_model.generate(**llm_inputs, **kwargs)
 
     @staticmethod
     def _decoded(gen: GenerationModel, row: torch.Tensor, options: GenerationOptions) -> Generated:
@@ -126,11 +166,10 @@ class Runner:
         return self.models.retrieval
 
     def vision_features(self, images: list[Image.Image]) -> torch.Tensor:
-        """ViT outputs, one pass per image (the tower may be shared with the generation model)."""
+        """ViT outputs, once per distinct image (the tower and its cache may be shared with generation)."""
         ret = self._retrieval()
         pixels = ret.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        pixels = pixels.to(self.models.device, self.models.dtype)
-        return ret.model.vision_model(pixel_values=pixels).last_hidden_state
+        return self.vision.states(ret.model.vision_model, pixels, self.models.device, self.models.dtype)
 
     def query_features(self, vision: torch.Tensor) -> torch.Tensor:
         """Q-Former queries over the image -> projected, L2-normalised: (images, queries, 256)."""

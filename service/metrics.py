@@ -51,6 +51,9 @@ class Metrics(EngineMetrics):
         self.dropped_requests = Counter(
             "blip2_dropped_requests", "Queued requests dropped before compute", ["reason"], registry=r
         )
+        self.vision_images = Counter(
+            "blip2_vision_images", "Images through the ViT, or reused from its cache", ["source"], registry=r
+        )
         self.load_seconds = Gauge(
             "blip2_model_load_seconds", "Time taken to load each model", ["model"], registry=r
         )
@@ -73,6 +76,10 @@ class Metrics(EngineMetrics):
 
     def dropped(self, reason: str) -> None:
         self.dropped_requests.labels(reason).inc()
+
+    def vision(self, computed: int, reused: int) -> None:
+        self.vision_images.labels("computed").inc(computed)
+        self.vision_images.labels("reused").inc(reused)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

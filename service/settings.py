@@ -54,6 +54,12 @@ class Settings(BaseSettings):
         False, description="Allow pickle-based weight files (.bin/.pth). Off: only safetensors are loaded."
     )
     warmup: bool = Field(True, description="Run one request through each model before /ready says yes.")
+    vision_cache_size: int = Field(
+        64,
+        ge=0,
+        description="Recent images whose ViT outputs are kept, so an image captioned and then embedded (with "
+        "a shared vision tower) runs the ViT once. 0: only identical images within a batch share a pass.",
+    )
     max_batch_size: int = Field(8, ge=1, le=256, description="Most requests run together in one batch.")
     max_wait_ms: float = Field(
         10.0,

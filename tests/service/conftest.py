@@ -35,6 +35,9 @@ def photos() -> list[Image.Image]:
 def opt8(checkpoints) -> Iterator[TestClient]:
     """The main app: tiny-opt generation model with its LLM in 8-bit (bitsandbytes on the CPU) + retrieval."""
     folder = checkpoints["tiny-opt"]
-    settings = settings_for(folder / "generation", folder / "stage1", load_in_8bit=True, max_batch_size=8)
+    # No vision cache here: batched-vs-alone tests then run every image through the ViT in its batch.
+    settings = settings_for(
+        folder / "generation", folder / "stage1", load_in_8bit=True, max_batch_size=8, vision_cache_size=0
+    )
     with running_app(settings) as client:
         yield client

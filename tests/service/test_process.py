@@ -59,7 +59,8 @@ def test_load_failure_exits_non_zero(tmp_path):
 def served(checkpoints):
     """`blip2-serve` on the folders `blip2-train` writes, in its own process."""
     folder = checkpoints["tiny-opt"]
-    env = {"BLIP2_MAX_BATCH_SIZE": "1", "BLIP2_MAX_NEW_TOKENS_LIMIT": "240", "BLIP2_LOAD_IN_8BIT": "false"}
+    # Drain bound far above the work in flight: on a loaded machine the test must not race it.
+    env = {"BLIP2_MAX_BATCH_SIZE": "1", "BLIP2_LOAD_IN_8BIT": "false", "BLIP2_DRAIN_TIMEOUT_S": "600"}
     process, url = start_process(
         ["--model", str(folder / "generation"), "--retrieval-model", str(folder / "stage1")],
         env,
@@ -96,13 +97,7 @@ def test_openai_client(served, photos):
 def test_sigterm_drains_in_flight_requests(served, photos):
     """Runs last on this server: SIGTERM turns /ready to 503, refuses new work, finishes the work in flight."""
     process, url = served
-    body = {
-        "image": b64(photos[0]),
-        "prompt": "a",
-        "max_new_tokens": 120,
-        "min_new_tokens": 120,
-        "num_beams": 2,
-    }
+    body = {"image": b64(photos[0]), "prompt": "a", "max_new_tokens": 60, "min_new_tokens": 60}
     with httpx.Client(base_url=url, timeout=120) as client, ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(client.post, "/generate", json=body | {"prompt": f"a {i}"}) for i in range(3)]
         # All three are in: one computing (batches of one), two queued.
@@ -116,5 +111,5 @@ def test_sigterm_drains_in_flight_requests(served, photos):
         assert client.get("/health").status_code == 200  # alive while draining
         finished = [f.result() for f in futures]
     assert [r.status_code for r in finished] == [200, 200, 200]
-    assert [r.json()["usage"]["completion_tokens"] for r in finished] == [120, 120, 120]
+    assert [r.json()["usage"]["completion_tokens"] for r in finished] == [60, 60, 60]
     assert process.wait(timeout=120) == 0

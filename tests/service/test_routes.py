@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
-from servertools import b64, encode, metric, photo, running_app, settings_for
-from transformers import AutoProcessor, Blip2ForConditionalGeneration
+from servertools import b64, encode, metric, running_app, settings_for
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    Blip2ForConditionalGeneration,
+    InstructBlipForConditionalGeneration,
+)
 
 
 def test_health_ready_docs_models(opt8):
@@ -41,24 +47,53 @@ def test_caption_json_and_multipart_agree(opt8, photos):
     assert by_data_uri.json()["caption"] == body["caption"]
 
 
-def test_caption_equals_plain_transformers(checkpoints, photos):
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-t5", "instructblip"])
+def test_answers_equal_plain_transformers(checkpoints, photos, name):
     """The server's answer is exactly what transformers' own generate gives for the same folder."""
-    folder = checkpoints["tiny-opt"] / "generation"
-    with running_app(settings_for(folder)) as client:
+    folder = checkpoints[name] if name == "instructblip" else checkpoints[name] / "generation"
+    with running_app(settings_for(folder, warmup=False)) as client:
         served = client.post(
             "/generate", json={"image": b64(photos[1]), "prompt": "a photo of", "max_new_tokens": 6}
         )
-    model = Blip2ForConditionalGeneration.from_pretrained(folder).eval()
+    config = AutoConfig.from_pretrained(folder)
+    model_class = (
+        InstructBlipForConditionalGeneration if name == "instructblip" else Blip2ForConditionalGeneration
+    )
+    model = model_class.from_pretrained(folder).eval()
     processor = AutoProcessor.from_pretrained(folder)
-    image = photo("chelsea").resize((96, 96))
-    inputs = processor(images=image, text="a photo of", return_tensors="pt")
+    inputs = processor(images=photos[1], text="a photo of", return_tensors="pt")
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=6)
-    expected = processor.tokenizer.decode(
-        out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-    ).strip()
+        out = model.generate(**inputs, max_new_tokens=6)[0]
+    if not config.text_config.is_encoder_decoder:
+        out = out[inputs["input_ids"].shape[1] :]
+    expected = processor.tokenizer.decode(out, skip_special_tokens=True).strip()
     assert served.status_code == 200
     assert served.json()["text"] == expected
+
+
+def test_one_vit_pass_feeds_generation_and_retrieval(checkpoints, photos):
+    """Shared tower: an image captioned, embedded and used in retrieval goes through the ViT once."""
+    folder = checkpoints["tiny-opt"]
+    with running_app(settings_for(folder / "generation", folder / "stage1", warmup=False)) as client:
+        assert client.app.state.runner.models.shared_vision
+        image = b64(photos[2])
+        assert client.post("/caption", json={"image": image, "max_new_tokens": 2}).status_code == 200
+        assert client.post("/embed", json={"images": [image, image]}).status_code == 200
+        assert client.post("/retrieve", json={"image": image, "texts": ["a cup", "a cat"]}).status_code == 200
+        text = client.get("/metrics").text
+        assert metric(text, "blip2_vision_images_total", source="computed") == 1
+        assert metric(text, "blip2_vision_images_total", source="reused") == 3
+
+
+def test_identical_images_in_a_batch_share_a_vit_pass(opt8, photos):
+    before = opt8.get("/metrics").text
+    response = opt8.post("/embed", json={"images": [b64(photos[3])] * 3 + [b64(photos[4])]})
+    assert response.status_code == 200
+    vectors = response.json()["image_embeddings"]
+    assert vectors[0] == vectors[1] == vectors[2] != vectors[3]
+    after = opt8.get("/metrics").text
+    computed = metric(after, "blip2_vision_images_total", source="computed")
+    assert computed - metric(before, "blip2_vision_images_total", source="computed") == 2
 
 
 def test_vqa_and_generate_options(opt8, photos):

@@ -1,0 +1,60 @@
+"""ViT outputs, computed once per distinct image.
+
+Within a batch, identical images run through the ViT once. Across batches, a small LRU cache keyed by
+(tower, preprocessed pixels) keeps recent outputs: when the generation and retrieval models share one
+vision tower (loading.share_vision_tower), an image that is captioned and then embedded or retrieved
+goes through the ViT once and feeds both models. Keys are the preprocessed pixels, so two models that
+preprocess differently (224 vs 364 px) never share an entry by mistake.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+
+
+class VisionCache:
+    """Used from the model thread only (no locking needed)."""
+
+    def __init__(self, capacity: int, on_images: Callable[[int, int], None] | None = None) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple[int, bytes], torch.Tensor] = OrderedDict()
+        self._on_images = on_images or (lambda computed, reused: None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def states(
+        self, tower: torch.nn.Module, pixels: torch.Tensor, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """`tower(pixels).last_hidden_state`, running only the rows not seen before."""
+        keys = [
+            (id(tower), hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest())
+            for row in pixels.cpu()
+        ]
+        found: dict[tuple[int, bytes], torch.Tensor] = {}
+        todo: dict[tuple[int, bytes], int] = {}
+        for row, key in enumerate(keys):
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                found[key] = self._entries[key]
+            elif key not in todo:
+                todo[key] = row
+        if todo:
+            batch = pixels[list(todo.values())].to(device, dtype)
+            computed = tower(pixel_values=batch).last_hidden_state
+            for key, value in zip(todo, computed, strict=True):
+                found[key] = value
+                self._remember(key, value)
+        self._on_images(len(todo), len(keys) - len(todo))
+        return torch.stack([found[key] for key in keys])
+
+    def _remember(self, key: tuple[int, bytes], value: torch.Tensor) -> None:
+        if self.capacity <= 0:
+            return
+        self._entries[key] = value
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
