@@ -49,9 +49,10 @@ async def _load(app: FastAPI) -> None:
             await asyncio.get_running_loop().run_in_executor(engine.executor, runner.warm_up)
         engine.start()
         state.runner, state.engine = runner, engine
-        state.phase = "ready"
-        state.metrics.ready.set(1)
-        log.info("ready")
+        if state.phase == "loading":  # a SIGTERM during loading keeps the server draining
+            state.phase = "ready"
+            state.metrics.ready.set(1)
+            log.info("ready")
     except Exception as exc:  # an operator's mistake (bad path, wrong folder): say it and stay unhealthy
         state.phase, state.load_error = "failed", str(exc)
         log.error(
@@ -103,7 +104,10 @@ def create_app(settings: Settings) -> FastAPI:
     install_handlers(app)
     app.include_router(routes.router)
     app.include_router(chat.router)
-    app.add_middleware(Gatekeeper, settings=settings, app_state=state)
+    known_paths = {
+        path for router in (routes.router, chat.router) for path in (r.path for r in router.routes)
+    }
+    app.add_middleware(Gatekeeper, settings=settings, app_state=state, known_paths=known_paths)
     return app
 
 
@@ -111,8 +115,8 @@ class Gatekeeper:
     """Pure ASGI middleware (BaseHTTPMiddleware would break disconnect detection): API key, body size
     cap, in-flight count, metrics and one structured log line per request."""
 
-    def __init__(self, app, settings: Settings, app_state) -> None:
-        self.app, self.settings, self.state = app, settings, app_state
+    def __init__(self, app, settings: Settings, app_state, known_paths: set[str]) -> None:
+        self.app, self.settings, self.state, self.known_paths = app, settings, app_state, known_paths
         key = settings.api_key.get_secret_value() if settings.api_key else ""
         self.expected = f"Bearer {key}".encode() if key else None
         # Room for the images a route may carry, base64-inflated, plus its text fields.
@@ -125,17 +129,17 @@ class Gatekeeper:
             return await self.app(scope, receive, send)
         path = scope["path"]
         headers = dict(scope["headers"])
+        refusal = None
         if self.expected is not None and path not in OPEN_PATHS:
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):  # constant time; the key is never logged
-                response = error_body(401, "unauthorized", "a valid `Authorization: Bearer <key>` header is required",
-                                      {"WWW-Authenticate": "Bearer"})  # fmt: skip
-                return await response(scope, receive, send)
+                message = "a valid `Authorization: Bearer <key>` header is required"
+                refusal = error_body(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
         limit = self.max_body.get(path, self.max_body_default)
         declared = headers.get(b"content-length", b"0")
-        if not declared.isdigit() or int(declared) > limit:  # refused before a byte of the body is read
-            message = f"the body is over {limit} bytes"
-            return await error_body(413, "payload_too_large", message)(scope, receive, send)
+        if refusal is None and (not declared.isdigit() or int(declared) > limit):
+            # Refused before a byte of the body is read.
+            refusal = error_body(413, "payload_too_large", f"the body is over {limit} bytes")
 
         counted = path not in OPEN_PATHS
         status, received, started = 500, 0, time.perf_counter()
@@ -158,7 +162,10 @@ class Gatekeeper:
             self.state.working += 1
             self.state.metrics.in_flight.inc()
         try:
-            await self.app(scope, capped_receive, tracked_send)
+            if refusal is not None:
+                await refusal(scope, receive, tracked_send)
+            else:
+                await self.app(scope, capped_receive, tracked_send)
         finally:
             if counted:
                 self.state.working -= 1
@@ -167,7 +174,8 @@ class Gatekeeper:
 
     def _record(self, scope, path: str, status: int, seconds: float) -> None:
         route = scope.get("route")
-        label = getattr(route, "path", None) or "other"
+        # Refused before routing (401, 413): the path itself when it is a route; never an unbounded label.
+        label = getattr(route, "path", None) or (path if path in self.known_paths else "other")
         metrics = self.state.metrics
         metrics.requests.labels(label, str(status)).inc()
         metrics.request_seconds.labels(label).observe(seconds)
