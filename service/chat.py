@@ -82,13 +82,11 @@ async def chat_completions(body: schemas.ChatRequest, request: Request):
         raise unprocessable(
             f"messages: BLIP-2 needs exactly one image_url part per conversation, got {len(urls)}"
         )
+    options = _options(body, settings.max_new_tokens_limit)  # cheap checks before decoding the image
+    folded = fold_conversation(body.messages, family_prompt(runner, settings)[1])
+    prompt = check_text(settings, "messages", folded)
     image = await image_from_string(urls[0], settings)
-    prompt = check_text(
-        settings, "messages", fold_conversation(body.messages, family_prompt(runner, settings)[1])
-    )
-    result, usage = await generate_text(
-        request, runner, image, prompt, _options(body, settings.max_new_tokens_limit)
-    )
+    result, usage = await generate_text(request, runner, image, prompt, options)
     text, stopped = _apply_stop(result.text, body.stop)
     finish = "stop" if stopped else result.finish_reason
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"

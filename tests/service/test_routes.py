@@ -197,6 +197,21 @@ def test_chat_completions_shape(opt8, photos):
     assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
 
 
+def test_conversation_folded_into_the_vqa_format():
+    from service.chat import fold_conversation
+    from service.schemas import ChatMessage
+
+    messages = [
+        ChatMessage(role="system", content="Answer briefly."),
+        ChatMessage(role="user", content=[{"type": "image_url", "image_url": {"url": "data:,"}},
+                                          {"type": "text", "text": "What is this?"}]),
+        ChatMessage(role="assistant", content="a person"),
+        ChatMessage(role="user", content="What colour?"),
+    ]  # fmt: skip
+    folded = fold_conversation(messages, "Question: {} Answer:")
+    assert folded == "Answer briefly. Question: What is this? Answer: a person Question: What colour? Answer:"
+
+
 def test_metrics_exposition(opt8, photos):
     opt8.post("/caption", json={"image": b64(photos[0]), "max_new_tokens": 2, "min_new_tokens": 1})
     text = opt8.get("/metrics").text
