@@ -1,0 +1,100 @@
+"""The packaged default model (service/default_model/, trained by training/recipes/easy_vqa/run.sh) through
+the real server app with default settings: a regression guard for every later change to training or serving.
+
+- 500 fixed easy-VQA test questions, sent concurrently to /vqa so the engine batches them: >= 95% exact match
+  (the full test split measured 97%+, see docs/RESULTS.md);
+- /caption on test images names the right colour and shape.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from PIL import Image
+from servertools import running_app
+
+from service.settings import DEFAULT_MODEL_DIR, Settings
+
+easy_vqa = pytest.importorskip("easy_vqa")
+pytestmark = pytest.mark.skipif(
+    not (DEFAULT_MODEL_DIR / "generation").is_dir(), reason="no packaged default model"
+)
+COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+SHAPES = ("circle", "rectangle", "triangle")
+# Test images whose questions state both colour and shape (from easy-VQA's own answers, see below).
+CAPTION_IMAGES = 8
+
+
+def _data_uri(path: str) -> str:
+    with Image.open(path) as image:
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def client():
+    settings = Settings()  # no --model: the packaged default model
+    assert settings.model == str(DEFAULT_MODEL_DIR / "generation")
+    assert settings.retrieval_model == str(DEFAULT_MODEL_DIR / "stage1")
+    with running_app(settings.model_copy(update={"max_queue_size": 256})) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    questions, answers, image_ids = easy_vqa.get_test_questions()
+    paths = easy_vqa.get_test_image_paths()
+    return questions, answers, image_ids, paths
+
+
+def test_vqa_500_test_questions_batched(client, test_split):
+    questions, answers, image_ids, paths = test_split
+    sample = random.Random(0).sample(range(len(questions)), 500)
+    images = {image_ids[i]: _data_uri(paths[image_ids[i]]) for i in sample}
+
+    def ask(i: int) -> str:
+        response = client.post("/vqa", json={"image": images[image_ids[i]], "question": questions[i]})
+        assert response.status_code == 200, response.text
+        return response.json()["answer"].strip().lower()
+
+    with ThreadPoolExecutor(16) as pool:  # concurrent requests: the engine runs them in batches
+        predicted = list(pool.map(ask, sample))
+    correct = sum(p == answers[i] for p, i in zip(predicted, sample, strict=True))
+    assert correct / len(sample) >= 0.95, f"{correct}/500 exact match"
+    metrics = client.get("/metrics").text
+    batched = re.findall(r'blip2_batch_size_bucket\{le="1\.0",task="[^"]*"\} (\d+)', metrics)
+    assert metrics and batched is not None
+
+
+def _facts(answers, image_ids) -> dict[int, tuple[str, str]]:
+    """Images whose colour and shape follow directly from their own questions' answers."""
+    colour, shape = {}, {}
+    for answer, image in zip(answers, image_ids, strict=True):
+        if answer in COLOURS:
+            colour[image] = answer
+        elif answer in SHAPES:
+            shape[image] = answer
+    return {i: (colour[i], shape[i]) for i in sorted(colour.keys() & shape.keys())}
+
+
+def test_caption_names_colour_and_shape(client, test_split):
+    questions, answers, image_ids, paths = test_split
+    facts = list(_facts(answers, image_ids).items())[:CAPTION_IMAGES]
+    assert len(facts) == CAPTION_IMAGES
+    for image, (colour, shape) in facts:
+        response = client.post("/caption", json={"image": _data_uri(paths[image])})
+        assert response.status_code == 200, response.text
+        words = set(re.findall(r"[a-z]+", response.json()["caption"].lower()))
+        assert words & set(COLOURS) == {colour}, (image, response.json()["caption"])
+        assert words & set(SHAPES) == {shape}, (image, response.json()["caption"])
+
+
+def test_default_model_serves_embeddings(client):
+    response = client.post("/embed", json={"texts": ["a blue circle", "a red triangle"]})
+    assert response.status_code == 200, response.text

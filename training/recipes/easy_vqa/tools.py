@@ -1,0 +1,203 @@
+"""Helpers of the easy-VQA recipe (run.sh): the fine-tuning manifest, the frozen-weights check, the report,
+and shipping the trained folders into `service/default_model/`.
+
+`python -m training.recipes.easy_vqa.tools {manifest,identity,report,ship} ...`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from training.recipes.easy_vqa.unimodal import CAPTION_PROMPT, VQA_PROMPT, read_jsonl
+
+COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+SHAPES = ("circle", "rectangle", "triangle")
+
+
+def write_finetune_manifest(data: Path, output: Path) -> dict:
+    """VQA fine-tuning rows whose `question` is the whole prompt (the CLI runs with `--prompt "{}"`):
+    every train question as "Question: {q} Short answer:", plus every train caption after the server's
+    InstructBLIP caption prompt, so the one shipped model answers /vqa and /caption."""
+    rows = []
+    for row in read_jsonl(data / "vqa_train.jsonl"):
+        rows.append({**row, "question": VQA_PROMPT.format(row["question"])})
+    for row in read_jsonl(data / "captions_train.jsonl"):
+        rows.append(
+            {
+                "image": row["image"],
+                "question": CAPTION_PROMPT,
+                "answer": row["text"],
+                "question_type": "caption",
+            }
+        )
+    output.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"rows": len(rows), "output": str(output)}
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    return state
+
+
+def identity(vision: Path, llm: Path, models: dict[str, Path]) -> dict:
+    """Are the frozen parts bit-identical to the unimodal checkpoints they came from?
+
+    ViT: every weight but `post_layernorm` (BLIP-2's `ln_vision`, which trains with the Q-Former as in
+    LAVIS). LLM: every weight but the embedding rows added for the `<image>` token at assembly."""
+    vit = {k: v for k, v in _weights(vision).items() if not k.startswith("post_layernorm.")}
+    lm = _weights(llm)
+    report: dict[str, dict] = {}
+    for name, folder in models.items():
+        own = _weights(folder)
+        vit_equal = all(torch.equal(own["vision_model." + k], v) for k, v in vit.items())
+        entry = {"vit_tensors": len(vit), "vit_identical": vit_equal}
+        if any(k.startswith("language_model.") for k in own):
+            equal = True
+            for key, value in lm.items():
+                mine = _lm_tensor(own, key)
+                if mine is None:
+                    equal = False
+                    break
+                if mine.shape != value.shape:  # embeddings grew by the <image> row
+                    mine = mine[: value.shape[0]]
+                equal &= torch.equal(mine, value)
+            entry |= {"llm_tensors": len(lm), "llm_identical": bool(equal)}
+        report[name] = entry
+    return report
+
+
+def _lm_tensor(own: dict[str, torch.Tensor], key: str) -> torch.Tensor | None:
+    for candidate in ("language_model." + key, "language_model." + key.removeprefix("model.")):
+        if candidate in own:
+            return own[candidate]
+    if key == "lm_head.weight":  # tied to the input embeddings, saved once
+        return _lm_tensor(own, "model.decoder.embed_tokens.weight")
+    return None
+
+
+def caption_accuracy(predictions: Path) -> dict:
+    """Does each generated caption name the image's colour and shape? (references with both, only)."""
+    rows = read_jsonl(predictions)
+    both = colour_ok = shape_ok = total = 0
+    for row in rows:
+        refs = row.get("references") or [row.get("reference", "")]
+        ref = refs[0]
+        colour = next((c for c in COLOURS if re.search(rf"\b{c}\b", ref)), None)
+        shape = next((s for s in SHAPES if re.search(rf"\b{s}\b", ref)), None)
+        if colour is None or shape is None:
+            continue
+        text = row.get("caption") or row.get("prediction") or ""
+        words = set(re.findall(r"[a-z]+", text.lower()))
+        named_colours = words & set(COLOURS)
+        named_shapes = words & set(SHAPES)
+        c_ok, s_ok = named_colours == {colour}, named_shapes == {shape}
+        total += 1
+        colour_ok += c_ok
+        shape_ok += s_ok
+        both += c_ok and s_ok
+    pct = lambda n: round(100.0 * n / max(1, total), 2)  # noqa: E731
+    return {"images": total, "colour_and_shape": pct(both), "colour": pct(colour_ok), "shape": pct(shape_ok)}
+
+
+def curves_png(runs: dict[str, Path], output: Path) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    finals = {}
+    for label, folder in runs.items():
+        points = [r for r in read_jsonl(folder / "log.jsonl") if "loss" in r and "step" in r]
+        ax.plot([r["step"] for r in points], [r["loss"] for r in points], label=label)
+        finals[label] = points[-1]["loss"] if points else None
+    ax.set_xlabel("stage-2 step")
+    ax.set_ylabel("LM loss (train)")
+    ax.set_title("easy-VQA stage 2: Q-Former from stage 1 vs fresh")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(output, dpi=100)
+    return finals
+
+
+def ship(generation: Path, stage1: Path, dest: Path, dtype: str) -> dict:
+    """Copy the two folders into dest/{generation,stage1}, weights re-saved in `dtype` (safetensors)."""
+    sizes = {}
+    for name, source in (("generation", generation), ("stage1", stage1)):
+        target = dest / name
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+        for file in source.iterdir():
+            if file.suffix == ".safetensors":
+                state = load_file(str(file))
+                if dtype == "float16":
+                    state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+                save_file(
+                    {k: v.contiguous() for k, v in state.items()}, str(target / file.name), {"format": "pt"}
+                )
+            elif file.is_file():
+                shutil.copy2(file, target / file.name)
+        if dtype == "float16":
+            config = json.loads((target / "config.json").read_text())
+            config["dtype"] = "float16"
+            (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        sizes[name] = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    sizes["total_mb"] = round(sum(sizes.values()) / 2**20, 2)
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("manifest")
+    p.add_argument("--data", required=True)
+    p.add_argument("--output", required=True)
+    p = sub.add_parser("identity")
+    p.add_argument("--vision", required=True)
+    p.add_argument("--llm", required=True)
+    p.add_argument("--model", action="append", default=[], help="NAME=FOLDER, repeatable")
+    p.add_argument("--output", required=True)
+    p = sub.add_parser("captions")
+    p.add_argument("--predictions", required=True)
+    p.add_argument("--output", required=True)
+    p = sub.add_parser("curves")
+    p.add_argument("--run", action="append", default=[], help="LABEL=FOLDER with log.jsonl, repeatable")
+    p.add_argument("--output", required=True)
+    p = sub.add_parser("ship")
+    p.add_argument("--generation", required=True)
+    p.add_argument("--stage1", required=True)
+    p.add_argument("--dest", default=str(Path(__file__).resolve().parents[3] / "service" / "default_model"))
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    args = parser.parse_args(argv)
+    if args.command == "manifest":
+        result = write_finetune_manifest(Path(args.data), Path(args.output))
+    elif args.command == "identity":
+        models = dict(item.split("=", 1) for item in args.model)
+        result = identity(Path(args.vision), Path(args.llm), {k: Path(v) for k, v in models.items()})
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        if not all(v.get("vit_identical") and v.get("llm_identical", True) for v in result.values()):
+            print(json.dumps(result))
+            raise SystemExit("frozen weights changed")
+    elif args.command == "captions":
+        result = caption_accuracy(Path(args.predictions))
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    elif args.command == "curves":
+        runs = dict(item.split("=", 1) for item in args.run)
+        result = curves_png({k: Path(v) for k, v in runs.items()}, Path(args.output))
+    else:
+        result = ship(Path(args.generation), Path(args.stage1), Path(args.dest), args.dtype)
+    print(json.dumps({"summary": result}))
+
+
+if __name__ == "__main__":
+    main()
