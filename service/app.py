@@ -104,9 +104,8 @@ def create_app(settings: Settings) -> FastAPI:
     install_handlers(app)
     app.include_router(routes.router)
     app.include_router(chat.router)
-    known_paths = {
-        path for router in (routes.router, chat.router) for path in (r.path for r in router.routes)
-    }
+    known_paths = {route.path for router in (routes.router, chat.router) for route in router.routes}
+    known_paths |= {"/docs", "/openapi.json"}
     app.add_middleware(Gatekeeper, settings=settings, app_state=state, known_paths=known_paths)
     return app
 
