@@ -11,6 +11,7 @@ from transformers import (
     AutoConfig,
     AutoProcessor,
     Blip2ForConditionalGeneration,
+    Blip2ForImageTextRetrieval,
     InstructBlipForConditionalGeneration,
 )
 
@@ -174,6 +175,25 @@ def test_retrieve_text_query_and_image_query(opt8, photos):
         data={"texts": ["a dog", "a cat"]},
     )
     assert upload.status_code == 200, upload.text
+
+
+def test_retrieval_scores_equal_plain_transformers(opt8, checkpoints, photos):
+    """ITC and ITM from /retrieve are what Blip2ForImageTextRetrieval itself computes for each pair."""
+    stage1 = checkpoints["tiny-opt"] / "stage1"
+    texts = ["a cat", "a cup of coffee", "an astronaut"]
+    served = opt8.post("/retrieve", json={"image": b64(photos[1]), "texts": texts, "top_k": 3}).json()[
+        "results"
+    ]
+    model = Blip2ForImageTextRetrieval.from_pretrained(stage1).eval()
+    processor = AutoProcessor.from_pretrained(stage1)
+    with torch.inference_mode():
+        inputs = processor(images=photos[1], text=texts, return_tensors="pt", padding=True)
+        itc = model(**inputs, use_image_text_matching_head=False).logits_per_image[0]
+        for result in served:
+            pair = processor(images=photos[1], text=texts[result["index"]], return_tensors="pt")
+            itm = model(**pair, use_image_text_matching_head=True).logits_per_image.softmax(dim=-1)[0, 1]
+            assert math.isclose(result["itc_score"], itc[result["index"]].item(), abs_tol=1e-5)
+            assert math.isclose(result["itm_score"], itm.item(), abs_tol=1e-5)
 
 
 def test_chat_completions_shape(opt8, photos):
