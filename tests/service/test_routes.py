@@ -15,6 +15,8 @@ from transformers import (
     InstructBlipForConditionalGeneration,
 )
 
+TOLERANCE = 1e-3 if torch.cuda.is_available() else 1e-5
+
 
 def test_health_ready_docs_models(opt8):
     assert opt8.get("/health").json() == {"status": "ok"}
@@ -139,7 +141,8 @@ def test_embed_normalised(opt8, photos):
         assert len(vector) == 256 and math.isclose(sum(v * v for v in vector), 1.0, rel_tol=1e-4)
     queries = opt8.post("/embed", json={"images": [b64(photos[0])], "return_query_embeddings": True}).json()
     assert len(queries["image_query_embeddings"][0]) == 8  # the tiny model's 8 query tokens
-    assert queries["image_embeddings"][0] == body["image_embeddings"][0]
+    # Alone vs in a batch of two: equal on the CPU, within rounding on a GPU (kernels vary with batch size).
+    assert queries["image_embeddings"][0] == pytest.approx(body["image_embeddings"][0], abs=TOLERANCE)
     upload = opt8.post(
         "/embed",
         files=[("images", ("a.png", encode(photos[0]), "image/png"))],
@@ -147,7 +150,7 @@ def test_embed_normalised(opt8, photos):
     )
     assert upload.status_code == 200, upload.text
     assert len(upload.json()["text_embeddings"]) == 2
-    assert upload.json()["text_embeddings"][0] == body["text_embeddings"][0]
+    assert upload.json()["text_embeddings"][0] == pytest.approx(body["text_embeddings"][0], abs=TOLERANCE)
 
 
 def test_retrieve_text_query_and_image_query(opt8, photos):
@@ -192,8 +195,9 @@ def test_retrieval_scores_equal_plain_transformers(opt8, checkpoints, photos):
         for result in served:
             pair = processor(images=photos[1], text=texts[result["index"]], return_tensors="pt")
             itm = model(**pair, use_image_text_matching_head=True).logits_per_image.softmax(dim=-1)[0, 1]
-            assert math.isclose(result["itc_score"], itc[result["index"]].item(), abs_tol=1e-5)
-            assert math.isclose(result["itm_score"], itm.item(), abs_tol=1e-5)
+            # The server may run fp16 on a GPU; this reference runs fp32 on the CPU.
+            assert math.isclose(result["itc_score"], itc[result["index"]].item(), abs_tol=TOLERANCE)
+            assert math.isclose(result["itm_score"], itm.item(), abs_tol=TOLERANCE)
 
 
 def test_chat_completions_shape(opt8, photos):
