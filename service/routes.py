@@ -78,7 +78,7 @@ async def parse_body(request: Request, model: type[BaseModel]) -> tuple[Any, dic
     elif content_type in ("application/json", ""):
         try:
             data = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
             raise bad_request("the body is not valid JSON") from None
         if not isinstance(data, dict):
             raise unprocessable("the body must be a JSON object")
