@@ -3,6 +3,9 @@ with the ViT and Q-Former kept out of quantisation, one ViT shared between gener
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -75,6 +78,19 @@ def test_vision_tower_shared_only_when_weights_are_equal(checkpoints, tmp_path):
     models = load_models(settings_for(opt / "generation", tmp_path / "tuned"))
     assert not models.shared_vision
     assert models.retrieval.model.vision_model is not models.generation.model.vision_model
+
+
+def test_released_checkpoints_right_padding_is_turned_left(checkpoints, tmp_path):
+    """Salesforce's OPT checkpoints ship a right-padding tokenizer; batched generation needs left padding."""
+    source = checkpoints["tiny-opt"] / "generation"
+    shutil.copytree(source, tmp_path / "released")
+    config_file = tmp_path / "released" / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) | {"padding_side": "right"}
+    config_file.write_text(json.dumps(config))
+    models = load_models(settings_for(tmp_path / "released"))
+    assert models.generation.processor.tokenizer.padding_side == "left"
+    t5 = load_models(settings_for(checkpoints["tiny-t5"] / "generation"))
+    assert t5.generation.is_encoder_decoder  # encoder-decoder prompts keep their own padding
 
 
 def test_pickle_weights_refused_unless_allowed(checkpoints, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 
 import pytest
@@ -234,6 +236,23 @@ def test_conversation_folded_into_the_vqa_format():
     ]  # fmt: skip
     folded = fold_conversation(messages, "Question: {} Answer:")
     assert folded == "Answer briefly. Question: What is this? Answer: a person Question: What colour? Answer:"
+
+
+def test_one_log_line_per_request_without_prompts_or_images(checkpoints, photos, caplog):
+    folder = checkpoints["tiny-opt"] / "generation"
+    secret_prompt = "a photo of my secret"
+    for log_prompts in (False, True):
+        with running_app(settings_for(folder, warmup=False, log_prompts=log_prompts)) as client:
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="service.access"):
+                body = {"image": b64(photos[0]), "prompt": secret_prompt, "max_new_tokens": 2}
+                assert client.post("/generate", json=body).status_code == 200
+            lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "service.access"]
+        assert len(lines) == 1
+        line = lines[0]
+        assert line["route"] == "/generate" and line["status"] == 200 and line["batch_size"] == 1
+        assert "latency_s" in line and b64(photos[0])[:40] not in json.dumps(line)
+        assert ("prompt" in line) == log_prompts
 
 
 def test_metrics_exposition(opt8, photos):
