@@ -1,0 +1,339 @@
+"""Fault campaign scripts that do not fit the test suite (they run for minutes or kill processes).
+
+    python bench/faults.py soak --minutes 3        # steady mixed load: RSS and open fds sampled over time
+    python bench/faults.py sigterm                 # SIGTERM under load: every accepted request answered
+    python bench/faults.py kill9 --kills 4         # kill -9 at random points of stage 1, then --resume
+    python bench/faults.py schema --examples 40    # schemathesis over the OpenAPI schema: no 5xx
+
+Each prints its findings and exits non-zero when an expectation fails. The model is the default model when
+it exists, else the random tiny-opt preset (printed first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CACHE, Server, easy_vqa_set, machine, model_folder, now, png_b64  # noqa: E402
+
+
+def server_env(folder: Path, **extra: str) -> dict[str, str]:
+    return {
+        "BLIP2_MODEL": str(folder / "generation"),
+        "BLIP2_RETRIEVAL_MODEL": str(folder / "stage1"),
+        "BLIP2_LOAD_IN_8BIT": "false",
+        "BLIP2_MAX_BATCH_SIZE": "16",
+        "OMP_NUM_THREADS": "1",
+    } | extra
+
+
+def mixed_bodies(count: int = 128) -> list[tuple[str, dict]]:
+    corpus = easy_vqa_set(count)
+    bodies = []
+    for n, (png, question, _) in enumerate(corpus):
+        image = png_b64(png)
+        bodies.append(
+            [
+                ("/caption", {"image": image}),
+                ("/vqa", {"image": image, "question": question}),
+                ("/embed", {"images": [image], "texts": [question]}),
+                ("/retrieve", {"image": image, "texts": ["a red circle", "a blue square", question]}),
+            ][n % 4]
+        )
+    return bodies
+
+
+def proc_sample(pid: int) -> tuple[int, int]:
+    """(resident bytes, open file descriptors) of a process."""
+    rss = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) * 1024
+    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+# -- soak ------------------------------------------------------------------------------------------
+async def soak_load(url: str, bodies, concurrency: int, seconds: float, pid: int, every_s: float) -> dict:
+    codes: dict[str, int] = {}
+    samples: list[tuple[float, int, int]] = []
+    stop = time.monotonic() + seconds
+    started = time.monotonic()
+
+    async def worker(index: int) -> None:
+        # A fresh connection now and then, as real clients do: fds must come back.
+        n = index
+        while time.monotonic() < stop:
+            async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+                for _ in range(20):
+                    if time.monotonic() >= stop:
+                        break
+                    path, body = bodies[n % len(bodies)]
+                    n += concurrency
+                    try:
+                        status = str((await client.post(path, json=body)).status_code)
+                    except httpx.HTTPError as exc:
+                        status = type(exc).__name__
+                    codes[status] = codes.get(status, 0) + 1
+
+    async def sampler() -> None:
+        while time.monotonic() < stop:
+            rss, fds = proc_sample(pid)
+            samples.append((time.monotonic() - started, rss, fds))
+            await asyncio.sleep(every_s)
+
+    await asyncio.gather(sampler(), *(worker(i) for i in range(concurrency)))
+    return {"codes": codes, "samples": samples}
+
+
+def soak(args, folder: Path) -> int:
+    with Server(server_env(folder)) as server:
+        pid = server.process.pid
+        idle = proc_sample(pid)
+        result = asyncio.run(
+            soak_load(server.url, mixed_bodies(), args.concurrency, args.minutes * 60, pid, args.every_s)
+        )
+        after = proc_sample(pid)
+    samples = result["samples"]
+    warm = samples[len(samples) // 4]  # after the first quarter: allocator and caches warmed up
+    last = samples[-1]
+    peak_rss = max(s[1] for s in samples)
+    total = sum(result["codes"].values())
+    print(
+        f"soak: {args.minutes} min, {args.concurrency} clients, mixed /caption /vqa /embed /retrieve, {total} requests"
+    )
+    print(f"status codes: {result['codes']}")
+    print("| t (s) | RSS (MiB) | open fds |\n|---|---|---|")
+    step = max(1, len(samples) // 12)
+    for t, rss, fds in samples[::step] + [last]:
+        print(f"| {t:.0f} | {rss / 2**20:.1f} | {fds} |")
+    growth = (last[1] - warm[1]) / 2**20
+    print(
+        f"idle before load: {idle[0] / 2**20:.1f} MiB, {idle[1]} fds; after load: {after[0] / 2**20:.1f} MiB, "
+        f"{after[1]} fds; peak {peak_rss / 2**20:.1f} MiB; RSS growth from t={warm[0]:.0f}s to the end: {growth:+.1f} MiB"
+    )
+    ok = set(result["codes"]) == {"200"} and after[1] <= idle[1] + 2 and growth < 0.1 * warm[1] / 2**20
+    print("PASS" if ok else "FAIL: errors, leaked fds or RSS growth over 10% after warm-up")
+    return 0 if ok else 1
+
+
+# -- SIGTERM under load ----------------------------------------------------------------------------
+async def sigterm_load(server: Server, bodies, concurrency: int, after_requests: int) -> dict:
+    outcomes: dict[str, int] = {}
+    done = 0
+    signalled_at: float | None = None
+    in_flight_at_signal = 0
+    in_flight = 0
+
+    async def worker(index: int) -> None:
+        nonlocal done, in_flight
+        n = index
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            while server.process.poll() is None:
+                path, body = bodies[n % len(bodies)]
+                n += concurrency
+                sent_after = signalled_at is not None
+                in_flight += 1
+                try:
+                    response = await client.post(path, json=body)
+                    kind = str(response.status_code)
+                    if response.status_code == 503 and "Retry-After" not in response.headers:
+                        kind = "503 without Retry-After"
+                except httpx.ConnectError:
+                    kind = "refused (listener closed)"
+                except httpx.HTTPError as exc:
+                    kind = f"CUT OFF: {type(exc).__name__}"
+                finally:
+                    in_flight -= 1
+                key = f"{kind} ({'sent after' if sent_after else 'sent before'} SIGTERM)"
+                outcomes[key] = outcomes.get(key, 0) + 1
+                done += 1
+                if kind.startswith("refused"):
+                    return
+
+    async def trigger() -> None:
+        nonlocal signalled_at, in_flight_at_signal
+        while done < after_requests:
+            await asyncio.sleep(0.01)
+        in_flight_at_signal = in_flight
+        signalled_at = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+
+    await asyncio.gather(trigger(), *(worker(i) for i in range(concurrency)))
+    return {"outcomes": outcomes, "in_flight_at_signal": in_flight_at_signal}
+
+
+def sigterm(args, folder: Path) -> int:
+    server = Server(server_env(folder)).wait_ready()
+    try:
+        result = asyncio.run(sigterm_load(server, mixed_bodies(), args.concurrency, args.after))
+        code = server.process.wait(120)
+    finally:
+        server.stop()
+    print(
+        f"sigterm: {args.concurrency} clients looping over mixed routes; SIGTERM after {args.after} answers"
+    )
+    print(
+        f"requests in flight when SIGTERM was sent: {result['in_flight_at_signal']}; server exit code {code}"
+    )
+    for key, count in sorted(result["outcomes"].items()):
+        print(f"  {count:5d}  {key}")
+    bad = [
+        k
+        for k in result["outcomes"]
+        if "CUT OFF" in k or "without Retry-After" in k or k.startswith("5") and not k.startswith("503")
+    ]
+    bad += [k for k in result["outcomes"] if k.startswith("503") and "sent before" in k and False]
+    ok = not bad and code == 0
+    print("PASS" if ok else f"FAIL: {bad or 'exit code'}")
+    return 0 if ok else 1
+
+
+# -- kill -9 during stage 1 ------------------------------------------------------------------------
+def stage1_cmd(stage1: Path, manifest: Path, output: Path, steps: int, resume: bool) -> list[str]:
+    return [sys.executable, "-m", "training.cli", "stage1", "--init", str(stage1), "--train-manifest", str(manifest),
+            "--output", str(output), "--steps", str(steps), "--batch-size", "8", "--save-every", "3",
+            "--log-every", "3", "--warmup-steps", "5", "--no-progress", "--lr", "3e-4",
+            "--resume" if resume else "--no-resume"]  # fmt: skip
+
+
+def check_checkpoints(folder: Path) -> list[str]:
+    """Every checkpoint folder must load completely; returns the problems."""
+    import torch
+    from safetensors.torch import load_file
+
+    problems = []
+    for step_dir in sorted(folder.glob("step-*")):
+        try:
+            load_file(step_dir / "trainable.safetensors")
+            state = torch.load(step_dir / "trainer_state.pt", weights_only=False)
+            if f"step-{state['step']:08d}" != step_dir.name:
+                problems.append(f"{step_dir.name}: holds step {state['step']}")
+        except Exception as exc:
+            problems.append(f"{step_dir.name}: {type(exc).__name__}: {exc}")
+    stray = [p.name for p in folder.iterdir() if not p.name.startswith("step-")] if folder.exists() else []
+    if stray:
+        print(f"    (non-checkpoint entries left in checkpoints/: {stray})")
+    return problems
+
+
+def kill9(args, folder: Path) -> int:
+    work = CACHE / "kill9"
+    shutil.rmtree(work, ignore_errors=True)
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    data = work / "easy-vqa"
+    subprocess.run([sys.executable, "-m", "training.cli", "data", "easy-vqa", "--output", str(data), "--splits",
+                    "train", "--limit-images", "200"], env=env, check=True, capture_output=True)  # fmt: skip
+    manifest, stage1 = data / "captions_train.jsonl", folder / "stage1"
+    started = time.monotonic()
+    subprocess.run(stage1_cmd(stage1, manifest, work / "reference", args.steps, False), env=env, check=True,
+                   capture_output=True)  # fmt: skip
+    reference_s = time.monotonic() - started
+    rng = random.Random(args.seed)
+    run_dir, kills, problems = work / "killed", 0, []
+    log = []
+    while True:
+        process = subprocess.Popen(stage1_cmd(stage1, manifest, run_dir, args.steps, True), env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        if kills < args.kills:
+            delay = rng.uniform(0.3, 1.0) * reference_s
+            try:
+                process.wait(delay)
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                kills += 1
+                found = check_checkpoints(run_dir / "checkpoints")
+                problems += found
+                steps = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+                log.append(
+                    f"kill {kills} after {delay:.1f} s: checkpoints {steps[-2:]} {'OK' if not found else found}"
+                )
+                continue
+        if process.wait() != 0:
+            problems.append(f"resumed run exited {process.returncode}")
+        break
+    summary = json.loads((run_dir / "summary.json").read_text())
+    reference = json.loads((work / "reference" / "summary.json").read_text())
+    print(
+        f"kill9: stage 1, {args.steps} steps, checkpoint every 3 steps; uninterrupted run {reference_s:.1f} s"
+    )
+    for line in log:
+        print("  " + line)
+    print(f"final steps: killed+resumed {summary['steps']} vs uninterrupted {reference['steps']}")
+    print(f"final losses: killed+resumed {summary['last_losses']}")
+    print(f"              uninterrupted  {reference['last_losses']}")
+    difference = abs(summary["last_losses"]["loss"] - reference["last_losses"]["loss"])
+    ok = (
+        not problems
+        and summary["steps"] == reference["steps"] == args.steps
+        and difference < 0.05 * reference["last_losses"]["loss"]
+    )
+    print(f"|loss difference| = {difference:.5f}; problems: {problems or 'none'}")
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+# -- schemathesis ----------------------------------------------------------------------------------
+def schema(args, folder: Path) -> int:
+    if shutil.which("schemathesis") is None and not (Path(sys.executable).parent / "schemathesis").exists():
+        print("schemathesis is not installed: pip install schemathesis")
+        return 2
+    exe = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
+    with Server(server_env(folder, BLIP2_MAX_QUEUE_SIZE="256")) as server:
+        done = subprocess.run(
+            [exe, "run", f"{server.url}/openapi.json", "--checks", "not_a_server_error", "--max-examples",
+             str(args.examples), "--generation-deterministic", "--request-timeout", "120", "--workers", "1"],
+            capture_output=True, text=True, timeout=args.limit_s,
+        )  # fmt: skip
+        metrics = httpx.get(f"{server.url}/metrics").text
+    print(done.stdout[-6000:])
+    five = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("blip2_requests_total") and 'status="5' in line
+    ]
+    print("5xx counted by the server:", five or "none")
+    print(f"schemathesis exit code {done.returncode}")
+    return done.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="auto")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("soak")
+    p.add_argument("--minutes", type=float, default=3)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--every-s", type=float, default=5)
+    p = sub.add_parser("sigterm")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--after", type=int, default=40, help="answers before the SIGTERM")
+    p = sub.add_parser("kill9")
+    p.add_argument("--kills", type=int, default=4)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--seed", type=int, default=7)
+    p = sub.add_parser("schema")
+    p.add_argument("--examples", type=int, default=30, help="examples per operation")
+    p.add_argument("--limit-s", type=float, default=900)
+    args = parser.parse_args(argv)
+    folder, label = model_folder(args.model)
+    print(f"# faults {args.command} {now()} | model: {label} ({folder}) | machine: {machine()}")
+    return {"soak": soak, "sigterm": sigterm, "kill9": kill9, "schema": schema}[args.command](args, folder)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
