@@ -7,6 +7,7 @@ feeds the same ViT states to ITC and to the ITM re-rank.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Hashable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -76,6 +77,7 @@ class Runner:
         self.vision = (
             vision_cache if vision_cache is not None else VisionCache(0)
         )  # (an empty cache is falsy)
+        self._counting_tokenizer = None  # prompt_tokens' own tokenizer (event loop thread only)
 
     def __call__(self, key: Hashable, jobs: list[Any]) -> list[Any]:
         task = key[0]
@@ -157,9 +159,15 @@ class Runner:
         return Generated(text, len(ids), "stop" if stopped or len(ids) < options.max_new_tokens else "length")
 
     def prompt_tokens(self, prompt: str) -> int:
-        """Tokens the LLM sees for a prompt: the text plus the query tokens."""
+        """Tokens the LLM sees for a prompt: the text plus the query tokens.
+
+        Called on the event loop while the model thread may be padding a batch: a fast tokenizer keeps its
+        padding setting on the shared Rust object, so counting uses a private copy (sharing one turned
+        batches ragged under load: 500s)."""
         gen = self.models.generation
-        return len(gen.processor.tokenizer(prompt)["input_ids"]) + gen.model.config.num_query_tokens
+        if self._counting_tokenizer is None:
+            self._counting_tokenizer = copy.deepcopy(gen.processor.tokenizer)
+        return len(self._counting_tokenizer(prompt)["input_ids"]) + gen.model.config.num_query_tokens
 
     # -- retrieval model ----------------------------------------------------------------------------
     def _retrieval(self) -> RetrievalModel:

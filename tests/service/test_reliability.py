@@ -257,3 +257,20 @@ def test_overload_burst_refused_with_retry_after_and_nothing_accepted_is_lost(ch
         assert metric(metrics, "blip2_requests_total", route="/caption", status="500") == 0
         assert metric(metrics, "blip2_requests_total", route="/caption", status="200") == held + 1
         assert metric(metrics, "blip2_dropped_requests_total", reason="deadline") == 0
+
+
+def test_counting_prompt_tokens_leaves_the_batch_tokenizer_alone(opt8):
+    """Regression: the event loop counted prompt tokens with the processor's own fast tokenizer while the
+    model thread padded a batch with it; a fast tokenizer keeps its padding setting on the shared Rust
+    object, so the count switched padding off mid-batch and mixed-length VQA batches failed (500) under load.
+    Here the model thread's state is set by hand: counting must neither read nor reset it."""
+    runner = opt8.app.state.runner
+    backend = runner.models.generation.processor.tokenizer._tokenizer
+    prompt = "Question: what colour is the shape? Answer:"
+    expected = runner.prompt_tokens(prompt)
+    backend.enable_padding(length=48, pad_id=1, pad_token="<pad>", direction="left")  # mid-batch state
+    try:
+        assert runner.prompt_tokens(prompt) == expected  # not padded to 48
+        assert backend.padding is not None and backend.padding["length"] == 48  # not switched off
+    finally:
+        backend.no_padding()
