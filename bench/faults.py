@@ -222,9 +222,15 @@ def check_checkpoints(folder: Path) -> list[str]:
                 problems.append(f"{step_dir.name}: holds step {state['step']}")
         except Exception as exc:
             problems.append(f"{step_dir.name}: {type(exc).__name__}: {exc}")
-    stray = [p.name for p in folder.iterdir() if not p.name.startswith("step-")] if folder.exists() else []
+    pointer = folder / "latest"
+    if pointer.exists():
+        target = folder / pointer.read_text().strip()
+        if not (target / "trainable.safetensors").exists():
+            problems.append(f"latest points to {target.name}, which is incomplete")
+    # Temporary (dot) entries of a write the kill interrupted are never read; anything else would be.
+    stray = [p.name for p in folder.iterdir() if not p.name.startswith(("step-", ".")) and p.name != "latest"]
     if stray:
-        print(f"    (non-checkpoint entries left in checkpoints/: {stray})")
+        problems.append(f"unexpected entries: {stray}")
     return problems
 
 
@@ -247,7 +253,11 @@ def kill9(args, folder: Path) -> int:
         process = subprocess.Popen(stage1_cmd(stage1, manifest, run_dir, args.steps, True), env=env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         if kills < args.kills:
-            delay = rng.uniform(0.3, 1.0) * reference_s
+            done_steps = max(
+                (int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")), default=0
+            )
+            remaining = max(0.3, (args.steps - done_steps) / args.steps)
+            delay = rng.uniform(0.25, 0.95) * reference_s * remaining
             try:
                 process.wait(delay)
             except subprocess.TimeoutExpired:
@@ -295,7 +305,7 @@ def schema(args, folder: Path) -> int:
         done = subprocess.run(
             [exe, "run", f"{server.url}/openapi.json", "--checks", "not_a_server_error", "--max-examples",
              str(args.examples), "--generation-deterministic", "--request-timeout", "120", "--workers", "1"],
-            capture_output=True, text=True, timeout=args.limit_s,
+            capture_output=True, text=True, timeout=args.limit_s, cwd=CACHE,
         )  # fmt: skip
         metrics = httpx.get(f"{server.url}/metrics").text
     print(done.stdout[-6000:])
