@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from service import schemas
+from service.batching import DeadlineExceeded, EngineStopped, QueueFull
 from service.errors import ApiError, bad_request, model_not_loaded, unavailable, unprocessable
 from service.images import image_from_string, image_from_upload
 from service.inference import EmbedJob, GenerateJob, GenerationOptions, RetrieveJob, Runner
@@ -183,7 +184,15 @@ async def run_job(request: Request, key: Hashable, job: Any) -> Any:
         work.cancel()
         await asyncio.gather(work, return_exceptions=True)
         raise ApiError(499, "client_closed_request", "the client closed the connection")
-    return work.result()
+    try:
+        return work.result()
+    except (ApiError, QueueFull, EngineStopped, DeadlineExceeded):
+        raise
+    except Exception:
+        # A failed model call (logged by the engine) is answered 500 as a handled error: an unhandled one
+        # is re-raised by Starlette after its 500, and uvicorn then closes the keep-alive connection, which
+        # fails the client's next request on it.
+        raise ApiError(500, "internal_error", "the server failed to answer this request") from None
 
 
 async def generate_text(request: Request, runner: Runner, image, prompt: str, options: GenerationOptions):

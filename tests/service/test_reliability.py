@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import socket
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -274,3 +276,50 @@ def test_counting_prompt_tokens_leaves_the_batch_tokenizer_alone(opt8):
         assert backend.padding is not None and backend.padding["length"] == 48  # not switched off
     finally:
         backend.no_padding()
+
+
+def _two_requests_on_one_connection(url: str, body: dict) -> list[bytes]:
+    """Two POSTs one after the other on one keep-alive socket; the raw answers (b"" when it was closed)."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    request = (
+        f"POST /caption HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    ).encode() + payload
+    answers = []
+    with socket.create_connection((host, int(port)), timeout=120) as sock:
+        reader = sock.makefile("rb")
+        for _ in range(2):
+            try:
+                sock.sendall(request)
+                status = reader.readline()
+                length = 0
+                while (line := reader.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                answers.append(status + reader.read(length))
+            except OSError:
+                answers.append(b"")
+    return answers
+
+
+def test_failed_model_call_is_a_json_500_and_keeps_the_connection(checkpoints, photos):
+    """Regression: a batch whose model call raised was answered 500 by Starlette's catch-all, which re-raises;
+    uvicorn then closed the keep-alive connection and the client's next request on it failed (ReadError)."""
+    folder = checkpoints["tiny-opt"]
+    body = {"image": b64(photos[0]), **FAST}
+    with LiveServer(settings_for(folder / "generation", folder / "stage1")) as server:
+        engine = server.app.state.engine
+        real, calls = engine._run_batch, []
+
+        def fail_once(key, payloads):
+            calls.append(len(payloads))
+            if len(calls) == 1:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return real(key, payloads)
+
+        engine._run_batch = fail_once
+        first, second = _two_requests_on_one_connection(server.url, body)
+    assert first.startswith(b"HTTP/1.1 500") and b'"internal_error"' in first, first[:200]
+    assert b"CUDA" not in first  # nothing internal in the message
+    assert second.startswith(b"HTTP/1.1 200"), second[:200]
