@@ -214,6 +214,8 @@ def check_checkpoints(folder: Path) -> list[str]:
     from safetensors.torch import load_file
 
     problems = []
+    if not folder.exists():
+        return problems  # killed before its first checkpoint: a resume starts from step 0
     for step_dir in sorted(folder.glob("step-*")):
         try:
             load_file(step_dir / "trainable.safetensors")
