@@ -22,8 +22,8 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/run.log") 2>&1
 
 # Sizes and steps: sized for about an hour on 2 CPU cores (see the model card).
-VISION_STEPS=${VISION_STEPS:-3000}
-LLM_STEPS=${LLM_STEPS:-1200}
+VISION_STEPS=${VISION_STEPS:-2500}
+LLM_STEPS=${LLM_STEPS:-2000}
 BERT_STEPS=${BERT_STEPS:-300}
 STAGE1_STEPS=${STAGE1_STEPS:-600}
 STAGE2_STEPS=${STAGE2_STEPS:-600}
@@ -45,15 +45,16 @@ step() {  # step NAME COMMAND...: run, time, and record
 UNI="python -m training.recipes.easy_vqa.unimodal"
 TOOLS="python -m training.recipes.easy_vqa.tools"
 : > "$OUT/timings.jsonl"
-echo "recipe start $(date -u +%FT%TZ) on $(nproc --all) CPU cores, torch threads $(python -c 'import torch; print(torch.get_num_threads())')"
+START=$(date -u +%FT%TZ)
+echo "recipe start $START on $(nproc --all) CPU cores, torch threads $(python -c 'import torch; print(torch.get_num_threads())')"
 
 step data blip2-train data easy-vqa --output "$DATA"
 # The two unimodal branches are independent: the vision tower on one core, LLM + BERT on the other.
 step vision $UNI vision --data "$DATA" --output "$OUT/parts/vision" --steps "$VISION_STEPS" --batch-size 64 \
   --lr 2e-3 --width "$WIDTH" --layers 4 --heads 4 --patch-size 16 --eval-every 500 > "$OUT/vision.log" 2>&1 &
 VISION_PID=$!
-step llm $UNI llm --data "$DATA" --output "$OUT/parts/llm" --steps "$LLM_STEPS" --batch-size 64 --lr 3e-3 \
-  --width "$WIDTH" --layers 2 --heads 4 --context-length "$QUERIES"
+step llm $UNI llm --data "$DATA" --output "$OUT/parts/llm" --steps "$LLM_STEPS" --batch-size 64 --lr 2e-3 \
+  --width "$WIDTH" --layers 2 --heads 4 --context-length "$QUERIES" --loss-on target
 step bert $UNI bert --data "$DATA" --output "$OUT/parts/bert" --steps "$BERT_STEPS" --batch-size 64 --lr 2e-3 \
   --width "$WIDTH" --layers 2 --heads 4
 wait "$VISION_PID"
@@ -104,8 +105,13 @@ step identity $TOOLS identity --vision "$OUT/parts/vision" --llm "$OUT/parts/llm
   --output "$OUT/identity.json"
 $TOOLS curves --run "stage 2 from stage-1 Q-Former=$OUT/stage2" --run "stage 2 from fresh Q-Former=$OUT/stage2_fresh" \
   --output "$OUT/stage2_curves.png"
+echo "{\"wall_s\": $SECONDS, \"start\": \"$START\", \"cpu_cores\": $(nproc --all)}" > "$OUT/wall.json"
+$TOOLS results --out "$OUT" --output "$OUT/results.json"
 if [ "${SHIP:-1}" = 1 ]; then
+  cp "$OUT/results.json" "$ROOT/docs/easy_vqa_results.json"
+  cp "$OUT/stage2_curves.png" "$ROOT/docs/easy_vqa_stage2_curves.png"
   step ship $TOOLS ship --generation "$OUT/finetune/model" --stage1 "$OUT/stage1/model" \
     --dest "$ROOT/service/default_model"
+  python -m training.recipes.easy_vqa.report --out "$OUT"  # MODEL_CARD.md and docs/RESULTS.md
 fi
 echo "recipe end $(date -u +%FT%TZ); total $SECONDS s"

@@ -156,6 +156,59 @@ def ship(generation: Path, stage1: Path, dest: Path, dtype: str) -> dict:
     return sizes
 
 
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _summary(log: Path) -> dict | None:
+    if not log.exists():
+        return None
+    rows = [r for r in read_jsonl(log) if "summary" in r]
+    return rows[-1]["summary"] if rows else None
+
+
+def _vqa_figures(metrics: dict | None) -> dict | None:
+    if metrics is None:
+        return None
+    per_type = {k: round(v["exact_match"], 2) for k, v in metrics["per_type"].items()}
+    return {"exact_match": round(metrics["exact_match"], 2), "count": metrics["count"], "per_type": per_type}
+
+
+def collect_results(out: Path, output: Path) -> dict:
+    """Everything the recipe measured, in one JSON file (docs/easy_vqa_results.json)."""
+    timings = read_jsonl(out / "timings.jsonl") if (out / "timings.jsonl").exists() else []
+    stage2 = {}
+    for run in ("stage2", "stage2_fresh"):
+        log = [r for r in read_jsonl(out / run / "log.jsonl") if "loss" in r and "step" in r]
+        stage2[run] = {
+            "zero_shot_vqa": _vqa_figures(_json(out / "eval" / f"{run}_vqa" / "metrics.json")),
+            "first_loss": log[0]["loss"] if log else None,
+            "final_loss": log[-1]["loss"] if log else None,
+        }
+    retrieval = _json(out / "eval" / "retrieval" / "metrics.json") or {}
+    results = {
+        "recipe": "training/recipes/easy_vqa/run.sh",
+        "test_split": {"images": 1000, "questions": 9673},
+        "unimodal": {
+            part: _summary(out / "parts" / part / "log.jsonl") for part in ("vision", "llm", "bert")
+        },
+        "vqa": _vqa_figures(_json(out / "eval" / "vqa" / "metrics.json")),
+        "caption": _json(out / "eval" / "caption" / "named.json"),
+        "caption_scores": {
+            k: v
+            for k, v in (_json(out / "eval" / "caption" / "metrics.json") or {}).items()
+            if k.startswith(("bleu", "cider"))
+        },
+        "retrieval": {k: v for k, v in retrieval.items() if k not in ("model", "manifest", "task")},
+        "stage2_from_stage1_vs_fresh": stage2,
+        "frozen_weights_identical": _json(out / "identity.json"),
+        "step_seconds": {r["step"]: r["seconds"] for r in timings},  # some steps run side by side
+        "wall": _json(out / "wall.json"),
+    }
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", required=True)
     p = sub.add_parser("curves")
     p.add_argument("--run", action="append", default=[], help="LABEL=FOLDER with log.jsonl, repeatable")
+    p.add_argument("--output", required=True)
+    p = sub.add_parser("results")
+    p.add_argument("--out", required=True, help="the recipe's run folder")
     p.add_argument("--output", required=True)
     p = sub.add_parser("ship")
     p.add_argument("--generation", required=True)
@@ -194,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "curves":
         runs = dict(item.split("=", 1) for item in args.run)
         result = curves_png({k: Path(v) for k, v in runs.items()}, Path(args.output))
+    elif args.command == "results":
+        result = collect_results(Path(args.out), Path(args.output))
     else:
         result = ship(Path(args.generation), Path(args.stage1), Path(args.dest), args.dtype)
     print(json.dumps({"summary": result}))

@@ -192,17 +192,17 @@ def caption_table(data: Path, split: str = "train") -> dict[str, str]:
     return {r["image"]: r["text"] for r in read_jsonl(data / f"captions_{split}.jsonl")}
 
 
-def llm_texts(data: Path) -> list[tuple[str, str]]:
-    """(context caption, text) pairs from the train split: each question with its answer, and each caption
-    after the caption prompt. The context is the image's caption ("a blue circle")."""
+def llm_texts(data: Path) -> list[tuple[str, str, str]]:
+    """(context caption, prompt, target) triples from the train split: each question with its answer, and
+    each caption after the caption prompt. The context is the image's caption ("a blue circle")."""
     captions = caption_table(data)
-    pairs = []
+    triples = []
     for row in read_jsonl(data / "vqa_train.jsonl"):
         if row["image"] in captions:
-            pairs.append((captions[row["image"]], f"{VQA_PROMPT.format(row['question'])} {row['answer']}"))
+            triples.append((captions[row["image"]], VQA_PROMPT.format(row["question"]), row["answer"]))
     for caption in captions.values():
-        pairs.append((caption, f"{CAPTION_PROMPT} {caption}"))
-    return pairs
+        triples.append((caption, CAPTION_PROMPT, caption))
+    return triples
 
 
 def context_ids(tokenizer, caption: str, length: int) -> list[int]:
@@ -237,15 +237,20 @@ def pretrain_llm(args) -> dict:
             group["lr"] = cosine(step, args.steps, args.lr, args.warmup)
         batch = rng.sample(pairs, args.batch_size)
         rows = []
-        for caption, text in batch:
-            ids = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]  # </s> text </s>, as Stage2Task
-            rows.append((context_ids(tokenizer, caption, n), ids))
-        width = max(len(ids) for _, ids in rows)
+        for caption, prompt, target in batch:
+            # </s> prompt target </s>, tokenized as Stage2Task does
+            ids = tokenizer(f"{prompt} {target}")["input_ids"] + [tokenizer.eos_token_id]
+            # the context is given, never a target, nor is the first text token (</s>); with
+            # --loss-on target the prompt is context too (an instruction-tuned LM, still text only)
+            given = len(tokenizer(prompt)["input_ids"]) if args.loss_on == "target" else 1
+            rows.append((context_ids(tokenizer, caption, n), ids, given))
+        width = max(len(ids) for _, ids, _ in rows)
         pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([ctx + ids + [pad] * (width - len(ids)) for ctx, ids in rows])
-        attention = torch.tensor([[1] * (n + len(ids)) + [0] * (width - len(ids)) for _, ids in rows])
-        # the context is given, never a target; the first text token (</s>) is not predicted either
-        labels = torch.tensor([[-100] * (n + 1) + ids[1:] + [-100] * (width - len(ids)) for _, ids in rows])
+        input_ids = torch.tensor([ctx + ids + [pad] * (width - len(ids)) for ctx, ids, _ in rows])
+        attention = torch.tensor([[1] * (n + len(ids)) + [0] * (width - len(ids)) for _, ids, _ in rows])
+        labels = torch.tensor(
+            [[-100] * (n + g) + ids[g:] + [-100] * (width - len(ids)) for _, ids, g in rows]
+        )
         loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -260,16 +265,19 @@ def pretrain_llm(args) -> dict:
     summary = {"part": "llm", "steps": args.steps, "output": str(output)}
     summary["parameters"] = sum(p.numel() for p in model.parameters())
     summary["test_answer_acc_given_true_caption"] = accuracy
+    summary["loss_on"] = args.loss_on
     log(summary=summary)
     return summary
 
 
 @torch.no_grad()
 def llm_answer_accuracy(model, tokenizer, data: Path, n: int, limit: int = 400) -> float:
-    """Greedy answers to test questions with the TRUE caption as context (an upper bound for the Q-Former)."""
-    captions = caption_table(data, "test")
+    """Greedy answers to test questions with the TRUE caption as context, on images whose caption names
+    colour and shape: what the LLM can answer when the Q-Former passes on everything, per question type."""
+    captions = {k: v for k, v in caption_table(data, "test").items() if not v.endswith(" shape")}
+    captions = {k: v for k, v in captions.items() if len(v.split()) == 3}
     rows = [r for r in read_jsonl(data / "vqa_test.jsonl") if r["image"] in captions][:limit]
-    hits = 0
+    hits: dict[str, list[bool]] = {}
     for row in rows:
         ids = (
             context_ids(tokenizer, captions[row["image"]], n)
@@ -279,8 +287,10 @@ def llm_answer_accuracy(model, tokenizer, data: Path, n: int, limit: int = 400) 
             torch.tensor([ids]), max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )
         answer = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip()
-        hits += answer == row["answer"]
-    return 100.0 * hits / len(rows)
+        hits.setdefault(row["question_type"], []).append(answer == row["answer"])
+    result = {k: round(100.0 * sum(v) / len(v), 2) for k, v in sorted(hits.items())}
+    result["all"] = round(100.0 * sum(sum(v) for v in hits.values()) / len(rows), 2)
+    return result
 
 
 # -- BERT for the Q-Former -----------------------------------------------------------------------------
@@ -354,6 +364,12 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--eval-every", type=int, default=500)
         if part == "llm":
             p.add_argument("--context-length", type=int, default=8, help="= the number of query tokens")
+            p.add_argument(
+                "--loss-on",
+                default="text",
+                choices=["text", "target"],
+                help="LM loss on the whole text, or on the answer/caption only",
+            )
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     {"vision": pretrain_vision, "llm": pretrain_llm, "bert": pretrain_bert}[args.part](args)
