@@ -155,6 +155,11 @@ class Gatekeeper:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if self.state.phase == "draining":
+                    # Close each connection after its answer: a client that reused a keep-alive connection
+                    # would otherwise race the final shutdown and see its next request cut off (ReadError).
+                    headers = [h for h in message.get("headers", []) if h[0].lower() != b"connection"]
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
             await send(message)
 
         if counted:

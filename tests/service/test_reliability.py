@@ -279,7 +279,8 @@ def test_counting_prompt_tokens_leaves_the_batch_tokenizer_alone(opt8):
 
 
 def _two_requests_on_one_connection(url: str, body: dict) -> list[bytes]:
-    """Two POSTs one after the other on one keep-alive socket; the raw answers (b"" when it was closed)."""
+    """Two POSTs one after the other on one keep-alive socket: the raw answers, head and body (b"" when the
+    connection was closed)."""
     host, port = url.removeprefix("http://").split(":")
     payload = json.dumps(body).encode()
     request = (
@@ -292,12 +293,13 @@ def _two_requests_on_one_connection(url: str, body: dict) -> list[bytes]:
         for _ in range(2):
             try:
                 sock.sendall(request)
-                status = reader.readline()
+                head = reader.readline()
                 length = 0
                 while (line := reader.readline()) not in (b"\r\n", b""):
+                    head += line
                     if line.lower().startswith(b"content-length:"):
                         length = int(line.split(b":")[1])
-                answers.append(status + reader.read(length))
+                answers.append(head + b"\r\n" + reader.read(length) if head else b"")
             except OSError:
                 answers.append(b"")
     return answers
@@ -323,3 +325,22 @@ def test_failed_model_call_is_a_json_500_and_keeps_the_connection(checkpoints, p
     assert first.startswith(b"HTTP/1.1 500") and b'"internal_error"' in first, first[:200]
     assert b"CUDA" not in first  # nothing internal in the message
     assert second.startswith(b"HTTP/1.1 200"), second[:200]
+
+
+def test_answers_while_draining_close_the_connection(checkpoints, photos):
+    """Regression: while draining, answers kept their keep-alive connections open, so a client's next request
+    on one raced the final shutdown and was cut off (ReadError in bench/faults.py sigterm). Now every answer
+    during the drain says `Connection: close` and the server closes the socket after it."""
+    folder = checkpoints["tiny-opt"]
+    body = {"image": b64(photos[0]), **FAST}
+    with LiveServer(settings_for(folder / "generation", folder / "stage1")) as server:
+        first, _ = _two_requests_on_one_connection(server.url, body)
+        assert first.startswith(b"HTTP/1.1 200")
+        server.app.state.phase = "draining"  # what drain() sets first
+        try:
+            refused, after = _two_requests_on_one_connection(server.url, body)
+        finally:
+            server.app.state.phase = "ready"
+    head = refused.split(b"\r\n\r\n")[0].lower()
+    assert refused.startswith(b"HTTP/1.1 503") and b"retry-after:" in head and b"connection: close" in head
+    assert after == b""  # the server closed the socket: the client opens a new connection and is refused
