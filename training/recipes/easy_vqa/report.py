@@ -57,6 +57,7 @@ def render(out: Path, shipped: Path) -> tuple[str, str]:
 | VQA: colour / shape / yes-no | {_fmt(per.get("color"), 2)}% / {_fmt(per.get("shape"), 2)}% / {_fmt(per.get("yes/no"), 2)}% |
 | caption names the right colour and shape ({cap.get("images", "n/a")} test images whose reference names both) | **{_fmt(cap.get("colour_and_shape"), 2)}%** (colour {_fmt(cap.get("colour"), 2)}%, shape {_fmt(cap.get("shape"), 2)}%) |
 | retrieval R@1 with image ids (988 test captions, 1,000 images; ITC top-16 re-ranked by ITM) | image->text {_fmt(ret.get("i2t_r1"), 2)}%, text->image {_fmt(ret.get("t2i_r1"), 2)}% (ITC only: {_fmt((ret.get("itc_only") or {}).get("i2t_r1"), 2)}% / {_fmt((ret.get("itc_only") or {}).get("t2i_r1"), 2)}%) |
+| image->text R@1 counting a caption with the same words as a hit | {_fmt((r.get("retrieval_same_caption") or {}).get("i2t_r1_same_caption"), 2)}% |
 | zero-shot VQA after stage 2 (no VQA training), Q-Former from stage 1 | {_fmt(s2_acc.get("stage2", {}).get("exact_match"), 2)}% |
 | zero-shot VQA after stage 2, fresh Q-Former (same steps, data, seed) | {_fmt(s2_acc.get("stage2_fresh", {}).get("exact_match"), 2)}% |
 | ViT and LLM bit-identical to their unimodal checkpoints after every stage | {"yes" if identical else "NO"} |"""

@@ -99,6 +99,8 @@ $TOOLS captions --predictions "$OUT/eval/caption/predictions.jsonl" --output "$O
 wait "$EVAL_S2_PID"
 step eval_retrieval blip2-train eval --task retrieval --model "$OUT/stage1/model" \
   --manifest "$DATA/captions_test.jsonl" --k-test 16 --batch-size 128 --limit "$LIMIT" --no-progress --output "$OUT/eval/retrieval"
+$TOOLS retrieval-text --predictions "$OUT/eval/retrieval/predictions.jsonl" --manifest "$DATA/captions_test.jsonl" \
+  --output "$OUT/eval/retrieval/same_caption.json"
 
 step identity $TOOLS identity --vision "$OUT/parts/vision" --llm "$OUT/parts/llm" \
   --model "stage1=$OUT/stage1/model" --model "stage2=$OUT/stage2/model" --model "finetune=$OUT/finetune/model" \

@@ -108,6 +108,17 @@ def caption_accuracy(predictions: Path) -> dict:
     return {"images": total, "colour_and_shape": pct(both), "colour": pct(colour_ok), "shape": pct(shape_ok)}
 
 
+def retrieval_text_match(predictions: Path, manifest: Path) -> dict:
+    """Image->text R@1 counting any caption with the same words as the image's own as a hit: on easy-VQA
+    24 captions are shared by many images, so the image-id R@1 cannot tell them apart."""
+    own = {}
+    for row in read_jsonl(manifest):
+        own[str((manifest.parent / row["image"]).resolve())] = row["text"]
+    rows = read_jsonl(predictions)
+    hits = sum(own.get(str(Path(r["image"]).resolve())) == r["best_text"] for r in rows)
+    return {"images": len(rows), "i2t_r1_same_caption": round(100.0 * hits / max(1, len(rows)), 2)}
+
+
 def curves_png(runs: dict[str, Path], output: Path) -> dict:
     import matplotlib
 
@@ -186,12 +197,14 @@ def collect_results(out: Path, output: Path) -> dict:
             "final_loss": log[-1]["loss"] if log else None,
         }
     retrieval = _json(out / "eval" / "retrieval" / "metrics.json") or {}
+    unimodal = {part: _summary(out / "parts" / part / "log.jsonl") for part in ("vision", "llm", "bert")}
+    measured = _json(out / "parts" / "llm" / "answer_accuracy.json")
+    if unimodal["llm"] is not None and measured is not None:
+        unimodal["llm"]["test_answer_acc_given_true_caption"] = measured
     results = {
         "recipe": "training/recipes/easy_vqa/run.sh",
         "test_split": {"images": 1000, "questions": 9673},
-        "unimodal": {
-            part: _summary(out / "parts" / part / "log.jsonl") for part in ("vision", "llm", "bert")
-        },
+        "unimodal": unimodal,
         "vqa": _vqa_figures(_json(out / "eval" / "vqa" / "metrics.json")),
         "caption": _json(out / "eval" / "caption" / "named.json"),
         "caption_scores": {
@@ -200,6 +213,7 @@ def collect_results(out: Path, output: Path) -> dict:
             if k.startswith(("bleu", "cider"))
         },
         "retrieval": {k: v for k, v in retrieval.items() if k not in ("model", "manifest", "task")},
+        "retrieval_same_caption": _json(out / "eval" / "retrieval" / "same_caption.json"),
         "stage2_from_stage1_vs_fresh": stage2,
         "frozen_weights_identical": _json(out / "identity.json"),
         "step_seconds": {r["step"]: r["seconds"] for r in timings},  # some steps run side by side
@@ -222,6 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", required=True)
     p = sub.add_parser("captions")
     p.add_argument("--predictions", required=True)
+    p.add_argument("--output", required=True)
+    p = sub.add_parser("retrieval-text")
+    p.add_argument("--predictions", required=True)
+    p.add_argument("--manifest", required=True)
     p.add_argument("--output", required=True)
     p = sub.add_parser("curves")
     p.add_argument("--run", action="append", default=[], help="LABEL=FOLDER with log.jsonl, repeatable")
@@ -246,6 +264,9 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("frozen weights changed")
     elif args.command == "captions":
         result = caption_accuracy(Path(args.predictions))
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    elif args.command == "retrieval-text":
+        result = retrieval_text_match(Path(args.predictions), Path(args.manifest))
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     elif args.command == "curves":
         runs = dict(item.split("=", 1) for item in args.run)

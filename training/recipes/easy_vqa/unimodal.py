@@ -265,6 +265,7 @@ def pretrain_llm(args) -> dict:
     summary = {"part": "llm", "steps": args.steps, "output": str(output)}
     summary["parameters"] = sum(p.numel() for p in model.parameters())
     summary["test_answer_acc_given_true_caption"] = accuracy
+    (output / "answer_accuracy.json").write_text(json.dumps(accuracy, indent=2) + "\n")
     summary["loss_on"] = args.loss_on
     log(summary=summary)
     return summary
@@ -283,8 +284,14 @@ def llm_answer_accuracy(model, tokenizer, data: Path, n: int, limit: int = 400) 
             context_ids(tokenizer, captions[row["image"]], n)
             + tokenizer(VQA_PROMPT.format(row["question"]))["input_ids"]
         )
+        # every context position is attended, padding included, as in training (and as the queries will be)
+        inputs = torch.tensor([ids])
         out = model.generate(
-            torch.tensor([ids]), max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            inputs,
+            attention_mask=torch.ones_like(inputs),
+            max_new_tokens=5,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
         )
         answer = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip()
         hits.setdefault(row["question_type"], []).append(answer == row["answer"])
@@ -340,6 +347,18 @@ def pretrain_bert(args) -> dict:
     return summary
 
 
+def evaluate_llm(args) -> dict:
+    """Re-measure a pretrained LLM folder's answers with the true caption as context."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(args.output).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.output)
+    accuracy = llm_answer_accuracy(model, tokenizer, Path(args.data), args.context_length)
+    (Path(args.output) / "answer_accuracy.json").write_text(json.dumps(accuracy, indent=2) + "\n")
+    print(json.dumps({"summary": {"test_answer_acc_given_true_caption": accuracy}}))
+    return accuracy
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="part", required=True)
@@ -370,9 +389,14 @@ def main(argv: list[str] | None = None) -> None:
                 choices=["text", "target"],
                 help="LM loss on the whole text, or on the answer/caption only",
             )
+    p = sub.add_parser("llm-eval", help="re-measure a pretrained LLM folder (--output) given true captions")
+    p.add_argument("--data", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--context-length", type=int, default=8)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    {"vision": pretrain_vision, "llm": pretrain_llm, "bert": pretrain_bert}[args.part](args)
+    parts = {"vision": pretrain_vision, "llm": pretrain_llm, "bert": pretrain_bert, "llm-eval": evaluate_llm}
+    parts[args.part](args)
 
 
 if __name__ == "__main__":
