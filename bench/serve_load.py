@@ -40,16 +40,19 @@ def bodies(route: str, images: list[str], questions: list[str]) -> list[dict]:
     raise ValueError(route)
 
 
-def batch_stats(metrics_text: str) -> tuple[float, float]:
-    """(sum, count) of blip2_batch_size over all tasks: their difference between two scrapes is the mean."""
-    total = count = 0.0
+def batch_stats(metrics_text: str) -> tuple[float, float, float]:
+    """(sum, count) of blip2_batch_size and the model's busy seconds, over all tasks: differences between two
+    scrapes give the mean batch size and the share of the wall time the model thread computed."""
+    total = count = busy = 0.0
     for line in metrics_text.splitlines():
         if m := re.match(r"blip2_batch_size_(sum|count)\{.*\} (\S+)", line):
             if m.group(1) == "sum":
                 total += float(m.group(2))
             else:
                 count += float(m.group(2))
-    return total, count
+        elif m := re.match(r"blip2_inference_duration_seconds_sum\{.*\} (\S+)", line):
+            busy += float(m.group(1))
+    return total, count, busy
 
 
 async def cell(
@@ -93,6 +96,7 @@ async def cell(
         "p95_ms": 1000 * percentile(latencies, 95) if latencies else None,
         "p99_ms": 1000 * percentile(latencies, 99) if latencies else None,
         "mean_batch": (after[0] - before[0]) / batches if batches else None,
+        "model_busy": (after[2] - before[2]) / wall,
     }
 
 
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"/{route:<7} c={concurrency:<3} batching {mode:<3} {result['rps']:8.2f} req/s  "
                         f"p50 {fmt(result['p50_ms']):>8} ms  p95 {fmt(result['p95_ms']):>8} ms  "
                         f"p99 {fmt(result['p99_ms']):>8} ms  errors {result['errors']} {result['statuses']}  "
-                        f"mean batch {fmt(result['mean_batch'], '.2f')}",
+                        f"mean batch {fmt(result['mean_batch'], '.2f')}  model busy {result['model_busy']:.0%}",
                         flush=True,
                     )
     finally:
@@ -198,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         p99 = on["p99_ms"] / off["p99_ms"] if on["p99_ms"] and off["p99_ms"] else float("nan")
         print(
             f"| /{on['route']} | {on['concurrency']} | {off['rps']:.2f} | {on['rps']:.2f} | **{ratio:.2f}x** | "
-            f"{fmt(off['p99_ms'])} | {fmt(on['p99_ms'])} | {p99:.2f} | {off['errors']}/{on['errors']} | {fmt(on['mean_batch'], '.2f')} |"
+            f"{fmt(off['p99_ms'])} | {fmt(on['p99_ms'])} | {p99:.2f} | {off['errors']}/{on['errors']} | {fmt(on['mean_batch'], '.2f')} | "
+            f"{off['model_busy']:.0%}/{on['model_busy']:.0%} |"
         )
     print(f"\nserver exit codes after SIGTERM: {codes}")
     if args.json:
