@@ -65,10 +65,11 @@ async def _load(app: FastAPI) -> None:
 async def drain(app: FastAPI, timeout_s: float | None = None) -> bool:
     """Refuse new work, then wait for the requests in flight; True when all finished in time."""
     state = app.state
+    # New requests are refused where each route starts (routes.runner_of sees "draining"). The engine keeps
+    # taking work, so a request already past that check (reading its body, decoding its image) is served,
+    # not refused with 503 while in flight.
     state.phase = "draining"
     state.metrics.ready.set(0)
-    if state.engine is not None:
-        state.engine.accepting = False
     deadline = time.monotonic() + (state.settings.drain_timeout_s if timeout_s is None else timeout_s)
     while state.working > 0 or (state.engine is not None and state.engine.busy):
         if time.monotonic() >= deadline:

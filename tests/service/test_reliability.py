@@ -344,3 +344,41 @@ def test_answers_while_draining_close_the_connection(checkpoints, photos):
     head = refused.split(b"\r\n\r\n")[0].lower()
     assert refused.startswith(b"HTTP/1.1 503") and b"retry-after:" in head and b"connection: close" in head
     assert after == b""  # the server closed the socket: the client opens a new connection and is refused
+
+
+def test_request_already_in_its_handler_is_served_through_a_drain(checkpoints, photos, monkeypatch):
+    """Regression: drain() stopped the engine from taking work, so a request that had passed the route's
+    check but was still decoding its image when SIGTERM came was refused with 503 instead of drained (3 of
+    16 in-flight requests in bench/faults.py sigterm). A gate holds the request inside its handler."""
+    import asyncio
+    import threading
+
+    from service import routes
+    from service.app import drain
+
+    folder = checkpoints["tiny-opt"]
+    entered, release, loops = threading.Event(), threading.Event(), []
+    real_one_image = routes.one_image
+
+    async def held_one_image(*args):
+        loops.append(asyncio.get_running_loop())
+        entered.set()
+        await asyncio.to_thread(release.wait)
+        return await real_one_image(*args)
+
+    monkeypatch.setattr(routes, "one_image", held_one_image)
+    body = {"image": b64(photos[0]), **FAST}
+    with LiveServer(settings_for(folder / "generation", folder / "stage1")) as server:
+        client = httpx.Client(base_url=server.url, timeout=120)
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(client.post, "/caption", json=body)
+            wait_for(entered.is_set, "the request did not reach its handler")
+            drained = asyncio.run_coroutine_threadsafe(drain(server.app, timeout_s=120), loops[0])
+            wait_for(lambda: server.app.state.phase == "draining", "the drain did not start")
+            late = client.post("/caption", json=body)  # arrives after the drain began
+            release.set()
+            answer = in_flight.result()
+        assert drained.result(timeout=120) is True
+        client.close()
+    assert late.status_code == 503 and "Retry-After" in late.headers
+    assert answer.status_code == 200, answer.text[:300]
