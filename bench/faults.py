@@ -148,8 +148,10 @@ async def sigterm_load(server: Server, bodies, concurrency: int, after_requests:
                 try:
                     response = await client.post(path, json=body)
                     kind = str(response.status_code)
-                    if response.status_code == 503 and "Retry-After" not in response.headers:
-                        kind = "503 without Retry-After"
+                    if response.status_code == 503:
+                        kind = f"503 {response.json()['error']['message']!r}"
+                        if "Retry-After" not in response.headers:
+                            kind = "503 without Retry-After"
                 except httpx.ConnectError:
                     kind = "refused (listener closed)"
                 except (httpx.ReadError, httpx.RemoteProtocolError) as exc:
