@@ -291,7 +291,12 @@ def tiny_llm(family: str, tokenizer: PreTrainedTokenizerBase, width: int = 64) -
 
 
 def preset(name: str) -> Blip2Parts:
-    """`tiny-opt` / `tiny-t5`: 64-px ViT, 2-layer Q-Former with 8 queries, 2-layer LLM; random weights."""
+    """`tiny-opt` / `tiny-t5`: 64-px ViT, 2-layer Q-Former with 8 queries, 2-layer LLM; random weights.
+
+    The Q-Former has no dropout: at 64 wide with random embeddings, BERT's 0.1 dropout drowns the
+    small differences between captions and ITC does not move in a short run (measured: flat at
+    ln(batch) over 80 steps with dropout, 2.77 -> 1.51 without).
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     width = 64
@@ -307,6 +312,7 @@ def preset(name: str) -> Blip2Parts:
         vocab_size=len(tokenizer), hidden_size=width, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=width * 2, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
         encoder_hidden_size=width, cross_attention_frequency=2, use_qformer_text_input=True,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )  # fmt: skip
     stage1 = _fresh_stage1(tower, qformer_config, 8, tokenizer)
     family = name.removeprefix("tiny-")
