@@ -156,8 +156,11 @@ def ship(generation: Path, stage1: Path, dest: Path, dtype: str) -> dict:
                 save_file(
                     {k: v.contiguous() for k, v in state.items()}, str(target / file.name), {"format": "pt"}
                 )
+                (target / file.name).chmod(0o644)  # safetensors writes 0600; package data must be readable
             elif file.is_file():
                 shutil.copy2(file, target / file.name)
+            elif file.is_dir():  # e.g. InstructBLIP's qformer_tokenizer/: without it the processor
+                shutil.copytree(file, target / file.name)  # falls back to the LLM's tokenizer
         if dtype == "float16":
             config = json.loads((target / "config.json").read_text())
             config["dtype"] = "float16"
