@@ -209,6 +209,9 @@ def collect_results(out: Path, output: Path) -> dict:
         "test_split": {"images": 1000, "questions": 9673},
         "unimodal": unimodal,
         "vqa": _vqa_figures(_json(out / "eval" / "vqa" / "metrics.json")),
+        # the same model one question at a time, and with the paper's beam 5 in batches of 8 (as the server)
+        "vqa_unbatched": _vqa_figures(_json(out / "eval" / "vqa_bs1" / "metrics.json")),
+        "vqa_beam5_batch8": _vqa_figures(_json(out / "eval" / "vqa_beam5_bs8" / "metrics.json")),
         "caption": _json(out / "eval" / "caption" / "named.json"),
         "caption_scores": {
             k: v
