@@ -2,7 +2,7 @@
 the real server app with default settings: a regression guard for every later change to training or serving.
 
 - 500 fixed easy-VQA test questions, sent concurrently to /vqa so the engine batches them: >= 95% exact match
-  (the full test split measured 97%+, see docs/RESULTS.md);
+  (98.4% on the full test split, 98.5% with the server's beam-5 defaults; see docs/RESULTS.md);
 - /caption on test images names the right colour and shape.
 """
 

@@ -69,7 +69,7 @@ def render(out: Path, shipped: Path) -> tuple[str, str]:
 |---|---|
 | VQA exact match, all 9,673 questions (greedy) | **{_fmt(vqa.get("exact_match"), 2)}%** |
 | VQA: colour / shape / yes-no | {_fmt(per.get("color"), 2)}% / {_fmt(per.get("shape"), 2)}% / {_fmt(per.get("yes/no"), 2)}% |
-| VQA, one question at a time (batch 1, greedy) | {_fmt((r.get("vqa_unbatched") or {}).get("exact_match"), 2)}% |
+| VQA, one question at a time (batch 1, greedy) | {_fmt((r.get("vqa_unbatched") or {}).get("exact_match"), 2)}% (colour / shape / yes-no: {" / ".join(_fmt(((r.get("vqa_unbatched") or {}).get("per_type") or {}).get(k), 2) for k in ("color", "shape", "yes/no"))}) |
 | VQA, the server's defaults (beam 5, length penalty -1, batches of 8) | {_fmt((r.get("vqa_beam5_batch8") or {}).get("exact_match"), 2)}% |
 | caption names the right colour and shape ({cap.get("images", "n/a")} test images whose reference names both) | **{_fmt(cap.get("colour_and_shape"), 2)}%** (colour {_fmt(cap.get("colour"), 2)}%, shape {_fmt(cap.get("shape"), 2)}%) |
 | retrieval R@1 with image ids (the 988 test images with a caption; ITC top-16 re-ranked by ITM) | image->text {_fmt(ret.get("i2t_r1"), 2)}%, text->image {_fmt(ret.get("t2i_r1"), 2)}% (ITC only: {_fmt((ret.get("itc_only") or {}).get("i2t_r1"), 2)}% / {_fmt((ret.get("itc_only") or {}).get("t2i_r1"), 2)}%) |
@@ -184,11 +184,12 @@ and compares stage 2 from the stage-1 Q-Former with stage 2 from a fresh one. Wa
 
 {figures}
 
-## Commands (after `run.sh`, from the repository root; D=runs/easy_vqa)
+## Commands (after `run.sh`, from the repository root)
 
 | figure | command |
 |---|---|
 | VQA exact match, per type | `blip2-train eval --task vqa --model runs/easy_vqa/finetune/model --manifest runs/easy_vqa/data/vqa_test.jsonl --num-beams 1 --batch-size 128 --output runs/easy_vqa/eval/vqa` |
+| VQA one at a time / server defaults | the same with `--batch-size 1 --output runs/easy_vqa/eval/vqa_bs1`, and with no `--num-beams` (beam 5, length penalty -1) `--batch-size 8 --output runs/easy_vqa/eval/vqa_beam5_bs8` |
 | caption names colour and shape | `blip2-train eval --task caption --model runs/easy_vqa/finetune/model --manifest runs/easy_vqa/data/captions_test.jsonl --prompt "A short image description:" --num-beams 1 --min-new-tokens 1 --max-new-tokens 10 --no-java-metrics --output runs/easy_vqa/eval/caption`, then `python -m training.recipes.easy_vqa.tools captions --predictions runs/easy_vqa/eval/caption/predictions.jsonl --output runs/easy_vqa/eval/caption/named.json` |
 | retrieval R@1 | `blip2-train eval --task retrieval --model runs/easy_vqa/stage1/model --manifest runs/easy_vqa/data/captions_test.jsonl --k-test 16 --output runs/easy_vqa/eval/retrieval` |
 | stage 2 from stage 1 vs fresh | `blip2-train eval --task vqa --model runs/easy_vqa/stage2/model --manifest runs/easy_vqa/data/vqa_test.jsonl --num-beams 1 --output runs/easy_vqa/eval/stage2_vqa` (and `stage2_fresh`); curves: `python -m training.recipes.easy_vqa.tools curves --run A=runs/easy_vqa/stage2 --run B=runs/easy_vqa/stage2_fresh --output docs/easy_vqa_stage2_curves.png` |

@@ -92,6 +92,11 @@ EVAL_S2_PID=$!
 # Figures on the full test split (1,000 images, 9,673 questions), greedy as the server decodes.
 step eval_vqa blip2-train eval --task vqa --model "$OUT/finetune/model" --manifest "$DATA/vqa_test.jsonl" \
   --num-beams 1 --batch-size 128 --limit "$LIMIT" --no-progress --output "$OUT/eval/vqa"
+step eval_vqa_bs1 blip2-train eval --task vqa --model "$OUT/finetune/model" --manifest "$DATA/vqa_test.jsonl" \
+  --num-beams 1 --batch-size 1 --limit "$LIMIT" --no-progress --output "$OUT/eval/vqa_bs1" > "$OUT/eval_vqa_bs1.log" 2>&1 &
+BS1_PID=$!
+step eval_vqa_beam5 blip2-train eval --task vqa --model "$OUT/finetune/model" --manifest "$DATA/vqa_test.jsonl" \
+  --batch-size 8 --limit "$LIMIT" --no-progress --output "$OUT/eval/vqa_beam5_bs8"
 step eval_caption blip2-train eval --task caption --model "$OUT/finetune/model" \
   --manifest "$DATA/captions_test.jsonl" --prompt "A short image description:" --num-beams 1 \
   --min-new-tokens 1 --max-new-tokens 10 --batch-size 128 --no-java-metrics --limit "$LIMIT" --no-progress --output "$OUT/eval/caption"
@@ -102,6 +107,7 @@ step eval_retrieval blip2-train eval --task retrieval --model "$OUT/stage1/model
 $TOOLS retrieval-text --predictions "$OUT/eval/retrieval/predictions.jsonl" --manifest "$DATA/captions_test.jsonl" \
   --output "$OUT/eval/retrieval/same_caption.json"
 
+wait "$BS1_PID"
 step identity $TOOLS identity --vision "$OUT/parts/vision" --llm "$OUT/parts/llm" \
   --model "stage1=$OUT/stage1/model" --model "stage2=$OUT/stage2/model" --model "finetune=$OUT/finetune/model" \
   --output "$OUT/identity.json"
