@@ -22,7 +22,16 @@ DOCKER = REPO / "docker"
 K8S = REPO / "k8s"
 DOCKERFILE = DOCKER / "Dockerfile"
 COMPOSE_FILE = DOCKER / "compose.yaml"
-DOCS = REPO / "docs" / "DEPLOYMENT.md"
+README = REPO / "README.md"
+
+
+def deployment_docs() -> str:
+    """The README's Deployment section, whose every command the deploy tests check."""
+    text = README.read_text()
+    start = text.index("\n## Deployment\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
+
 
 # Every kustomization a user applies (the training Component is included by the two Jobs).
 KUSTOMIZATIONS = [

@@ -1,4 +1,4 @@
-"""docs/DEPLOYMENT.md: the commands it gives are the ones these tests validate. Each command, in a code
+"""The README's Deployment section: the commands it gives are the ones these tests validate. Each command, in a code
 block or inline, is read from the page and checked: compose lines render with the real Compose v2 and
 the same flags, kubectl lines name kustomizations and objects that exist (secrets and namespaces are
 created with --dry-run=client), curl lines call routes the server has, docker build lines build the
@@ -10,13 +10,13 @@ import re
 import shlex
 
 import pytest
-from _deploy import DOCS, KUSTOMIZATIONS, REPO, compose_config, render, run, serves, tool
+from _deploy import KUSTOMIZATIONS, REPO, compose_config, deployment_docs, render, run, serves, tool
 
 COMMANDS = ("docker", "kubectl", "helm", "curl", "make", "python", "export")
 
 
 def _commands() -> list[str]:
-    text = DOCS.read_text()
+    text = deployment_docs()
     found = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():

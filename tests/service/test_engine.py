@@ -116,7 +116,7 @@ def test_docs_settings_table_is_current():
 
     from service.settings import settings_table
 
-    docs = (Path(__file__).resolve().parents[2] / "docs" / "SERVER.md").read_text()
+    docs = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert settings_table() in docs, (
-        "regenerate the table in docs/SERVER.md from service.settings.settings_table()"
+        "regenerate the settings table in README.md from service.settings.settings_table()"
     )
