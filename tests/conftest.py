@@ -17,7 +17,10 @@ from PIL import Image, ImageDraw
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread per process: tests start servers and torchrun workers beside pytest on 2 cores, and torch's
+# spin-waiting threads then slow every process down many times over (measured in the recipe: 20x).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 30), "blue": (30, 30, 220), "yellow": (230, 210, 20)}
 SHAPES = ("circle", "square", "triangle")
