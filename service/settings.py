@@ -130,12 +130,16 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _packaged_defaults(self) -> Settings:
-        # A later release ships a default model folder; until it exists, `model` stays None and the
-        # CLI says so clearly.
-        if self.model is None and (DEFAULT_MODEL_DIR / "generation").is_dir():
+        # With no model named at all, serve the packaged pair. A model the operator names never gets the
+        # packaged retrieval model added behind its back: /embed and /retrieve then say it is missing.
+        if (
+            self.model is None
+            and self.retrieval_model is None
+            and (DEFAULT_MODEL_DIR / "generation").is_dir()
+        ):
             self.model = str(DEFAULT_MODEL_DIR / "generation")
-        if self.retrieval_model is None and (DEFAULT_MODEL_DIR / "stage1").is_dir():
-            self.retrieval_model = str(DEFAULT_MODEL_DIR / "stage1")
+            if (DEFAULT_MODEL_DIR / "stage1").is_dir():
+                self.retrieval_model = str(DEFAULT_MODEL_DIR / "stage1")
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("choose one of load_in_8bit and load_in_4bit")
         return self

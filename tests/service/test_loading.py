@@ -110,10 +110,11 @@ def test_pickle_weights_refused_unless_allowed(checkpoints, tmp_path):
     assert load_models(settings_for(tmp_path, allow_pickle=True)).generation is not None
 
 
-def test_clear_errors_for_bad_folders(tmp_path):
+def test_clear_errors_for_bad_folders(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_models(settings_for(tmp_path / "missing"))
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_models(settings_for(tmp_path))
+    monkeypatch.setattr("service.settings.DEFAULT_MODEL_DIR", tmp_path / "no-packaged-model")
     with pytest.raises(ModelLoadError, match="no model given"):
         load_models(settings_for(None))

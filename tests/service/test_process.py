@@ -38,9 +38,10 @@ def test_cli_flags_override_environment(monkeypatch):
     assert "zq-secret-77" not in repr(Settings())  # SecretStr: the key never shows in logs or reprs
 
 
-def test_no_model_is_a_clear_message(monkeypatch, capsys):
+def test_no_model_is_a_clear_message(monkeypatch, capsys, tmp_path):
     for name in [k for k in os.environ if k.startswith("BLIP2_")]:
         monkeypatch.delenv(name)
+    monkeypatch.setattr("service.settings.DEFAULT_MODEL_DIR", tmp_path / "no-packaged-model")
     assert main([]) == 2
     error = capsys.readouterr().err
     assert "--model" in error and "BLIP2_MODEL" in error
