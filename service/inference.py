@@ -100,6 +100,15 @@ class Runner:
             padding=True,
         )
         pixels = inputs.pop("pixel_values")
+        if gen.kind == "instructblip":
+            # InstructBlipProcessor pads the Q-Former's text on the LLM tokenizer's side (left for decoder
+            # LLMs); BERT's positions are absolute, so pad it as the Q-Former was trained: on the right.
+            # Otherwise an answer depends on the other prompts in its batch.
+            qformer = gen.processor.qformer_tokenizer(
+                [job.prompt for job in jobs], padding=True, padding_side="right", return_tensors="pt"
+            )
+            inputs["qformer_input_ids"] = qformer["input_ids"]
+            inputs["qformer_attention_mask"] = qformer["attention_mask"]
         inputs = {k: v.to(self.models.device) for k, v in inputs.items()}
         states = self.vision.states(gen.model.vision_model, pixels, self.models.device, self.models.dtype)
         output = self._generate(gen, states, inputs, options.generate_kwargs())

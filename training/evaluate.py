@@ -89,6 +89,14 @@ def generate_texts(
         if any(batch_prompts):
             inputs = processor(images=images, text=batch_prompts, padding=True, return_tensors="pt")
             prefix = inputs["input_ids"].shape[1]
+            if hasattr(processor, "qformer_tokenizer"):
+                # InstructBlipProcessor pads the Q-Former's text on the LLM tokenizer's (left) side; the
+                # Q-Former was trained right-padded and BERT's positions are absolute.
+                qformer = processor.qformer_tokenizer(
+                    batch_prompts, padding=True, padding_side="right", return_tensors="pt"
+                )
+                inputs["qformer_input_ids"] = qformer["input_ids"]
+                inputs["qformer_attention_mask"] = qformer["attention_mask"]
         else:  # no prompt: generate() starts from the query tokens and bos
             inputs = processor(images=images, return_tensors="pt")
             prefix = model.config.num_query_tokens + 1
