@@ -55,6 +55,9 @@ def setup(device_preference: str = "auto") -> torch.device:
 
 def teardown() -> None:
     if is_distributed():
+        # Every rank waits until all are done (rank 0 may still be writing the model): a rank that
+        # destroyed the group while rank 0, which hosts the rendezvous store, was exiting hung for good.
+        dist.barrier()
         dist.destroy_process_group()
 
 
