@@ -7,7 +7,6 @@ A BLIP-2 is a frozen vision tower, a Q-Former initialised from BERT, and a froze
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -318,7 +317,3 @@ def preset(name: str) -> Blip2Parts:
     family = name.removeprefix("tiny-")
     llm_tokenizer = preset_llm_tokenizer(family)
     return _with_llm(stage1, tokenizer, (tiny_llm(family, llm_tokenizer, width), llm_tokenizer))
-
-
-def read_json(path: str) -> dict:
-    return json.loads(Path(path).read_text())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from training.data import image_id_table, read_manifest
+from training.data import image_id_table, image_key, read_manifest
 from training.evaluate import (
     _device,
     generate_texts,
@@ -46,7 +46,7 @@ def capfilt(s) -> dict:
     ids = image_id_table(rows)
     images: dict[int, dict] = {}
     for row in rows:
-        entry = images.setdefault(ids[str(row.get("image_id", row["image"]))], {"row": row, "originals": []})
+        entry = images.setdefault(ids[image_key(row)], {"row": row, "originals": []})
         if row.get("text") and row["text"] not in entry["originals"]:
             entry["originals"].append(row["text"])
     order = sorted(images)

@@ -211,21 +211,15 @@ def _add_dataclass_arguments(parser: argparse.ArgumentParser, settings_class: ty
 
 def _settings_from(args: argparse.Namespace, settings_class: type):
     values: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(settings_class)}
     if getattr(args, "config", None):
         loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-        names = {f.name for f in dataclasses.fields(settings_class)}
         unknown = set(loaded) - names
         if unknown:
             raise SystemExit(f"{args.config}: unknown settings {sorted(unknown)}")
         values.update(loaded)
-    values.update(
-        {k: v for k, v in vars(args).items() if k in _field_names(settings_class) and v is not None}
-    )
+    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
     return settings_class(**values)
-
-
-def _field_names(settings_class: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(settings_class)}
 
 
 def run_init(s: InitSettings) -> dict:

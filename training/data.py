@@ -45,11 +45,16 @@ def read_manifest(path: str | Path) -> list[dict]:
     return rows
 
 
+def image_key(row: dict) -> str:
+    """What identifies a row's image: its `image_id` when given, else its path."""
+    return str(row.get("image_id", row["image"]))
+
+
 def image_id_table(rows: list[dict]) -> dict[str, int]:
-    """Integer ids for the rows' images: `image_id` when given, else the image path."""
+    """Integer ids for the rows' images, one per distinct `image_key`."""
     table: dict[str, int] = {}
     for row in rows:
-        table.setdefault(str(row.get("image_id", row["image"])), len(table))
+        table.setdefault(image_key(row), len(table))
     return table
 
 
@@ -90,56 +95,58 @@ def load_image(source: str | bytes) -> Image.Image:
         return image.convert("RGB")
 
 
-class ManifestDataset(Dataset):
-    """Images and texts from a JSONL manifest; a row whose image cannot be read yields None."""
+class _ManifestRows(Dataset):
+    """The rows of a JSONL manifest as samples; `_image_input` supplies each row's pixels or features,
+    and a row whose image cannot be had yields None."""
 
-    def __init__(self, manifest: str | Path, transform: ImageTransform, text_field: str = "text") -> None:
-        self.rows = read_manifest(manifest)
-        self.transform, self.text_field = transform, text_field
-        self.ids = image_id_table(self.rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict | None:
-        row = self.rows[index]
-        try:
-            pixels = self.transform(load_image(row["image"]))
-        except IMAGE_ERRORS as error:
-            log.warning("skipping %s: %s", row["image"], error)
-            return None
-        return {
-            "pixel_values": pixels,
-            "text": row[self.text_field],
-            "image_id": self.ids[str(row.get("image_id", row["image"]))],
-            "row": row,
-        }
-
-
-class FeatureDataset(Dataset):
-    """Rows of a manifest paired with ViT features cached by `blip2-train data cache-features`."""
-
-    def __init__(self, manifest: str | Path, features_dir: str | Path, text_field: str = "text") -> None:
+    def __init__(self, manifest: str | Path, text_field: str) -> None:
         self.rows = read_manifest(manifest)
         self.text_field = text_field
         self.ids = image_id_table(self.rows)
-        self.cache = FeatureCache(features_dir)
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _image_input(self, row: dict) -> tuple[str, torch.Tensor] | None:
+        raise NotImplementedError
+
     def __getitem__(self, index: int) -> dict | None:
         row = self.rows[index]
+        image_input = self._image_input(row)
+        if image_input is None:
+            return None
+        key, value = image_input
+        return {key: value, "text": row[self.text_field], "image_id": self.ids[image_key(row)], "row": row}
+
+
+class ManifestDataset(_ManifestRows):
+    """Images and texts from a JSONL manifest."""
+
+    def __init__(self, manifest: str | Path, transform: ImageTransform, text_field: str = "text") -> None:
+        super().__init__(manifest, text_field)
+        self.transform = transform
+
+    def _image_input(self, row: dict) -> tuple[str, torch.Tensor] | None:
+        try:
+            return "pixel_values", self.transform(load_image(row["image"]))
+        except IMAGE_ERRORS as error:
+            log.warning("skipping %s: %s", row["image"], error)
+            return None
+
+
+class FeatureDataset(_ManifestRows):
+    """Rows of a manifest paired with ViT features cached by `blip2-train data cache-features`."""
+
+    def __init__(self, manifest: str | Path, features_dir: str | Path, text_field: str = "text") -> None:
+        super().__init__(manifest, text_field)
+        self.cache = FeatureCache(features_dir)
+
+    def _image_input(self, row: dict) -> tuple[str, torch.Tensor] | None:
         features = self.cache.get(row["image"])
         if features is None:
             log.warning("no cached features for %s", row["image"])
             return None
-        return {
-            "vision_hidden": features.float(),
-            "text": row[self.text_field],
-            "image_id": self.ids[str(row.get("image_id", row["image"]))],
-            "row": row,
-        }
+        return "vision_hidden", features.float()
 
 
 class FeatureCache:

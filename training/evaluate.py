@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from training.data import IMAGE_ERRORS, image_id_table, load_image, read_manifest
+from training.data import IMAGE_ERRORS, image_id_table, image_key, load_image, read_manifest
 from training.finetune import resolve_prompt
 from training.metrics import caption_metrics, retrieval_recall, vqa_metrics
 
@@ -152,7 +152,7 @@ def evaluate_caption(s) -> tuple[dict, list[dict]]:
     references: dict[int, list[str]] = {}
     image_of: dict[int, str] = {}
     for row in rows:
-        index = ids[str(row.get("image_id", row["image"]))]
+        index = ids[image_key(row)]
         references.setdefault(index, []).append(row["text"])
         image_of.setdefault(index, row["image"])
     order = sorted(image_of)
@@ -267,7 +267,7 @@ def evaluate_retrieval(s) -> tuple[dict, list[dict]]:
     processor = AutoProcessor.from_pretrained(s.model)
     rows = _rows(s)
     ids = image_id_table(rows)
-    text_image = [ids[str(row.get("image_id", row["image"]))] for row in rows]
+    text_image = [ids[image_key(row)] for row in rows]
     image_paths = {}
     for row, index in zip(rows, text_image, strict=True):
         image_paths.setdefault(index, row["image"])
