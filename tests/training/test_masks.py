@@ -38,33 +38,32 @@ def stage1():
     return model.eval()
 
 
+def _outputs_before_and_after_changing_token(stage1, mask_fn, position: int):
+    """Q-Former hidden states for [queries; text] before and after one text token is replaced."""
+    torch.manual_seed(0)
+    image = torch.randn(1, 65, 64)
+    ids = torch.tensor([[2, 10, 11, 12, 3]])
+    changed = ids.clone()
+    changed[0, position] = 40
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        return qformer_pass(stage1, image, ids, mask, mask_fn), qformer_pass(
+            stage1, image, changed, mask, mask_fn
+        )
+
+
 @pytest.mark.parametrize(
     ("mask_fn", "queries_move"),
     [(unimodal_mask, False), (multimodal_causal_mask, False), (bidirectional_mask, True)],
 )
 def test_changing_a_text_token_moves_query_outputs_only_under_the_itm_mask(stage1, mask_fn, queries_move):
-    torch.manual_seed(0)
-    image = torch.randn(1, 65, 64)
-    ids = torch.tensor([[2, 10, 11, 12, 3]])
-    changed = ids.clone()
-    changed[0, 2] = 40
-    mask = torch.ones_like(ids)
-    with torch.no_grad():
-        before = qformer_pass(stage1, image, ids, mask, mask_fn)[:, : stage1.num_query_tokens]
-        after = qformer_pass(stage1, image, changed, mask, mask_fn)[:, : stage1.num_query_tokens]
-    assert torch.equal(before, after) is not queries_move
+    before, after = _outputs_before_and_after_changing_token(stage1, mask_fn, position=2)
+    q = stage1.num_query_tokens
+    assert torch.equal(before[:, :q], after[:, :q]) is not queries_move
 
 
 def test_itg_text_position_sees_no_later_token(stage1):
-    torch.manual_seed(0)
-    image = torch.randn(1, 65, 64)
-    ids = torch.tensor([[2, 10, 11, 12, 3]])
-    changed = ids.clone()
-    changed[0, 3] = 40
-    mask = torch.ones_like(ids)
+    before, after = _outputs_before_and_after_changing_token(stage1, multimodal_causal_mask, position=3)
     q = stage1.num_query_tokens
-    with torch.no_grad():
-        before = qformer_pass(stage1, image, ids, mask, multimodal_causal_mask)
-        after = qformer_pass(stage1, image, changed, mask, multimodal_causal_mask)
     assert torch.equal(before[:, q : q + 3], after[:, q : q + 3])  # positions before the change
     assert not torch.equal(before[:, q + 3 :], after[:, q + 3 :])
