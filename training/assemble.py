@@ -225,9 +225,27 @@ def copy_stage1_into_generation(stage1: Stage1Model, generation: nn.Module) -> N
 
 
 def load_llm(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal or seq2seq LM folder, or a BLIP-2 / InstructBLIP checkpoint folder (its `language_model.*`)."""
     config = AutoConfig.from_pretrained(path)
-    model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    return model_class.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if config.model_type not in ("blip-2", "instructblip"):
+        model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        return model_class.from_pretrained(path, dtype=torch.float32), tokenizer
+    text_config = config.text_config
+    model_class = AutoModelForSeq2SeqLM if text_config.is_encoder_decoder else AutoModelForCausalLM
+    llm = model_class.from_config(text_config, dtype=torch.float32)
+    state = {
+        k.removeprefix("language_model."): v
+        for k, v in _safetensors_state(path).items()
+        if k.startswith("language_model.")
+    }
+    missing, unexpected = llm.load_state_dict(state, strict=False)
+    # A tied output layer is not stored; anything else missing means the folder is not what it claims.
+    loaded = {p.data_ptr() for name, p in llm.state_dict().items() if name in state}
+    untied = [name for name in missing if llm.state_dict()[name].data_ptr() not in loaded]
+    if untied or unexpected:
+        raise ValueError(f"{path}: language_model weights do not fit its text_config: {untied or unexpected}")
+    return llm, tokenizer
 
 
 def from_parts(

@@ -26,6 +26,12 @@ def arg(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+SAME_CAPTION_HELP = (
+    "identical caption texts count as positives of each other's images: never ITM negatives in training, "
+    "hits in evaluation (for data whose captions repeat across images, e.g. easy-VQA's)"
+)
+
+
 @dataclass
 class InitSettings:
     """Assemble a fresh BLIP-2 from parts or a preset; writes <output>/stage1 and <output>/generation."""
@@ -37,7 +43,7 @@ class InitSettings:
     qformer_bert: str = arg(
         "", "a BERT checkpoint (folder or hub id, safetensors) to initialise the Q-Former"
     )
-    llm: str = arg("", "any transformers causal LM or seq2seq LM (folder or hub id); optional")
+    llm: str = arg("", "a causal or seq2seq LM, or a BLIP-2 checkpoint (its LLM): folder or hub id; optional")
     num_query_tokens: int = arg(32, "number of learned queries")
     cross_attention_frequency: int = arg(2, "a cross-attention layer every N Q-Former layers")
 
@@ -59,6 +65,7 @@ class Stage1Settings(TrainSettings, DataSourceSettings):
 
     init: str = arg("", "stage-1 folder to start from (from `init`, or a retrieval checkpoint)")
     use_image_ids: bool = arg(False, "captions with the same image_id all count as ITC positives")
+    same_caption_positives: bool = arg(False, SAME_CAPTION_HELP)
 
 
 @dataclass
@@ -90,6 +97,7 @@ class FinetuneSettings(TrainSettings, DataSourceSettings):
         "caption: text before each caption (default 'a photo of'); vqa: template with {} for the question (default 'Question: {} Short answer:')",
     )
     train_vit: bool = arg(False, "caption: train the ViT too (kept in fp32)")
+    same_caption_positives: bool = arg(False, "retrieval: " + SAME_CAPTION_HELP)
     lora_rank: int = arg(0, "LoRA rank for the Q-Former's linear layers instead of full fine-tuning (0: off)")
     lora_alpha: float = arg(0.0, "LoRA scaling alpha (0: twice the rank)")
     lora_dropout: float = arg(0.0, "dropout on the LoRA path")
@@ -116,6 +124,7 @@ class EvalSettings:
     min_new_tokens: int | None = arg(None, "fewest generated tokens (default: vqa 0, caption 8)")
     length_penalty: float | None = arg(None, "beam length penalty (default: vqa -1, caption 1)")
     k_test: int = arg(128, "retrieval: candidates re-ranked by ITM per query")
+    same_caption_positives: bool = arg(False, "retrieval: " + SAME_CAPTION_HELP)
     max_text_length: int = arg(35, "retrieval: tokens per text")
     java_metrics: bool = arg(True, "caption: PTB tokenizer, METEOR and SPICE where Java is installed")
     device: str = arg("auto", "auto | cpu | cuda")
@@ -270,7 +279,9 @@ def run_stage1(s: Stage1Settings) -> dict:
         raise SystemExit("stage1 needs --init (a stage-1 folder, e.g. from `blip2-train init`)")
     processor = AutoProcessor.from_pretrained(s.init)
     model = Stage1Model.from_pretrained(s.init)
-    task = Stage1Task(model, processor, use_image_ids=s.use_image_ids)
+    task = Stage1Task(
+        model, processor, use_image_ids=s.use_image_ids, same_caption_positives=s.same_caption_positives
+    )
     dataset = _dataset(s, model.retrieval.config.vision_config.image_size)
     return train(task, dataset, Collator(processor.tokenizer, s.max_text_length), s)
 

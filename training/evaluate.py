@@ -274,9 +274,16 @@ def evaluate_retrieval(s) -> tuple[dict, list[dict]]:
     scores = retrieval_scores(
         model, processor, [image_paths[i] for i in range(len(ids))], [r["text"] for r in rows], s
     )
-    metrics = retrieval_recall(scores["i2t"].cpu(), scores["t2i"].cpu(), text_image)
-    metrics["itc_only"] = retrieval_recall(scores["itc_i2t"].cpu(), scores["itc_t2i"].cpu(), text_image)
+    wording = {text: n for n, text in enumerate(dict.fromkeys(r["text"] for r in rows))}
+    text_caption = [wording[r["text"]] for r in rows] if s.same_caption_positives else None
+    metrics = retrieval_recall(
+        scores["i2t"].cpu(), scores["t2i"].cpu(), text_image, text_caption=text_caption
+    )
+    metrics["itc_only"] = retrieval_recall(
+        scores["itc_i2t"].cpu(), scores["itc_t2i"].cpu(), text_image, text_caption=text_caption
+    )
     metrics |= {"images": len(ids), "texts": len(rows), "k_test": s.k_test}
+    metrics["same_caption_positives"] = s.same_caption_positives
     top = scores["i2t"].argmax(dim=1).tolist()
     predictions = [{"image": image_paths[i], "best_text": rows[t]["text"]} for i, t in enumerate(top)]
     return metrics, predictions
@@ -288,7 +295,7 @@ EVALUATORS = {"vqa": evaluate_vqa, "caption": evaluate_caption, "retrieval": eva
 def print_table(task: str, metrics: dict) -> None:
     lines = [f"{'metric':<28} {'value':>10}", "-" * 39]
     for key, value in metrics.items():
-        if isinstance(value, (int, float)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             lines.append(f"{key:<28} {value:>10.2f}")
     for key, value in metrics.get("per_type", {}).items():
         lines.append(f"{'  ' + key + ' accuracy':<28} {value['accuracy']:>10.2f}  (n={value['count']})")

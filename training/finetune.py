@@ -135,7 +135,9 @@ def build_finetune(s) -> tuple[nn.Module, object, int, str]:
             [model.retrieval.embeddings],
         )
         resize_vision_tower(vision, processor.image_processor, s.image_size)
-        task = Stage1Task(model, processor, use_image_ids=True)
+        task = Stage1Task(
+            model, processor, use_image_ids=True, same_caption_positives=s.same_caption_positives
+        )
         collate, text_field = Collator(processor.tokenizer, s.max_text_length), "text"
     elif s.task == "caption":
         processor = AutoProcessor.from_pretrained(s.init)

@@ -87,6 +87,7 @@ def stage1_losses(
     attention_mask: torch.Tensor,
     image_ids: torch.Tensor | None = None,
     hard_negatives: HardNegatives | None = None,
+    caption_ids: torch.Tensor | None = None,
 ) -> Stage1Losses:
     """ITC, ITM and ITG for one (local) batch.
 
@@ -94,6 +95,8 @@ def stage1_losses(
         the Q-Former as LAVIS's `ln_vision` does.
     input_ids, attention_mask: Q-Former (BERT) tokens starting with [CLS].
     image_ids: (B,) ids; captions of the same image count as positives. Default: every row unique.
+    caption_ids: (B,) ids of the caption texts; when given, rows with the same caption count as positives
+        too (see `positive_pairs`).
     hard_negatives: fixed ITM negatives; default: sampled as LAVIS does.
     """
     retrieval = model.retrieval
@@ -113,7 +116,7 @@ def stage1_losses(
     text_feat_all = distributed.gather(text_feat, with_grad=True)
     sim_i2t = torch.einsum("bqd,nd->bnq", image_feats, text_feat_all).amax(-1) / model.temp
     sim_t2i = torch.einsum("bd,nqd->bnq", text_feat, image_feats_all).amax(-1) / model.temp
-    positives = image_ids[:, None] == distributed.gather(image_ids, with_grad=False)[None, :]
+    positives = positive_pairs(image_ids, caption_ids)
     targets = positives.float() / positives.sum(1, keepdim=True)
     # The same smoothing as cross_entropy(label_smoothing=0.1), spread over every positive.
     targets = (1 - LABEL_SMOOTHING) * targets + LABEL_SMOOTHING / targets.shape[1]
@@ -145,6 +148,17 @@ def stage1_losses(
         label_smoothing=LABEL_SMOOTHING,
     )
     return Stage1Losses(itc=itc, itm=itm, itg=itg)
+
+
+def positive_pairs(image_ids: torch.Tensor, caption_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, global B): which pairs of a local row and a row of the global batch match: the same image, or,
+    with caption ids, the same caption. ITC spreads its target over them and ITM never draws them as
+    negatives. (For ITC alone identical captions make no difference, their logits being equal; as ITM
+    negatives they would teach that an image does not match its own caption.)"""
+    positives = image_ids[:, None] == distributed.gather(image_ids, with_grad=False)[None, :]
+    if caption_ids is not None:
+        positives |= caption_ids[:, None] == distributed.gather(caption_ids, with_grad=False)[None, :]
+    return positives
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

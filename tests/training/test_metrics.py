@@ -121,3 +121,21 @@ def test_recall_at_k_with_duplicated_image_ids():
     assert metrics["t2i_r1"] == pytest.approx(60.0)
     assert metrics["t2i_r2"] == pytest.approx(80.0)
     assert metrics["t2i_r3"] == pytest.approx(100.0)
+
+
+def test_recall_with_same_caption_positives_counts_identical_wording_as_a_hit():
+    # three images, each with one caption; images 0 and 2 are both "a red circle"
+    text_image, text_caption = [0, 1, 2], [0, 1, 0]
+    i2t = torch.tensor(
+        [
+            [0.1, 0.5, 0.9],  # image 0: text 2 first: another image's text, worded as its own -> hit
+            [0.9, 0.1, 0.5],  # image 1: text 0 first ("a red circle", not its wording) -> miss
+            [0.9, 0.1, 0.2],  # image 2: text 0 first, worded as its own -> hit
+        ]
+    )
+    t2i = i2t.T.contiguous()  # text 0 -> image 1 first: miss; text 1 -> image 0: miss; text 2 -> image 0: hit
+    by_image = retrieval_recall(i2t, t2i, text_image, ks=(1,))
+    by_wording = retrieval_recall(i2t, t2i, text_image, ks=(1,), text_caption=text_caption)
+    assert by_image["i2t_r1"] == pytest.approx(0.0) and by_image["t2i_r1"] == pytest.approx(0.0)
+    assert by_wording["i2t_r1"] == pytest.approx(200 / 3)
+    assert by_wording["t2i_r1"] == pytest.approx(100 / 3)
