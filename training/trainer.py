@@ -29,6 +29,7 @@ from tqdm import tqdm
 from training import checkpoint, distributed
 
 log = logging.getLogger(__name__)
+EMPTY_STEPS_LIMIT = 20  # optimizer steps in a row with no readable sample before the run stops
 
 
 @dataclass
@@ -223,6 +224,7 @@ def train(task: nn.Module, dataset: Dataset, collate, settings: TrainSettings) -
     if resume_from is not None:
         checkpoint.set_rng_state(resumed_rng)  # after set-up, so the next batch draws as the killed run would
     first_losses, last_losses = None, None
+    empty_steps = 0
     window_start, window_samples = time.perf_counter(), 0
     model.train()
     while step < settings.steps:
@@ -230,9 +232,11 @@ def train(task: nn.Module, dataset: Dataset, collate, settings: TrainSettings) -
         for group in optimizer.param_groups:
             group["lr"] = lr
         accumulated: dict[str, float] = {}
+        step_samples = 0
         for micro in range(settings.grad_accum):
             batch = next(batches)
             skipped += batch["skipped"]
+            step_samples += batch["size"]
             if batch["size"] == 0:
                 continue
             batch = _to_device(batch, device)
@@ -249,6 +253,14 @@ def train(task: nn.Module, dataset: Dataset, collate, settings: TrainSettings) -
                 accumulated[name] = accumulated.get(name, 0.0) + value.item() / settings.grad_accum
             samples_seen += batch["size"] * distributed.world_size()
             window_samples += batch["size"] * distributed.world_size()
+        empty_steps = 0 if step_samples else empty_steps + 1
+        if empty_steps == EMPTY_STEPS_LIMIT:
+            # A few unreadable files are skipped; this many in a row means the data source itself is wrong.
+            raise RuntimeError(
+                f"{EMPTY_STEPS_LIMIT} steps in a row without one readable sample ({skipped} skipped in all): "
+                "check the manifest's image paths or that --features was cached from this manifest; "
+                "the warnings above name the files"
+            )
         if settings.max_grad_norm > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(trainable_state(task).values(), settings.max_grad_norm)

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,6 +153,19 @@ def test_missing_and_corrupt_images_are_skipped_and_counted(tiny_opt, shapes_man
          + ["--steps", "7", *FAST])  # fmt: skip
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 7 and summary["skipped_samples"] >= 3
+
+
+def test_a_run_with_no_readable_sample_stops_with_a_clear_error(tiny_opt, shapes_manifest, tmp_path):
+    # cached features of other images: every row is skipped, which must not pass for a finished run
+    shutil.copytree(shapes_manifest.parent / "images", tmp_path / "images")
+    other = tmp_path / "copies.jsonl"
+    other.write_text(shapes_manifest.read_text())
+    main(["data", "cache-features", "--manifest", str(other), "--model", str(tiny_opt / "stage1")]
+         + ["--output", str(tmp_path / "features")])  # fmt: skip
+    with pytest.raises(RuntimeError, match="without one readable sample"):
+        main(["stage1", "--init", str(tiny_opt / "stage1"), "--train-manifest", str(shapes_manifest)]
+             + ["--features", str(tmp_path / "features"), "--output", str(tmp_path / "run"), "--steps", "50", *FAST])  # fmt: skip
+    assert not (tmp_path / "run" / "model").exists()
 
 
 def _write_shard(path: Path, manifest: Path, rows: list[dict]) -> None:
