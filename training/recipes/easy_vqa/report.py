@@ -51,6 +51,7 @@ def render(out: Path, shipped: Path) -> tuple[str, str]:
     vision, qformer, text = config["vision_config"], config["qformer_config"], config["text_config"]
     uni = r["unimodal"]
     vqa, cap, ret = r["vqa"] or {}, r["caption"] or {}, r["retrieval"] or {}
+    same = r.get("retrieval_same_caption") or {}
     s2 = r["stage2_from_stage1_vs_fresh"]
     steps = r["step_seconds"]
     wall = (r.get("wall") or {}).get("wall_s")
@@ -73,7 +74,7 @@ def render(out: Path, shipped: Path) -> tuple[str, str]:
 | VQA, the server's defaults (beam 5, length penalty -1, batches of 8) | {_fmt((r.get("vqa_beam5_batch8") or {}).get("exact_match"), 2)}% |
 | caption names the right colour and shape ({cap.get("images", "n/a")} test images whose reference names both) | **{_fmt(cap.get("colour_and_shape"), 2)}%** (colour {_fmt(cap.get("colour"), 2)}%, shape {_fmt(cap.get("shape"), 2)}%) |
 | retrieval R@1 with image ids (the 988 test images with a caption; ITC top-16 re-ranked by ITM) | image->text {_fmt(ret.get("i2t_r1"), 2)}%, text->image {_fmt(ret.get("t2i_r1"), 2)}% (ITC only: {_fmt((ret.get("itc_only") or {}).get("i2t_r1"), 2)}% / {_fmt((ret.get("itc_only") or {}).get("t2i_r1"), 2)}%) |
-| image->text R@1 counting a caption with the same words as a hit | {_fmt((r.get("retrieval_same_caption") or {}).get("i2t_r1_same_caption"), 2)}% |
+| retrieval R@1 counting identical captions as hits (`eval --same-caption-positives`) | image->text {_fmt(same.get("i2t_r1"), 2)}%, text->image {_fmt(same.get("t2i_r1"), 2)}% |
 | zero-shot VQA after stage 2 (no VQA training), Q-Former from stage 1 | {_fmt(s2_acc.get("stage2", {}).get("exact_match"), 2)}% |
 | zero-shot VQA after stage 2, fresh Q-Former (same steps, data, seed) | {_fmt(s2_acc.get("stage2_fresh", {}).get("exact_match"), 2)}% |
 | ViT and LLM bit-identical to their unimodal checkpoints after every stage | {"yes" if identical else "NO"} |"""
@@ -200,11 +201,10 @@ The shipped folders are the run's `finetune/model` (as `generation/`) and `stage
 
 ## Batching and decoding
 
-The headline VQA figure is greedy in batches of 128 in manifest order. The answers depend slightly on
-the batch: the fine-tuning collator right-pads the Q-Former's text, while `InstructBlipProcessor` left-pads
-it at inference (BERT position ids then shift by the padding), so a question sees a slightly different
-Q-Former input alone than in a batch. One at a time and with the server's defaults (beam 5, length
-penalty -1, batches of at most 8) the figures are the two rows below the headline; the server test
+The headline VQA figure is greedy in batches of 128 in manifest order. Evaluation and the server pad the
+Q-Former's question on the right, as fine-tuning does (BERT's positions are absolute; with
+`InstructBlipProcessor`'s left padding an answer depended on its batch), so it equals the one-at-a-time
+figure. The server's defaults (beam 5, length penalty -1, batches of at most 8) are the row below; the server test
 (`tests/service/test_default_model.py`, 500 fixed test questions, concurrent /vqa requests) checks >= 95%.
 /caption: the route's defaults are the paper's (beam 5, at least 8 new tokens); this model's captions
 are 3-6 tokens, so clients pass `min_new_tokens=1` (with the defaults the caption goes on past its end).

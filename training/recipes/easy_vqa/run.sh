@@ -104,8 +104,10 @@ $TOOLS captions --predictions "$OUT/eval/caption/predictions.jsonl" --output "$O
 wait "$EVAL_S2_PID"
 step eval_retrieval blip2-train eval --task retrieval --model "$OUT/stage1/model" \
   --manifest "$DATA/captions_test.jsonl" --k-test 16 --batch-size 128 --limit "$LIMIT" --no-progress --output "$OUT/eval/retrieval"
-$TOOLS retrieval-text --predictions "$OUT/eval/retrieval/predictions.jsonl" --manifest "$DATA/captions_test.jsonl" \
-  --output "$OUT/eval/retrieval/same_caption.json"
+# easy-VQA's 24 captions repeat across images: the same ranking, scored with identical captions as hits
+step eval_retrieval_same_caption blip2-train eval --task retrieval --model "$OUT/stage1/model" \
+  --manifest "$DATA/captions_test.jsonl" --k-test 16 --batch-size 128 --limit "$LIMIT" --same-caption-positives \
+  --no-progress --output "$OUT/eval/retrieval_same_caption"
 
 wait "$BS1_PID"
 step identity $TOOLS identity --vision "$OUT/parts/vision" --llm "$OUT/parts/llm" \

@@ -108,17 +108,6 @@ def caption_accuracy(predictions: Path) -> dict:
     return {"images": total, "colour_and_shape": pct(both), "colour": pct(colour_ok), "shape": pct(shape_ok)}
 
 
-def retrieval_text_match(predictions: Path, manifest: Path) -> dict:
-    """Image->text R@1 counting any caption with the same words as the image's own as a hit: on easy-VQA
-    24 captions are shared by many images, so the image-id R@1 cannot tell them apart."""
-    own = {}
-    for row in read_jsonl(manifest):
-        own[str((manifest.parent / row["image"]).resolve())] = row["text"]
-    rows = read_jsonl(predictions)
-    hits = sum(own.get(str(Path(r["image"]).resolve())) == r["best_text"] for r in rows)
-    return {"images": len(rows), "i2t_r1_same_caption": round(100.0 * hits / max(1, len(rows)), 2)}
-
-
 def curves_png(runs: dict[str, Path], output: Path) -> dict:
     import matplotlib
 
@@ -181,6 +170,10 @@ def _summary(log: Path) -> dict | None:
     return rows[-1]["summary"] if rows else None
 
 
+def _retrieval_figures(metrics: dict | None) -> dict:
+    return {k: v for k, v in (metrics or {}).items() if k not in ("model", "manifest", "task")}
+
+
 def _vqa_figures(metrics: dict | None) -> dict | None:
     if metrics is None:
         return None
@@ -199,7 +192,6 @@ def collect_results(out: Path, output: Path) -> dict:
             "first_loss": log[0]["loss"] if log else None,
             "final_loss": log[-1]["loss"] if log else None,
         }
-    retrieval = _json(out / "eval" / "retrieval" / "metrics.json") or {}
     unimodal = {part: _summary(out / "parts" / part / "log.jsonl") for part in ("vision", "llm", "bert")}
     measured = _json(out / "parts" / "llm" / "answer_accuracy.json")
     if unimodal["llm"] is not None and measured is not None:
@@ -218,8 +210,10 @@ def collect_results(out: Path, output: Path) -> dict:
             for k, v in (_json(out / "eval" / "caption" / "metrics.json") or {}).items()
             if k.startswith(("bleu", "cider"))
         },
-        "retrieval": {k: v for k, v in retrieval.items() if k not in ("model", "manifest", "task")},
-        "retrieval_same_caption": _json(out / "eval" / "retrieval" / "same_caption.json"),
+        "retrieval": _retrieval_figures(_json(out / "eval" / "retrieval" / "metrics.json")),
+        "retrieval_same_caption": _retrieval_figures(
+            _json(out / "eval" / "retrieval_same_caption" / "metrics.json")
+        ),
         "stage2_from_stage1_vs_fresh": stage2,
         "frozen_weights_identical": _json(out / "identity.json"),
         "step_seconds": {r["step"]: r["seconds"] for r in timings},  # some steps run side by side
@@ -242,10 +236,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", required=True)
     p = sub.add_parser("captions")
     p.add_argument("--predictions", required=True)
-    p.add_argument("--output", required=True)
-    p = sub.add_parser("retrieval-text")
-    p.add_argument("--predictions", required=True)
-    p.add_argument("--manifest", required=True)
     p.add_argument("--output", required=True)
     p = sub.add_parser("curves")
     p.add_argument("--run", action="append", default=[], help="LABEL=FOLDER with log.jsonl, repeatable")
@@ -270,9 +260,6 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("frozen weights changed")
     elif args.command == "captions":
         result = caption_accuracy(Path(args.predictions))
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    elif args.command == "retrieval-text":
-        result = retrieval_text_match(Path(args.predictions), Path(args.manifest))
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     elif args.command == "curves":
         runs = dict(item.split("=", 1) for item in args.run)
