@@ -118,3 +118,11 @@ def test_clear_errors_for_bad_folders(tmp_path, monkeypatch):
     monkeypatch.setattr("service.settings.DEFAULT_MODEL_DIR", tmp_path / "no-packaged-model")
     with pytest.raises(ModelLoadError, match="no model given"):
         load_models(settings_for(None))
+
+
+def test_instructblip_without_its_qformer_tokenizer_is_refused(checkpoints, tmp_path):
+    folder = tmp_path / "instructblip"
+    shutil.copytree(checkpoints["instructblip"], folder)
+    shutil.rmtree(folder / "qformer_tokenizer")  # transformers would fall back to the LLM's tokenizer
+    with pytest.raises(ModelLoadError, match="without its Q-Former tokenizer"):
+        load_models(settings_for(folder))
