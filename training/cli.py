@@ -195,6 +195,15 @@ class CacheFeaturesSettings:
     dtype: str = arg("float16", "storage dtype: float16 | float32")
 
 
+@dataclass
+class ShardsSettings:
+    """Pack a manifest's images and rows into WebDataset tar shards, for `--shards` of the training commands."""
+
+    manifest: str = arg("", "JSONL manifest (caption or VQA rows) to pack")
+    output: str = arg("data/shards", "folder for shard-000000.tar, shard-000001.tar, ...")
+    shard_size: int = arg(1000, "samples per shard")
+
+
 def _unwrap_optional(kind: Any) -> Any:
     """`X | None` -> X: an optional setting takes X on the command line, None means "the default"."""
     if get_origin(kind) in (Union, types.UnionType):
@@ -361,6 +370,16 @@ def run_cache_features(s: CacheFeaturesSettings) -> dict:
     return cache_features(s)
 
 
+def run_shards(s: ShardsSettings) -> dict:
+    from training.importers import write_webdataset_shards
+
+    if not s.manifest:
+        raise SystemExit("shards needs --manifest")
+    if s.shard_size < 1:
+        raise SystemExit("--shard-size must be at least 1")
+    return _print_summary(write_webdataset_shards(s.manifest, s.output, s.shard_size))
+
+
 Command = tuple[type, Callable[[Any], Any]]
 COMMANDS: dict[str, Command] = {
     "init": (InitSettings, run_init),
@@ -371,6 +390,7 @@ COMMANDS: dict[str, Command] = {
 }
 DATA_COMMANDS: dict[str, Command] = {
     "cache-features": (CacheFeaturesSettings, run_cache_features),
+    "shards": (ShardsSettings, run_shards),
     "easy-vqa": (EasyVqaSettings, run_easy_vqa),
     "coco": (CocoSettings, run_coco),
     "vqav2": (Vqav2Settings, run_vqav2),
@@ -392,7 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip2-train", description="Train and evaluate BLIP-2 models.")
     _subparsers(parser, COMMANDS, "command")
     data = parser._subparsers._group_actions[0].add_parser(
-        "data", help="data importers and feature caching", description="data importers and feature caching"
+        "data",
+        help="data importers, WebDataset shards and feature caching",
+        description="data importers, WebDataset shards and feature caching",
     )
     _subparsers(data, DATA_COMMANDS, "data_command")
     return parser

@@ -7,6 +7,7 @@ the collator drops it and reports how many it dropped in `batch["skipped"]`.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -24,7 +25,15 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from training import distributed
 
 log = logging.getLogger(__name__)
-IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
+# SyntaxError: how PIL's verify() (and some plugins' load) report a broken file, e.g. a bad PNG checksum.
+IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # the image entries a WebDataset sample is read from
+
+
+def stable_id(text: str) -> int:
+    """An integer id for a string that is the same in every process (Python's str hash is salted per
+    process, so DDP ranks would disagree); 56 bits, so it fits an int64 tensor."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "big")
 
 
 def read_manifest(path: str | Path) -> list[dict]:
@@ -196,7 +205,7 @@ class WebDatasetShards(IterableDataset):
             yield self._decode(sample)
 
     def _decode(self, sample: dict) -> dict | None:
-        image_bytes = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+        image_bytes = next((sample[k] for k in SHARD_IMAGE_KEYS if k in sample), None)
         if image_bytes is None:
             return None
         try:
@@ -204,8 +213,8 @@ class WebDatasetShards(IterableDataset):
         except IMAGE_ERRORS as error:
             log.warning("skipping %s: %s", sample.get("__key__"), error)
             return None
-        if "json" in sample:
-            meta = json.loads(sample["json"])
+        meta = json.loads(sample["json"]) if "json" in sample else None
+        if meta is not None:
             text = meta.get(self.text_field) or meta.get("caption")
         else:
             text = (
@@ -213,8 +222,18 @@ class WebDatasetShards(IterableDataset):
             )
         if not text:
             return None
-        key = sample["__key__"]
-        return {"pixel_values": pixels, "text": text, "image_id": hash(key) % (2**31), "row": {"key": key}}
+        # The row's fields travel with the sample: a VQA collator reads its question from them.
+        row = (meta or {}) | {"key": sample["__key__"]}
+        return {"pixel_values": pixels, "text": text, "image_id": _shard_image_id(row), "row": row}
+
+
+def _shard_image_id(row: dict) -> int:
+    """The row's `image_id` when it is an integer, else a stable hash of it or of the sample key: the same
+    on every DDP rank, as ranks gather each other's ids for same-image positives."""
+    image_id = row.get("image_id")
+    if isinstance(image_id, int) and not isinstance(image_id, bool):
+        return image_id
+    return stable_id(str(image_id if image_id is not None else row["key"]))
 
 
 class Collator:

@@ -4,16 +4,28 @@
   "question_type", "question_id", "image_id"}.
 - Caption manifest line: {"image", "text", "image_id"}.
 Image paths are written relative to the manifest's folder, as `training.data.read_manifest` expects.
+`write_webdataset_shards` goes the other way: a manifest to WebDataset tar shards for `--shards`.
 """
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
+import logging
 import os
 import re
 import shutil
+import tarfile
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from PIL import Image
+
+from training.data import IMAGE_ERRORS, SHARD_IMAGE_KEYS, read_manifest
+
+log = logging.getLogger(__name__)
 
 SHAPES = ("circle", "rectangle", "triangle")
 YES_NO = ("yes", "no")
@@ -193,3 +205,90 @@ def import_vqav2(
         "with_answers": sum("answers" in r for r in rows),
         "output": str(output_manifest),
     }
+
+
+# --- WebDataset shards ---------------------------------------------------------------------------------
+
+SHARD_NAME = "shard-{:06d}.tar"
+
+
+def write_webdataset_shards(manifest: str | Path, output: str | Path, shard_size: int = 1000) -> dict:
+    """A manifest's rows as WebDataset shards `<output>/shard-000000.tar`, ... of `shard_size` samples each.
+
+    A sample holds the image file's bytes as they are, under its lower-cased extension (`jpeg` as `jpg`),
+    a `.json` with every other field of the row and, where the row has a `text`, a `.txt` with it. A row
+    whose image is missing, unreadable or not a jpg/png/webp file is skipped with a warning and counted.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, not {shard_size}")
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    rows = read_manifest(manifest)
+    samples = _shard_samples(rows)
+    shards, written = [], 0
+    # Each pass takes one sample, then the rest of its shard from the same iterator, until none are left.
+    for first in samples:
+        path = output / SHARD_NAME.format(len(shards))
+        written += _write_tar(path, itertools.chain([first], itertools.islice(samples, shard_size - 1)))
+        shards.append(str(path))
+        log.info("wrote %s (%d samples so far)", path, written)
+    return {
+        "output": str(output), "shards_written": len(shards), "samples": written,
+        "skipped": len(rows) - written, "shards": ",".join(shards),
+    }  # fmt: skip
+
+
+def _shard_samples(rows: list[dict]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for each row with a usable image."""
+    index = 0
+    for row in rows:
+        image = _image_entry(row["image"])
+        if image is None:
+            continue
+        fields = {k: v for k, v in row.items() if k != "image"}
+        members = image | {"json": json.dumps(fields).encode()}
+        if isinstance(row.get("text"), str):
+            members["txt"] = row["text"].encode()
+        # A running number, not the file name: WebDataset splits member names into key and type at a dot.
+        yield f"{index:09d}", members
+        index += 1
+
+
+def _image_entry(path: str) -> dict[str, bytes] | None:
+    """{extension: the file's bytes}, or None (with a warning) where the file cannot be used."""
+    extension = Path(path).suffix.lower().lstrip(".")
+    extension = "jpg" if extension == "jpeg" else extension
+    if extension not in SHARD_IMAGE_KEYS:
+        log.warning("skipping %s: not a %s file", path, "/".join(SHARD_IMAGE_KEYS))
+        return None
+    try:
+        data = Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()  # a cheap check of the file's structure, without decoding every pixel
+    except IMAGE_ERRORS as error:
+        log.warning("skipping %s: %s", path, error)
+        return None
+    return {extension: data}
+
+
+def _write_tar(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
+    """Write the samples to `path` and return how many there were.
+
+    The tar is written under a temporary name and renamed when complete, so that a killed run never
+    leaves a truncated shard that looks finished.
+    """
+    partial = path.with_name(path.name + ".partial")
+    count = 0
+    try:
+        with tarfile.open(partial, "w") as tar:
+            for key, members in samples:
+                for extension, data in members.items():
+                    info = tarfile.TarInfo(f"{key}.{extension}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                count += 1
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return count

@@ -8,7 +8,6 @@ frozen and kept in eval mode, and its final LayerNorm trains with the Q-Former, 
 
 from __future__ import annotations
 
-import hashlib
 import random
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from torch import nn
 from transformers import Blip2ForConditionalGeneration
 from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
 
+from training.data import stable_id
 from training.losses import stage1_losses
 from training.model import (
     Stage1Model,
@@ -89,7 +89,7 @@ class Stage1Task(_FrozenVisionTask):
 
 def caption_ids(texts: list[str]) -> torch.Tensor:
     """An id per caption text that is the same in every process (Python's str hash is salted per process)."""
-    return torch.tensor([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=7).digest()) for t in texts])
+    return torch.tensor([stable_id(t) for t in texts])
 
 
 def join_target(prompt: str, text: str) -> str:
