@@ -114,6 +114,7 @@ def build_finetune(s) -> tuple[nn.Module, object, int, str]:
     from transformers import AutoProcessor, Blip2ForConditionalGeneration
 
     from training.assemble import copy_stage1_into_generation
+    from training.features import check_features_fit
     from training.instructblip import load_vqa_model
     from training.lora import add_qformer_lora, count_parameters
     from training.model import Stage1Model
@@ -125,6 +126,8 @@ def build_finetune(s) -> tuple[nn.Module, object, int, str]:
         raise SystemExit("finetune needs --init (a generation, stage-1 or InstructBLIP folder)")
     if s.train_vit and s.task != "caption":
         raise SystemExit("--train-vit is a caption fine-tuning option")
+    if s.train_vit and s.features:
+        raise SystemExit("--train-vit needs images: cached --features are the frozen ViT's output")
     prompt = resolve_prompt(s.task, s.prompt)
     if s.task == "retrieval":
         processor = AutoProcessor.from_pretrained(s.init)
@@ -157,6 +160,8 @@ def build_finetune(s) -> tuple[nn.Module, object, int, str]:
         task = Stage2Task(model, processor, max_text_length=s.max_text_length)
         collate = PromptCollator(prompt, "question", processor.qformer_tokenizer, s.max_text_length)
         text_field = "answer"
+    if s.features:  # cached at the tower's native size, they do not fit it after `--image-size`
+        check_features_fit(s.features, vision.config)
     if s.lora_rank > 0:
         tuner = add_qformer_lora(qformer, s.lora_rank, s.lora_alpha, s.lora_dropout, frozen=frozen)
         _merge_lora_on_save(task, tuner)
