@@ -55,7 +55,11 @@ class DataSourceSettings:
     train_manifest: str = arg("", "JSONL manifest: {'image': path, 'text': ...} per line")
     shards: str = arg("", "WebDataset shards: a comma-separated list of .tar files")
     features: str = arg("", "folder of cached ViT features (from `data cache-features`); with train_manifest")
-    image_size: int = arg(0, "training image size in pixels (0: the vision tower's own)")
+    image_size: int = arg(
+        0,
+        "training image size in pixels: the ViT's position embeddings are interpolated to it once and the "
+        "model is saved at that size (0: the vision tower's own)",
+    )
     max_text_length: int = arg(32, "tokens per text, longer texts are truncated")
 
 
@@ -261,13 +265,16 @@ def run_init(s: InitSettings) -> dict:
     return written
 
 
-def _dataset(s: DataSourceSettings, image_size: int, text_field: str = "text"):
+def _dataset(s: DataSourceSettings, vision_config, text_field: str = "text"):
+    """The training data for a vision tower already resized to `--image-size` (see `resize_vision_tower`)."""
     from training.data import FeatureDataset, ImageTransform, ManifestDataset, WebDatasetShards
+    from training.features import check_features_fit
 
-    transform = ImageTransform(s.image_size or image_size, train=True)
+    transform = ImageTransform(vision_config.image_size, train=True)
     if s.features:
         if not s.train_manifest:
             raise SystemExit("--features needs --train-manifest (which rows to train on)")
+        check_features_fit(s.features, vision_config)
         return FeatureDataset(s.train_manifest, s.features, text_field)
     if s.shards:
         return WebDatasetShards([u for u in s.shards.split(",") if u], transform, text_field)
@@ -280,7 +287,7 @@ def run_stage1(s: Stage1Settings) -> dict:
     from transformers import AutoProcessor
 
     from training.data import Collator
-    from training.model import Stage1Model
+    from training.model import Stage1Model, resize_vision_tower
     from training.stages import Stage1Task
     from training.trainer import train
 
@@ -288,10 +295,11 @@ def run_stage1(s: Stage1Settings) -> dict:
         raise SystemExit("stage1 needs --init (a stage-1 folder, e.g. from `blip2-train init`)")
     processor = AutoProcessor.from_pretrained(s.init)
     model = Stage1Model.from_pretrained(s.init)
+    resize_vision_tower(model.retrieval.vision_model, processor.image_processor, s.image_size)
     task = Stage1Task(
         model, processor, use_image_ids=s.use_image_ids, same_caption_positives=s.same_caption_positives
     )
-    dataset = _dataset(s, model.retrieval.config.vision_config.image_size)
+    dataset = _dataset(s, model.retrieval.vision_model.config)
     return train(task, dataset, Collator(processor.tokenizer, s.max_text_length), s)
 
 
@@ -300,7 +308,7 @@ def run_stage2(s: Stage2Settings) -> dict:
 
     from training.assemble import copy_stage1_into_generation
     from training.data import Collator
-    from training.model import Stage1Model
+    from training.model import Stage1Model, resize_vision_tower
     from training.stages import Stage2Task
     from training.trainer import train
 
@@ -310,8 +318,9 @@ def run_stage2(s: Stage2Settings) -> dict:
     model = Blip2ForConditionalGeneration.from_pretrained(s.init, dtype="float32")
     if s.stage1:
         copy_stage1_into_generation(Stage1Model.from_pretrained(s.stage1), model)
+    resize_vision_tower(model.vision_model, processor.image_processor, s.image_size)
     task = Stage2Task(model, processor, prompt=s.prompt, max_text_length=s.max_text_length)
-    dataset = _dataset(s, model.config.vision_config.image_size)
+    dataset = _dataset(s, model.vision_model.config)
     return train(task, dataset, Collator(None), s)
 
 
@@ -319,8 +328,8 @@ def run_finetune(s: FinetuneSettings) -> dict:
     from training.finetune import build_finetune
     from training.trainer import train
 
-    task, collate, image_size, text_field = build_finetune(s)
-    return train(task, _dataset(s, image_size, text_field), collate, s)
+    task, collate, vision_config, text_field = build_finetune(s)
+    return train(task, _dataset(s, vision_config, text_field), collate, s)
 
 
 def run_eval(s: EvalSettings) -> dict:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from transformers import PretrainedConfig
 
 from training.data import Collator
 from training.stages import join_target
@@ -67,35 +67,6 @@ class PromptCollator:
         return batch
 
 
-def resize_vision_tower(vision_model: nn.Module, image_processor, image_size: int) -> None:
-    """Make the ViT native at `image_size`: bicubic-interpolate its patch position embeddings once."""
-    embeddings = vision_model.embeddings
-    if image_size in (0, embeddings.image_size):
-        return
-    patch = embeddings.patch_size
-    if image_size % patch:
-        raise SystemExit(f"--image-size {image_size} is not a multiple of the patch size {patch}")
-    old, new = embeddings.image_size // patch, image_size // patch
-    position = embeddings.position_embedding.data
-    grid = position[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=(new, new), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, -1).to(position.dtype)
-    embeddings.position_embedding = nn.Parameter(torch.cat([position[:, :1], grid], dim=1))
-    embeddings.image_size, embeddings.num_patches, embeddings.num_positions = (
-        image_size,
-        new * new,
-        new * new + 1,
-    )
-    vision_model.config.image_size = image_size
-    image_processor.size = {"height": image_size, "width": image_size}
-    log.info(
-        "vision tower resized to %d px (%dx%d patches, position embeddings interpolated)",
-        image_size,
-        new,
-        new,
-    )
-
-
 def _merge_lora_on_save(task: nn.Module, tuner) -> None:
     """The saved folder holds merged weights: plain transformers loads it without peft."""
     save = task.save_model
@@ -109,15 +80,15 @@ def _merge_lora_on_save(task: nn.Module, tuner) -> None:
     task.save_model = save_model
 
 
-def build_finetune(s) -> tuple[nn.Module, object, int, str]:
-    """The task module, the collate function, the training image size and the manifest's target field."""
+def build_finetune(s) -> tuple[nn.Module, object, PretrainedConfig, str]:
+    """The task module, the collate function, the vision tower's config (at the training image size) and
+    the manifest's target field."""
     from transformers import AutoProcessor, Blip2ForConditionalGeneration
 
     from training.assemble import copy_stage1_into_generation
-    from training.features import check_features_fit
     from training.instructblip import load_vqa_model
     from training.lora import add_qformer_lora, count_parameters
-    from training.model import Stage1Model
+    from training.model import Stage1Model, resize_vision_tower
     from training.stages import Stage1Task, Stage2Task
 
     if s.task not in TASKS:
@@ -160,10 +131,8 @@ def build_finetune(s) -> tuple[nn.Module, object, int, str]:
         task = Stage2Task(model, processor, max_text_length=s.max_text_length)
         collate = PromptCollator(prompt, "question", processor.qformer_tokenizer, s.max_text_length)
         text_field = "answer"
-    if s.features:  # cached at the tower's native size, they do not fit it after `--image-size`
-        check_features_fit(s.features, vision.config)
     if s.lora_rank > 0:
         tuner = add_qformer_lora(qformer, s.lora_rank, s.lora_alpha, s.lora_dropout, frozen=frozen)
         _merge_lora_on_save(task, tuner)
     log.info("finetune %s: parameters %s", s.task, count_parameters(task))
-    return task, collate, vision.config.image_size, text_field
+    return task, collate, vision.config, text_field

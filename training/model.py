@@ -9,10 +9,12 @@ still loads unchanged in plain transformers.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoProcessor, BertConfig, Blip2ForImageTextRetrieval
@@ -20,6 +22,7 @@ from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 ITG_HEAD_FILE = "itg_head.safetensors"
 INITIAL_TEMPERATURE = 0.07
+log = logging.getLogger(__name__)
 
 
 def frozen_vision_features(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -41,6 +44,37 @@ def vision_block_features(vision_model: nn.Module, pixel_values: torch.Tensor) -
     )
     hidden = vision_model.encoder(inputs_embeds=embeddings).last_hidden_state
     return hidden.float()  # the LayerNorm after the ViT runs in fp32
+
+
+def resize_vision_tower(vision_model: nn.Module, image_processor, image_size: int) -> None:
+    """Make the ViT native at `image_size`: bicubic-interpolate its patch position embeddings once."""
+    embeddings = vision_model.embeddings
+    if image_size in (0, embeddings.image_size):
+        return
+    patch = embeddings.patch_size
+    if image_size % patch:
+        raise SystemExit(f"--image-size {image_size} is not a multiple of the patch size {patch}")
+    old, new = embeddings.image_size // patch, image_size // patch
+    position = embeddings.position_embedding.data
+    grid = position[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=(new, new), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, -1).to(position.dtype)
+    embeddings.position_embedding = nn.Parameter(
+        torch.cat([position[:, :1], grid], dim=1), requires_grad=embeddings.position_embedding.requires_grad
+    )
+    embeddings.image_size, embeddings.num_patches, embeddings.num_positions = (
+        image_size,
+        new * new,
+        new * new + 1,
+    )
+    vision_model.config.image_size = image_size
+    image_processor.size = {"height": image_size, "width": image_size}
+    log.info(
+        "vision tower resized to %d px (%dx%d patches, position embeddings interpolated)",
+        image_size,
+        new,
+        new,
+    )
 
 
 def freeze_vision_blocks(vision_model: nn.Module) -> None:

@@ -158,6 +158,25 @@ def test_image_size_model_generates_in_plain_transformers_from_a_96_px_image(res
     assert model.generate(**inputs, max_new_tokens=4).shape[0] == 1
 
 
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_pretraining_stages_take_image_size_too_and_keep_the_resized_vit_frozen(
+    stage, tiny_opt, shapes_manifest, features_64px, tmp_path
+):
+    init = str(tiny_opt / ("stage1" if stage == "stage1" else "generation"))
+    common = [stage, "--init", init, "--train-manifest", str(shapes_manifest), *FAST, "--steps", "2"]
+    main([*common, "--image-size", "96", "--output", str(tmp_path / "run")])
+    weights = _weights(tmp_path / "run" / "model")
+    reference = _weights(tiny_opt / "generation")[POSITIONS]
+    grid = reference[0, 1:].reshape(8, 8, -1).permute(2, 0, 1)[None]
+    interpolated = F.interpolate(grid, size=(12, 12), mode="bicubic", align_corners=False)
+    # interpolated once and then frozen with the rest of the ViT: not a trainable new parameter
+    torch.testing.assert_close(weights[POSITIONS][0, 1:], interpolated[0].permute(1, 2, 0).reshape(144, -1))
+    with pytest.raises(SystemExit, match="holds 65 ViT tokens per image"):
+        main(
+            [*common, "--image-size", "96", "--features", str(features_64px), "--output", str(tmp_path / "f")]
+        )
+
+
 def test_image_size_must_be_a_multiple_of_the_patch_size(tiny_opt, shapes_manifest, tmp_path):
     with pytest.raises(SystemExit, match="not a multiple of the patch size 8"):
         _caption(tiny_opt, shapes_manifest, tmp_path, "--image-size", "100")
