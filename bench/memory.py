@@ -47,7 +47,7 @@ def child(variant: str, folder: str, questions: int, batch: int) -> dict:
 
     from service.inference import GenerateJob, Runner
     from service.loading import load_models
-    from service.routes import VQA_DEFAULTS, family_prompt, make_options
+    from service.routes import VQA_DEFAULTS, family_prompt, make_options, model_defaults
     from service.schemas import VqaRequest
     from service.settings import Settings
 
@@ -58,7 +58,7 @@ def child(variant: str, folder: str, questions: int, batch: int) -> dict:
     model = models.generation.model
     runner = Runner(models)
     template = family_prompt(runner, settings)[1]
-    options = make_options(VqaRequest(question="x"), VQA_DEFAULTS, settings)
+    options = make_options(VqaRequest(question="x"), model_defaults(runner, VQA_DEFAULTS), settings)
     corpus = easy_vqa_set(questions)
     answers = []
     for start in range(0, len(corpus), batch):

@@ -32,6 +32,7 @@ log = logging.getLogger("service.loading")
 # Kept out of quantisation: everything but the LLM's transformer blocks.
 SKIP_QUANTISATION = ["vision_model", "qformer", "query_tokens", "language_projection", "lm_head"]
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl")
+ROUTE_GENERATION_OPTIONS = ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty")
 
 
 class _Once(logging.Filter):
@@ -65,6 +66,8 @@ class GenerationModel:
     llm_type: str  # the LLM's model_type: "opt", "t5", ...
     is_encoder_decoder: bool
     max_positions: int | None  # the decoder LLM's position limit (prompt + queries + new tokens)
+    # What the folder's generation_config.json sets of the routes' options: the model author's defaults
+    generation_defaults: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -164,20 +167,14 @@ def _pretrained_kwargs(settings: Settings) -> dict:
     return {"trust_remote_code": False, "use_safetensors": None if settings.allow_pickle else True}
 
 
-def check_qformer_tokenizer(source: str, processor, config: PretrainedConfig) -> None:
+def check_qformer_tokenizer(source: str, processor) -> None:
     """InstructBLIP's Q-Former reads the question with its own (BERT) tokenizer. Without a
     `qformer_tokenizer/` folder transformers falls back to the LLM's tokenizer, whose ids mean other words
     to the Q-Former: answers degrade quietly (measured on the default model: 99% -> 90%)."""
-    qformer_tokenizer = processor.qformer_tokenizer
-    if qformer_tokenizer.get_vocab() == processor.tokenizer.get_vocab():
+    if processor.qformer_tokenizer.get_vocab() == processor.tokenizer.get_vocab():
         raise ModelLoadError(
             f"{source!r} is an InstructBLIP checkpoint without its Q-Former tokenizer (a `qformer_tokenizer/` "
             "folder): the LLM's tokenizer would be used in its place and give wrong answers"
-        )
-    if len(qformer_tokenizer) > config.qformer_config.vocab_size:
-        raise ModelLoadError(
-            f"{source!r}: the Q-Former tokenizer has {len(qformer_tokenizer)} tokens, its embeddings "
-            f"{config.qformer_config.vocab_size}: they do not belong together"
         )
 
 
@@ -197,7 +194,7 @@ def load_generation(
         model.to(device)
     processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
     if config.model_type == "instructblip":
-        check_qformer_tokenizer(source, processor, config)
+        check_qformer_tokenizer(source, processor)
     if getattr(processor, "num_query_tokens", None) is None:
         processor.num_query_tokens = config.num_query_tokens
     encoder_decoder = bool(text_config.is_encoder_decoder)
@@ -212,6 +209,9 @@ def load_generation(
         llm_type=text_config.model_type,
         is_encoder_decoder=encoder_decoder,
         max_positions=None if encoder_decoder else getattr(text_config, "max_position_embeddings", None),
+        generation_defaults={
+            k: v for k, v in model.generation_config.to_diff_dict().items() if k in ROUTE_GENERATION_OPTIONS
+        },
     )
 
 

@@ -132,6 +132,12 @@ def check_text(settings: Settings, name: str, text: str) -> str:
     return text
 
 
+def model_defaults(runner: Runner, route_defaults: dict) -> dict:
+    """The route's defaults (the paper's), overridden by what the model folder's generation_config.json
+    sets (e.g. a model whose captions are shorter than the paper's 8-token minimum); a request overrides both."""
+    return route_defaults | runner.models.generation.generation_defaults
+
+
 def make_options(params: schemas.GenerationParams, defaults: dict, settings: Settings) -> GenerationOptions:
     values = {k: getattr(params, k) if getattr(params, k) is not None else v for k, v in defaults.items()}
     if values["max_new_tokens"] > settings.max_new_tokens_limit:
@@ -235,7 +241,9 @@ async def caption(request: Request) -> schemas.CaptionResponse:
     settings = settings_of(request)
     runner = runner_of(request, "generation")
     body, files = await parse_body(request, schemas.CaptionRequest)
-    options = make_options(body, CAPTION_DEFAULTS, settings)  # cheap checks before decoding the image
+    options = make_options(
+        body, model_defaults(runner, CAPTION_DEFAULTS), settings
+    )  # cheap checks before decoding the image
     default_prompt = family_prompt(runner, settings)[0]
     prompt = check_text(settings, "prompt", body.prompt if body.prompt is not None else default_prompt)
     image = await one_image(request, body.image, files.get("image"))
@@ -251,7 +259,7 @@ async def vqa(request: Request) -> schemas.VqaResponse:
     settings = settings_of(request)
     runner = runner_of(request, "generation")
     body, files = await parse_body(request, schemas.VqaRequest)
-    options = make_options(body, VQA_DEFAULTS, settings)
+    options = make_options(body, model_defaults(runner, VQA_DEFAULTS), settings)
     template = body.prompt_template or family_prompt(runner, settings)[1]
     if template.count("{}") != 1:
         raise unprocessable("prompt_template: must hold exactly one `{}` for the question")
@@ -271,7 +279,7 @@ async def generate(request: Request) -> schemas.GenerateResponse:
     settings = settings_of(request)
     runner = runner_of(request, "generation")
     body, files = await parse_body(request, schemas.GenerateRequest)
-    options = make_options(body, GENERATE_DEFAULTS, settings)
+    options = make_options(body, model_defaults(runner, GENERATE_DEFAULTS), settings)
     prompt = check_text(settings, "prompt", body.prompt)
     image = await one_image(request, body.image, files.get("image"))
     result, usage = await generate_text(request, runner, image, prompt, options)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 
 import pytest
 import torch
@@ -129,6 +130,23 @@ def test_vqa_and_generate_options(opt8, photos):
         files={"image": ("x.jpg", encode(photos[3], "JPEG"), "image/jpeg")},
     )
     assert sampled.status_code == 200, sampled.text
+
+
+def test_a_folders_generation_config_sets_the_route_defaults(checkpoints, photos, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(checkpoints["tiny-opt"] / "generation", folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(
+        json.dumps(config | {"min_new_tokens": 3, "max_new_tokens": 3})
+    )
+    with running_app(settings_for(folder)) as client:
+        image = b64(photos[0])
+        # /caption's paper default is 8-30 tokens; this folder says 3, and a request still overrides it
+        assert client.post("/caption", json={"image": image}).json()["usage"]["completion_tokens"] == 3
+        body = {"image": image, "min_new_tokens": 5, "max_new_tokens": 5}
+        assert client.post("/caption", json=body).json()["usage"]["completion_tokens"] == 5
+        vqa = client.post("/vqa", json={"image": image, "question": "what?", "num_beams": 1})
+        assert vqa.json()["usage"]["completion_tokens"] == 3
 
 
 def test_embed_normalised(opt8, photos):

@@ -103,8 +103,8 @@ quick start (a real model on a CPU with no download) and its standing quality ch
 
 Prompts it was trained with (the server's defaults for InstructBLIP): `Question: {{question}} Short answer:`
 for /vqa, `A short image description:` for /caption. Greedy decoding is enough. Its captions are 3-6
-tokens long: ask /caption with `min_new_tokens=1` (the route's default of 8, the paper's, makes it go on
-past the end of its caption).
+tokens long: its `generation_config.json` sets `min_new_tokens` 1, which the server takes over the route's
+paper default of 8 (that would make it go on past the end of its caption).
 
 ## Figures
 
@@ -207,7 +207,8 @@ Q-Former's question on the right, as fine-tuning does (BERT's positions are abso
 figure. The server's defaults (beam 5, length penalty -1, batches of at most 8) are the row below; the server test
 (`tests/service/test_default_model.py`, 500 fixed test questions, concurrent /vqa requests) checks >= 95%.
 /caption: the route's defaults are the paper's (beam 5, at least 8 new tokens); this model's captions
-are 3-6 tokens, so clients pass `min_new_tokens=1` (with the defaults the caption goes on past its end).
+are 3-6 tokens, so its `generation_config.json` sets `min_new_tokens` 1, which the server takes as the
+model's default (with 8 the caption goes on past its end).
 
 ## Stage 2 from the stage-1 Q-Former vs from a fresh Q-Former
 

@@ -150,6 +150,12 @@ def ship(generation: Path, stage1: Path, dest: Path, dtype: str) -> dict:
                 shutil.copy2(file, target / file.name)
             elif file.is_dir():  # e.g. InstructBLIP's qformer_tokenizer/: without it the processor
                 shutil.copytree(file, target / file.name)  # falls back to the LLM's tokenizer
+        if name == "generation":
+            # The server's /caption default is the paper's 8-token minimum; this model's captions are 3-6
+            # tokens, and the folder's generation_config.json is where a model states its own defaults.
+            generation_config = json.loads((target / "generation_config.json").read_text())
+            generation_config["min_new_tokens"] = 1
+            (target / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
         if dtype == "float16":
             config = json.loads((target / "config.json").read_text())
             config["dtype"] = "float16"
