@@ -6,6 +6,7 @@ BLIP-2 reads one image and a flat prompt, so the turns are folded into the model
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -86,19 +87,14 @@ async def chat_completions(body: schemas.ChatRequest, request: Request):
     folded = fold_conversation(body.messages, family_prompt(runner, settings)[1])
     prompt = check_text(settings, "messages", folded)
     image = await image_from_string(urls[0], settings)
+    header = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
+    if body.stream:
+        return await _streamed(request, runner, image, prompt, options, body.stop, header)
     result, usage = await generate_text(request, runner, image, prompt, options)
     text, stopped = _apply_stop(result.text, body.stop)
     finish = "stop" if stopped else result.finish_reason
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    if body.stream:
-        return StreamingResponse(
-            _stream(completion_id, created, settings.model_name, text, finish), media_type="text/event-stream"
-        )
     return schemas.ChatResponse(
-        id=completion_id,
-        created=created,
-        model=settings.model_name,
+        **header,
         choices=[
             schemas.ChatChoice(index=0, message={"role": "assistant", "content": text}, finish_reason=finish)
         ],
@@ -106,11 +102,74 @@ async def chat_completions(body: schemas.ChatRequest, request: Request):
     )
 
 
-async def _stream(completion_id: str, created: int, model: str, text: str, finish: str):
-    """Server-sent events for `stream: true`: the whole answer as one delta (generation is not incremental)."""
-    base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
-    deltas = [({"role": "assistant", "content": text}, None), ({}, finish)]
-    for delta, reason in deltas:
-        chunk = base | {"choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
-        yield f"data: {json.dumps(chunk)}\n\n"
-    yield "data: [DONE]\n\n"
+async def _streamed(request: Request, runner, image, prompt: str, options, stop, header: dict):
+    """`stream: true`: server-sent events with the answer's text as the model produces it.
+
+    The request joins a batch like any other; the model thread hands its tokens over one by one. The
+    response starts with the first token, so an error before it (422, 429, 504) keeps its status code.
+    """
+    loop = asyncio.get_running_loop()
+    tokens: asyncio.Queue[int] = asyncio.Queue()
+    work = asyncio.ensure_future(
+        generate_text(
+            request, runner, image, prompt, options, lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t)
+        )
+    )
+    next_token = asyncio.ensure_future(tokens.get())
+    await asyncio.wait({work, next_token}, return_when=asyncio.FIRST_COMPLETED)
+    if work.done() and work.exception() is not None:
+        next_token.cancel()
+        raise work.exception()
+    markers = [stop] if isinstance(stop, str) else [m for m in stop or [] if m]
+    held_back = max((len(m) for m in markers), default=1) - 1  # text that may yet become a stop marker
+
+    def event(delta: dict, finish: str | None) -> str:
+        chunk = header | {"object": "chat.completion.chunk"}
+        chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish}]
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    async def events():
+        nonlocal next_token
+        ids: list[int] = []
+        sent = ""
+        try:
+            yield event({"role": "assistant", "content": ""}, None)
+            generating = True
+            while generating:
+                await asyncio.wait({work, next_token}, return_when=asyncio.FIRST_COMPLETED)
+                if next_token.done():
+                    arrived = [next_token.result()]
+                    next_token = asyncio.ensure_future(tokens.get())
+                else:  # the answer is complete: what is still queued, then the end
+                    next_token.cancel()
+                    arrived, generating = [], False
+                    while not tokens.empty():
+                        arrived.append(tokens.get_nowait())
+                for token in arrived:  # one event per token, also when several arrived at once
+                    ids.append(token)
+                    text, stopped = _apply_stop(runner.decode(ids), markers)
+                    if stopped:
+                        if text.startswith(sent) and text != sent:
+                            yield event({"content": text[len(sent) :]}, None)
+                        yield event({}, "stop")
+                        yield "data: [DONE]\n\n"
+                        return
+                    visible = text[: len(text) - held_back]
+                    if visible.startswith(sent) and visible != sent:
+                        yield event({"content": visible[len(sent) :]}, None)
+                        sent = visible
+            try:
+                result, _ = work.result()
+            except Exception:  # already answered 200: the error can only be told in the stream
+                yield f"data: {json.dumps({'error': {'message': 'generation failed'}})}\n\n"
+                return
+            text, stopped = _apply_stop(result.text, markers)
+            if text.startswith(sent) and text != sent:
+                yield event({"content": text[len(sent) :]}, None)
+            yield event({}, "stop" if stopped else result.finish_reason)
+            yield "data: [DONE]\n\n"
+        finally:
+            next_token.cancel()
+            work.cancel()  # a client that hangs up mid-answer: its job is dropped if not yet running
+
+    return StreamingResponse(events(), media_type="text/event-stream")

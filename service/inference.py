@@ -8,13 +8,14 @@ feeds the same ViT states to ITC and to the ITM re-rank.
 from __future__ import annotations
 
 import copy
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from PIL import Image
 from torch.nn import functional as F
+from transformers.generation.streamers import BaseStreamer
 
 from service.loading import GenerationModel, LoadedModels, RetrievalModel
 from service.vision import VisionCache
@@ -51,6 +52,33 @@ class Generated:
 class GenerateJob:
     image: Image.Image
     prompt: str
+    # Streaming: called on the model thread with each token of this answer as it is generated (up to, not
+    # including, its end of sequence). Greedy and sampled decoding only: transformers streams no beams.
+    on_token: Callable[[int], None] | None = None
+
+
+class RowStreamer(BaseStreamer):
+    """Hands each row of a batched `generate` its new token, as transformers produces them step by step."""
+
+    def __init__(self, callbacks: list[Callable[[int], None] | None], eos: set[int]) -> None:
+        self.callbacks, self.eos = callbacks, eos
+        self.ended = [callback is None for callback in callbacks]
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt (or the decoder's start token)
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(len(self.callbacks), -1)[:, -1].tolist()):
+            if self.ended[row]:
+                continue
+            if token in self.eos:  # after it, a finished row only receives padding
+                self.ended[row] = True
+            else:
+                self.callbacks[row](token)
+
+    def end(self) -> None:
+        self.ended = [True] * len(self.callbacks)
 
 
 @dataclass
@@ -77,7 +105,7 @@ class Runner:
         self.vision = (
             vision_cache if vision_cache is not None else VisionCache(0)
         )  # (an empty cache is falsy)
-        self._counting_tokenizer = None  # prompt_tokens' own tokenizer (event loop thread only)
+        self._event_loop_tokenizer = None  # prompt_tokens and decode run on the event loop: its own copy
 
     def __call__(self, key: Hashable, jobs: list[Any]) -> list[Any]:
         task = key[0]
@@ -111,7 +139,10 @@ class Runner:
             inputs["qformer_attention_mask"] = qformer["attention_mask"]
         inputs = {k: v.to(self.models.device) for k, v in inputs.items()}
         states = self.vision.states(gen.model.vision_model, pixels, self.models.device, self.models.dtype)
-        output = self._generate(gen, states, inputs, options.generate_kwargs())
+        kwargs = options.generate_kwargs()
+        if any(job.on_token for job in jobs):
+            kwargs["streamer"] = RowStreamer([job.on_token for job in jobs], self._eos_ids(gen))
+        output = self._generate(gen, states, inputs, kwargs)
         if not gen.is_encoder_decoder:  # decoder LLMs return the prompt (queries included) before the answer
             output = output[:, inputs["input_ids"].shape[1] :]
         return [self._decoded(gen, row, options) for row in output.cpu()]
@@ -151,14 +182,20 @@ class Runner:
         return model.language_model.generate(**llm_inputs, **kwargs)
 
     @staticmethod
+    def _eos_ids(gen: GenerationModel) -> set[int]:
+        eos = gen.model.generation_config.eos_token_id
+        if eos is None:
+            eos = gen.processor.tokenizer.eos_token_id
+        return set(eos if isinstance(eos, list) else [eos])
+
+    @staticmethod
     def _decoded(gen: GenerationModel, row: torch.Tensor, options: GenerationOptions) -> Generated:
         tokenizer = gen.processor.tokenizer
         ids = row.tolist()
         start = gen.model.config.text_config.decoder_start_token_id if gen.is_encoder_decoder else None
         if start is not None and ids and ids[0] == start:
             ids = ids[1:]
-        eos = gen.model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
+        eos = Runner._eos_ids(gen)
         # Rows that stop early in a batch are padded after their end of sequence: cut there.
         end = next((n for n, token in enumerate(ids) if token in eos), None)
         stopped = end is not None
@@ -174,9 +211,16 @@ class Runner:
         padding setting on the shared Rust object, so counting uses a private copy (sharing one turned
         batches ragged under load: 500s)."""
         gen = self.models.generation
-        if self._counting_tokenizer is None:
-            self._counting_tokenizer = copy.deepcopy(gen.processor.tokenizer)
-        return len(self._counting_tokenizer(prompt)["input_ids"]) + gen.model.config.num_query_tokens
+        return len(self._loop_tokenizer()(prompt)["input_ids"]) + gen.model.config.num_query_tokens
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of generated tokens, on the event loop (streaming), as `Generated.text` is made."""
+        return self._loop_tokenizer().decode(token_ids, skip_special_tokens=True).strip()
+
+    def _loop_tokenizer(self):
+        if self._event_loop_tokenizer is None:
+            self._event_loop_tokenizer = copy.deepcopy(self.models.generation.processor.tokenizer)
+        return self._event_loop_tokenizer
 
     # -- retrieval model ----------------------------------------------------------------------------
     def _retrieval(self) -> RetrievalModel:

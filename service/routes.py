@@ -201,9 +201,11 @@ async def run_job(request: Request, key: Hashable, job: Any) -> Any:
         raise ApiError(500, "internal_error", "the server failed to answer this request") from None
 
 
-async def generate_text(request: Request, runner: Runner, image, prompt: str, options: GenerationOptions):
+async def generate_text(
+    request: Request, runner: Runner, image, prompt: str, options: GenerationOptions, on_token=None
+):
     prompt_tokens = check_length(runner, prompt, options)
-    result = await run_job(request, ("generate", options), GenerateJob(image, prompt))
+    result = await run_job(request, ("generate", options), GenerateJob(image, prompt, on_token))
     request.app.state.metrics.generated_tokens.inc(result.tokens)
     usage = schemas.Usage(
         prompt_tokens=prompt_tokens,

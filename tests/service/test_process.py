@@ -90,6 +90,22 @@ def test_openai_client(served, photos):
     assert isinstance(completion.choices[0].message.content, str)
     assert completion.choices[0].finish_reason in ("stop", "length")
     assert 1 <= completion.usage.completion_tokens <= 6
+    # stream=True: the same greedy answer, arriving token by token as server-sent events
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-opt",
+            messages=[
+                {"role": "user", "content": [{"type": "text", "text": "What is in the picture?"},
+                                             {"type": "image_url", "image_url": {"url": image}}]},
+            ],
+            max_tokens=6,
+            stream=True,
+        )
+    )  # fmt: skip
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+    assert "".join(pieces) == completion.choices[0].message.content
+    assert len(pieces) >= min(2, len(completion.choices[0].message.content.split()))
+    assert chunks[-1].choices[0].finish_reason == completion.choices[0].finish_reason
     with pytest.raises(openai.UnprocessableEntityError) as caught:
         client.chat.completions.create(model="tiny-opt", messages=[{"role": "user", "content": "no image"}])
     assert "image_url" in str(caught.value)

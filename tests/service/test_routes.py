@@ -239,6 +239,22 @@ def test_chat_completions_shape(opt8, photos):
     assert answer["usage"]["completion_tokens"] <= 5
     streamed = opt8.post("/v1/chat/completions", json=body | {"stream": True})
     assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
+    events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    content = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+    assert content == answer["choices"][0]["message"]["content"]
+    assert events[-1]["choices"][0]["finish_reason"] == answer["choices"][0]["finish_reason"]
+    # a stop marker cuts the stream where it cuts the whole answer
+    marker = content.split()[1] if len(content.split()) > 1 else "zz"
+    stopped = opt8.post("/v1/chat/completions", json=body | {"stream": True, "stop": [marker]})
+    whole = opt8.post("/v1/chat/completions", json=body | {"stop": [marker]}).json()["choices"][0]
+    events = [json.loads(line[6:]) for line in stopped.text.splitlines() if line.startswith("data: {")]
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == whole["message"]["content"]
+    assert events[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]
+    # errors found before the first token keep their status code
+    assert (
+        opt8.post("/v1/chat/completions", json=body | {"stream": True, "max_tokens": 10**6}).status_code
+        == 422
+    )
 
 
 def test_conversation_folded_into_the_vqa_format():
