@@ -232,6 +232,10 @@ def write_webdataset_shards(manifest: str | Path, output: str | Path, shard_size
         written += _write_tar(path, itertools.chain([first], itertools.islice(samples, shard_size - 1)))
         shards.append(str(path))
         log.info("wrote %s (%d samples so far)", path, written)
+    # Shards of an earlier, longer run into this folder would join any `*.tar` glob of the new set.
+    for stale in sorted(set(map(str, output.glob(SHARD_NAME.replace("{:06d}", "*")))) - set(shards)):
+        log.warning("removing %s: left by an earlier run, not part of this set", stale)
+        Path(stale).unlink()
     return {
         "output": str(output), "shards_written": len(shards), "samples": written,
         "skipped": len(rows) - written, "shards": ",".join(shards),

@@ -45,6 +45,15 @@ def test_manifest_to_shards_and_back(shapes_manifest, tmp_path, capsys):
     assert summary["shards"] == ",".join(str(tmp_path / "shards" / n) for n in names)
     assert (summary["shards_written"], summary["samples"], summary["skipped"]) == (3, 48, 0)
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == names  # no temporary files left
+    again = _shards(
+        capsys, shapes_manifest, tmp_path / "shards", shard_size=30
+    )  # the same folder, fewer shards
+    assert (
+        sorted(p.name for p in (tmp_path / "shards").iterdir())
+        == names[:2]
+        == [Path(p).name for p in again["shards"].split(",")]
+    )  # the earlier run's third shard is not left behind
+    summary = _shards(capsys, shapes_manifest, tmp_path / "shards", shard_size=20)
     per_shard = [len(_members(tmp_path / "shards" / n)) // 3 for n in names]  # png, json and txt each
     assert per_shard == [20, 20, 8]
 
