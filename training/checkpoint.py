@@ -79,11 +79,15 @@ def save(
 
 
 def latest(folder: Path) -> Path | None:
+    """The checkpoint `latest` names; if that pointer is gone or names a deleted folder, the newest
+    `step-*` folder (only complete checkpoints carry that name), so a resume never silently restarts."""
     pointer = folder / LATEST
-    if not pointer.exists():
-        return None
-    path = folder / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    if pointer.exists():
+        path = folder / pointer.read_text().strip()
+        if path.is_dir():
+            return path
+    steps = sorted(folder.glob("step-*"))
+    return steps[-1] if steps else None
 
 
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

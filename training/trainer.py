@@ -187,6 +187,8 @@ def train(task: nn.Module, dataset: Dataset, collate, settings: TrainSettings) -
     sampler = None if isinstance(dataset, IterableDataset) else ResumableSampler(len(dataset), settings.seed)
     step, samples_seen, skipped = 0, 0, 0
     resume_from = checkpoint.latest(ckpt_dir) if settings.resume else None
+    if settings.resume and resume_from is None:
+        log.info("--resume: no checkpoint in %s yet, starting at step 0", ckpt_dir)
     if resume_from is not None:
         weights, state = checkpoint.load(resume_from)
         missing = set(trainable_state(task)) - set(weights)

@@ -8,6 +8,7 @@ embeddings interpolated once as LAVIS's `interpolate_pos_embed` does and the mod
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,22 @@ def test_image_size_with_features_cached_at_another_size_is_refused(
 def test_train_vit_with_features_is_refused(tiny_opt, shapes_manifest, features_64px, tmp_path):
     with pytest.raises(SystemExit, match="--train-vit needs images"):
         _caption(tiny_opt, shapes_manifest, tmp_path, "--features", str(features_64px), "--train-vit")
+
+
+# --lora-rank
+
+
+def test_lora_run_resumes_to_the_same_merged_model(tiny_opt, shapes_manifest, tmp_path, caplog):
+    common = ["finetune", "--task", "retrieval", "--init", str(tiny_opt / "stage1"), "--train-manifest"]
+    common += [str(shapes_manifest), "--lora-rank", "4", "--steps", "6", "--save-every", "3", *FAST]
+    main([*common, "--output", str(tmp_path / "straight")])
+    # the same run killed after its step-3 checkpoint: only that checkpoint is left
+    shutil.copytree(tmp_path / "straight" / "checkpoints", tmp_path / "killed" / "checkpoints")
+    shutil.rmtree(tmp_path / "killed" / "checkpoints" / "step-00000006")
+    with caplog.at_level("INFO", logger="training.trainer"):
+        main([*common, "--output", str(tmp_path / "killed"), "--resume"])
+    # `latest` still names the deleted step 6: the resume falls back to the newest complete checkpoint
+    assert "step-00000003 at step 3" in caplog.text
+    straight, resumed = _weights(tmp_path / "straight" / "model"), _weights(tmp_path / "killed" / "model")
+    assert straight.keys() == resumed.keys() and not any("lora" in k for k in straight)  # merged on save
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
