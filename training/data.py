@@ -98,6 +98,16 @@ class ImageTransform:
         return (pixels - self.mean) / self.std
 
 
+def image_problem(source: str | bytes) -> str | None:
+    """Why an image file cannot be used, or None: a check of its structure, without decoding the pixels."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            image.verify()
+    except IMAGE_ERRORS as error:
+        return str(error) or type(error).__name__
+    return None
+
+
 def load_image(source: str | bytes) -> Image.Image:
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
         image.load()

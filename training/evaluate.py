@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from training.data import IMAGE_ERRORS, image_id_table, image_key, load_image, read_manifest
+from training.data import IMAGE_ERRORS, image_id_table, image_key, image_problem, load_image, read_manifest
 from training.finetune import resolve_prompt
 from training.metrics import caption_metrics, retrieval_recall, vqa_metrics
 
@@ -304,13 +304,28 @@ def print_table(task: str, metrics: dict) -> None:
     print(f"eval {task}\n" + "\n".join(lines), flush=True)
 
 
+def _unreadable_images(s) -> list[str]:
+    """The manifest's images that cannot be read: they stay in the evaluation (as wrong answers, or as blank
+    images in retrieval) so that figures stay comparable, and are counted in the metrics and named here."""
+    paths = list(dict.fromkeys(row["image"] for row in _rows(s)))
+    unreadable = [path for path in paths if image_problem(path) is not None]
+    if unreadable:
+        log.warning(
+            "%d of %d images cannot be read and count as misses: %s",
+            len(unreadable), len(paths), ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else ""),
+        )  # fmt: skip
+    return unreadable
+
+
 def run_eval(s) -> dict:
     if s.task not in EVALUATORS:
         raise SystemExit(f"--task must be one of {', '.join(EVALUATORS)}")
     if not s.model or not s.manifest:
         raise SystemExit("eval needs --model and --manifest")
+    unreadable = _unreadable_images(s)
     metrics, predictions = EVALUATORS[s.task](s)
     metrics = {"task": s.task, "model": s.model, "manifest": s.manifest, **metrics}
+    metrics["unreadable_images"] = len(unreadable)
     output = Path(s.output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -21,9 +21,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from PIL import Image
-
-from training.data import IMAGE_ERRORS, SHARD_IMAGE_KEYS, read_manifest
+from training.data import SHARD_IMAGE_KEYS, image_problem, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -267,10 +265,12 @@ def _image_entry(path: str) -> dict[str, bytes] | None:
         return None
     try:
         data = Path(path).read_bytes()
-        with Image.open(io.BytesIO(data)) as image:
-            image.verify()  # a cheap check of the file's structure, without decoding every pixel
-    except IMAGE_ERRORS as error:
+    except OSError as error:
         log.warning("skipping %s: %s", path, error)
+        return None
+    problem = image_problem(data)
+    if problem is not None:
+        log.warning("skipping %s: %s", path, problem)
         return None
     return {extension: data}
 

@@ -167,3 +167,17 @@ def test_retrieval_finetune_then_eval_beats_the_untrained_model(workspace, capsy
     # measured over three Q-Former seeds: i2t 3-5 -> 62-73, t2i 2-7 -> 68-82
     assert after["i2t_r1"] > before["i2t_r1"] + 30
     assert after["t2i_r1"] > before["t2i_r1"] + 30
+
+
+def test_eval_counts_unreadable_images_as_misses(workspace, caplog):
+    data = workspace / "data"
+    rows = _rows(data / "vqa_test.jsonl")[:3]
+    rows.append(rows[0] | {"image": "images/test/missing.png"})
+    (data / "with_missing.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main(["eval", "--task", "vqa", "--model", PRETRAINED, "--manifest", str(data / "with_missing.jsonl")]
+         + ["--output", str(workspace / "eval-missing"), "--no-progress", "--num-beams", "1"])  # fmt: skip
+    metrics = _metrics(workspace / "eval-missing")
+    assert metrics["count"] == 4 and metrics["unreadable_images"] == 1
+    assert metrics["accuracy"] <= 75.0  # the missing image's question is a miss, not dropped
+    distinct = len({r["image"] for r in rows})
+    assert f"1 of {distinct} images cannot be read" in caplog.text and "missing.png" in caplog.text
