@@ -21,6 +21,7 @@ from tqdm import tqdm
 from training.data import IMAGE_ERRORS, image_id_table, image_key, image_problem, load_image, read_manifest
 from training.finetune import resolve_prompt
 from training.metrics import caption_metrics, retrieval_recall, vqa_metrics
+from training.stages import caption_ids
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +126,8 @@ def _rows(s) -> list[dict]:
     return rows[: s.limit] if s.limit > 0 else rows
 
 
-def evaluate_vqa(s) -> tuple[dict, list[dict]]:
+def evaluate_vqa(s, rows: list[dict]) -> tuple[dict, list[dict]]:
     model, processor = load_generation_model(s.model, _device(s.device))
-    rows = _rows(s)
     template = resolve_prompt("vqa", s.prompt)
     prompts = [template.format(row["question"]) for row in rows]
     options = _options(s)
@@ -145,9 +145,8 @@ def evaluate_vqa(s) -> tuple[dict, list[dict]]:
     return metrics, predictions
 
 
-def evaluate_caption(s) -> tuple[dict, list[dict]]:
+def evaluate_caption(s, rows: list[dict]) -> tuple[dict, list[dict]]:
     model, processor = load_generation_model(s.model, _device(s.device))
-    rows = _rows(s)
     ids = image_id_table(rows)
     references: dict[int, list[str]] = {}
     image_of: dict[int, str] = {}
@@ -257,7 +256,7 @@ def retrieval_scores(
     return {"itc_i2t": itc, "itc_t2i": itc.T, "i2t": final["i2t"], "t2i": final["t2i"]}
 
 
-def evaluate_retrieval(s) -> tuple[dict, list[dict]]:
+def evaluate_retrieval(s, rows: list[dict]) -> tuple[dict, list[dict]]:
     from transformers import AutoProcessor
 
     from training.model import Stage1Model
@@ -265,7 +264,6 @@ def evaluate_retrieval(s) -> tuple[dict, list[dict]]:
     device = _device(s.device)
     model = Stage1Model.from_pretrained(s.model).to(device).eval()
     processor = AutoProcessor.from_pretrained(s.model)
-    rows = _rows(s)
     ids = image_id_table(rows)
     text_image = [ids[image_key(row)] for row in rows]
     image_paths = {}
@@ -274,8 +272,7 @@ def evaluate_retrieval(s) -> tuple[dict, list[dict]]:
     scores = retrieval_scores(
         model, processor, [image_paths[i] for i in range(len(ids))], [r["text"] for r in rows], s
     )
-    wording = {text: n for n, text in enumerate(dict.fromkeys(r["text"] for r in rows))}
-    text_caption = [wording[r["text"]] for r in rows] if s.same_caption_positives else None
+    text_caption = caption_ids([r["text"] for r in rows]) if s.same_caption_positives else None
     metrics = retrieval_recall(
         scores["i2t"].cpu(), scores["t2i"].cpu(), text_image, text_caption=text_caption
     )
@@ -304,10 +301,10 @@ def print_table(task: str, metrics: dict) -> None:
     print(f"eval {task}\n" + "\n".join(lines), flush=True)
 
 
-def _unreadable_images(s) -> list[str]:
+def _unreadable_images(rows: list[dict]) -> list[str]:
     """The manifest's images that cannot be read: they stay in the evaluation (as wrong answers, or as blank
     images in retrieval) so that figures stay comparable, and are counted in the metrics and named here."""
-    paths = list(dict.fromkeys(row["image"] for row in _rows(s)))
+    paths = list(dict.fromkeys(row["image"] for row in rows))
     unreadable = [path for path in paths if image_problem(path) is not None]
     if unreadable:
         log.warning(
@@ -322,8 +319,9 @@ def run_eval(s) -> dict:
         raise SystemExit(f"--task must be one of {', '.join(EVALUATORS)}")
     if not s.model or not s.manifest:
         raise SystemExit("eval needs --model and --manifest")
-    unreadable = _unreadable_images(s)
-    metrics, predictions = EVALUATORS[s.task](s)
+    rows = _rows(s)
+    unreadable = _unreadable_images(rows)
+    metrics, predictions = EVALUATORS[s.task](s, rows)
     metrics = {"task": s.task, "model": s.model, "manifest": s.manifest, **metrics}
     metrics["unreadable_images"] = len(unreadable)
     output = Path(s.output)
