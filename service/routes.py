@@ -243,9 +243,8 @@ async def caption(request: Request) -> schemas.CaptionResponse:
     settings = settings_of(request)
     runner = runner_of(request, "generation")
     body, files = await parse_body(request, schemas.CaptionRequest)
-    options = make_options(
-        body, model_defaults(runner, CAPTION_DEFAULTS), settings
-    )  # cheap checks before decoding the image
+    # cheap checks before decoding the image
+    options = make_options(body, model_defaults(runner, CAPTION_DEFAULTS), settings)
     default_prompt = family_prompt(runner, settings)[0]
     prompt = check_text(settings, "prompt", body.prompt if body.prompt is not None else default_prompt)
     image = await one_image(request, body.image, files.get("image"))
