@@ -90,8 +90,7 @@ class Engine:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blip2-model")
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._running = 0
-        self._current: list[WorkItem] = []
+        self._current: list[WorkItem] = []  # the batch on the model thread
         self._last_batch_size = 0
         self._mean_batch_seconds = 0.5
         self.accepting = False
@@ -99,6 +98,10 @@ class Engine:
     @property
     def depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def _running(self) -> int:
+        return len(self._current)
 
     @property
     def busy(self) -> bool:
@@ -164,25 +167,29 @@ class Engine:
                 # Under load: let the batch fill up, but never wait past max_wait after its first request.
                 await self._fill(batch)
             self._metrics.queue_depth(len(self._queue))
-            self._running, self._current = len(batch), batch
+            self._current = batch
             try:
                 await self._run(batch)
             except Exception:  # the loop must survive anything a batch does
                 log.exception("batch failed")
             finally:
-                self._running, self._current = 0, []
+                self._current = []
 
-    def _take(self, key: Hashable | None = None, limit: int | None = None) -> list[WorkItem]:
-        """Remove up to `limit` live requests with the head's key (or `key`) from the queue, in order."""
+    def _live(self, items) -> list[WorkItem]:
+        """The items someone still waits for; the others are counted as dropped, by reason."""
         now = time.monotonic()
-        live = collections.deque()
-        for item in self._queue:
+        live = []
+        for item in items:
             reason = item.dead(now)
             if reason:
                 self._metrics.dropped(reason)
             else:
                 live.append(item)
-        self._queue = live
+        return live
+
+    def _take(self, key: Hashable | None = None, limit: int | None = None) -> list[WorkItem]:
+        """Remove up to `limit` live requests with the head's key (or `key`) from the queue, in order."""
+        self._queue = collections.deque(self._live(self._queue))
         if not self._queue:
             return []
         key = self._queue[0].key if key is None else key
@@ -228,14 +235,7 @@ class Engine:
 
     def _compute(self, batch: list[WorkItem]) -> tuple[list[WorkItem], list[Any]]:
         """On the worker thread: drop requests nobody waits for any more, then run the rest together."""
-        now = time.monotonic()
-        live = []
-        for item in batch:
-            reason = item.dead(now)
-            if reason:
-                self._metrics.dropped(reason)
-            else:
-                live.append(item)
+        live = self._live(batch)
         if not live:
             return [], []
         for item in live:
