@@ -83,7 +83,6 @@ async def drain(app: FastAPI, timeout_s: float | None = None) -> bool:
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.started = int(time.time())
         loading = asyncio.create_task(_load(app))
         yield
         loading.cancel()

@@ -66,9 +66,13 @@ def _options(body: schemas.ChatRequest, max_tokens_limit: int) -> GenerationOpti
     )
 
 
-def _apply_stop(text: str, stop: str | list[str] | None) -> tuple[str, bool]:
-    for marker in [stop] if isinstance(stop, str) else stop or []:
-        if marker and marker in text:
+def _stop_markers(stop: str | list[str] | None) -> list[str]:
+    return [m for m in ([stop] if isinstance(stop, str) else stop or []) if m]
+
+
+def _apply_stop(text: str, markers: list[str]) -> tuple[str, bool]:
+    for marker in markers:
+        if marker in text:
             return text[: text.index(marker)], True
     return text, False
 
@@ -88,10 +92,11 @@ async def chat_completions(body: schemas.ChatRequest, request: Request):
     prompt = check_text(settings, "messages", folded)
     image = await image_from_string(urls[0], settings)
     header = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
+    markers = _stop_markers(body.stop)
     if body.stream:
-        return await _streamed(request, runner, image, prompt, options, body.stop, header)
+        return await _streamed(request, runner, image, prompt, options, markers, header)
     result, usage = await generate_text(request, runner, image, prompt, options)
-    text, stopped = _apply_stop(result.text, body.stop)
+    text, stopped = _apply_stop(result.text, markers)
     finish = "stop" if stopped else result.finish_reason
     return schemas.ChatResponse(
         **header,
@@ -102,7 +107,7 @@ async def chat_completions(body: schemas.ChatRequest, request: Request):
     )
 
 
-async def _streamed(request: Request, runner, image, prompt: str, options, stop, header: dict):
+async def _streamed(request: Request, runner, image, prompt: str, options, markers: list[str], header: dict):
     """`stream: true`: server-sent events with the answer's text as the model produces it.
 
     The request joins a batch like any other; the model thread hands its tokens over one by one. The
@@ -120,13 +125,17 @@ async def _streamed(request: Request, runner, image, prompt: str, options, stop,
     if work.done() and work.exception() is not None:
         next_token.cancel()
         raise work.exception()
-    markers = [stop] if isinstance(stop, str) else [m for m in stop or [] if m]
     held_back = max((len(m) for m in markers), default=1) - 1  # text that may yet become a stop marker
 
     def event(delta: dict, finish: str | None) -> str:
         chunk = header | {"object": "chat.completion.chunk"}
         chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish}]
         return f"data: {json.dumps(chunk)}\n\n"
+
+    def ending(text: str, sent: str, finish: str) -> list[str]:
+        """What of the answer is not yet sent, then the finish reason and the end of the stream."""
+        rest = [event({"content": text[len(sent) :]}, None)] if text.startswith(sent) and text != sent else []
+        return [*rest, event({}, finish), "data: [DONE]\n\n"]
 
     async def events():
         nonlocal next_token
@@ -149,10 +158,8 @@ async def _streamed(request: Request, runner, image, prompt: str, options, stop,
                     ids.append(token)
                     text, stopped = _apply_stop(runner.decode(ids), markers)
                     if stopped:
-                        if text.startswith(sent) and text != sent:
-                            yield event({"content": text[len(sent) :]}, None)
-                        yield event({}, "stop")
-                        yield "data: [DONE]\n\n"
+                        for chunk in ending(text, sent, "stop"):
+                            yield chunk
                         return
                     visible = text[: len(text) - held_back]
                     if visible.startswith(sent) and visible != sent:
@@ -164,10 +171,8 @@ async def _streamed(request: Request, runner, image, prompt: str, options, stop,
                 yield f"data: {json.dumps({'error': {'message': 'generation failed'}})}\n\n"
                 return
             text, stopped = _apply_stop(result.text, markers)
-            if text.startswith(sent) and text != sent:
-                yield event({"content": text[len(sent) :]}, None)
-            yield event({}, "stop" if stopped else result.finish_reason)
-            yield "data: [DONE]\n\n"
+            for chunk in ending(text, sent, "stop" if stopped else result.finish_reason):
+                yield chunk
         finally:
             next_token.cancel()
             work.cancel()  # a client that hangs up mid-answer: its job is dropped if not yet running

@@ -102,9 +102,7 @@ class Runner:
 
     def __init__(self, models: LoadedModels, vision_cache: VisionCache | None = None) -> None:
         self.models = models
-        self.vision = (
-            vision_cache if vision_cache is not None else VisionCache(0)
-        )  # (an empty cache is falsy)
+        self.vision = vision_cache or VisionCache(0)
         self._event_loop_tokenizer = None  # prompt_tokens and decode run on the event loop: its own copy
 
     def __call__(self, key: Hashable, jobs: list[Any]) -> list[Any]:
@@ -141,7 +139,7 @@ class Runner:
         states = self.vision.states(gen.model.vision_model, pixels, self.models.device, self.models.dtype)
         kwargs = options.generate_kwargs()
         if any(job.on_token for job in jobs):
-            kwargs["streamer"] = RowStreamer([job.on_token for job in jobs], self._eos_ids(gen))
+            kwargs["streamer"] = RowStreamer([job.on_token for job in jobs], gen.eos_token_ids)
         output = self._generate(gen, states, inputs, kwargs)
         if not gen.is_encoder_decoder:  # decoder LLMs return the prompt (queries included) before the answer
             output = output[:, inputs["input_ids"].shape[1] :]
@@ -182,22 +180,14 @@ class Runner:
         return model.language_model.generate(**llm_inputs, **kwargs)
 
     @staticmethod
-    def _eos_ids(gen: GenerationModel) -> set[int]:
-        eos = gen.model.generation_config.eos_token_id
-        if eos is None:
-            eos = gen.processor.tokenizer.eos_token_id
-        return set(eos if isinstance(eos, list) else [eos])
-
-    @staticmethod
     def _decoded(gen: GenerationModel, row: torch.Tensor, options: GenerationOptions) -> Generated:
         tokenizer = gen.processor.tokenizer
         ids = row.tolist()
         start = gen.model.config.text_config.decoder_start_token_id if gen.is_encoder_decoder else None
         if start is not None and ids and ids[0] == start:
             ids = ids[1:]
-        eos = Runner._eos_ids(gen)
         # Rows that stop early in a batch are padded after their end of sequence: cut there.
-        end = next((n for n, token in enumerate(ids) if token in eos), None)
+        end = next((n for n, token in enumerate(ids) if token in gen.eos_token_ids), None)
         stopped = end is not None
         if stopped:
             ids = ids[:end]
@@ -250,10 +240,9 @@ class Runner:
         )
         return {k: tokens[k].to(self.models.device) for k in ("input_ids", "attention_mask")}
 
-    def text_features(self, texts: list[str]) -> torch.Tensor:
+    def text_features(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """The [CLS] output of the Q-Former's text side -> projected, L2-normalised: (texts, 256)."""
         model = self._retrieval().model
-        tokens = self._tokens(texts)
         out = model.qformer(
             query_embeds=model.embeddings(input_ids=tokens["input_ids"]),
             query_length=0,
@@ -262,10 +251,9 @@ class Runner:
         hidden = out.last_hidden_state[:, 0, :].to(model.text_projection.weight.dtype)
         return F.normalize(model.text_projection(hidden).float(), dim=-1)
 
-    def itm_logits(self, vision: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    def itm_logits(self, vision: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """Image-text matching logits (pairs, 2), averaged over the query outputs, as transformers does."""
         model = self._retrieval().model
-        tokens = self._tokens(texts)
         queries = model.query_tokens.expand(vision.shape[0], -1, -1)
         query_mask = torch.ones(queries.shape[:-1], dtype=torch.long, device=vision.device)
         out = model.qformer(
@@ -282,8 +270,8 @@ class Runner:
         """All images of all jobs in one ViT + Q-Former pass, all texts in one text pass, then split."""
         images = [image for job in jobs for image in job.images]
         texts = [text for job in jobs for text in job.texts]
-        queries = self.query_features(self.vision_features(images)).float().cpu() if images else None
-        text_vectors = self.text_features(texts).float().cpu() if texts else None
+        queries = self.query_features(self.vision_features(images)).cpu() if images else None
+        text_vectors = self.text_features(self._tokens(texts)).cpu() if texts else None
         results, i, t = [], 0, 0
         for job in jobs:
             result: dict[str, Any] = {}
@@ -302,20 +290,21 @@ class Runner:
 
     def retrieve(self, job: RetrieveJob) -> list[dict[str, Any]]:
         """ITC similarity for every candidate, then ITM on the top k; LAVIS's final score is ITM + ITC."""
+        # Texts are tokenised once, for ITC and for the ITM re-rank of the top k.
         if job.query_text is not None:
             vision = self.vision_features(job.candidate_images)
-            text = self.text_features([job.query_text]).float()
-            itc = (self.query_features(vision).float() @ text[0]).amax(dim=1)
+            tokens = self._tokens([job.query_text])
+            itc = (self.query_features(vision) @ self.text_features(tokens)[0]).amax(dim=1)
         else:
             vision = self.vision_features([job.query_image])
-            texts = self.text_features(job.candidate_texts).float()
-            itc = (self.query_features(vision).float()[0] @ texts.T).amax(dim=0)
+            tokens = self._tokens(job.candidate_texts)
+            itc = (self.query_features(vision)[0] @ self.text_features(tokens).T).amax(dim=0)
         k = min(job.top_k, itc.numel())
         top = torch.topk(itc, k).indices
         if job.query_text is not None:
-            logits = self.itm_logits(vision[top], [job.query_text] * k)
+            logits = self.itm_logits(vision[top], {name: t.expand(k, -1) for name, t in tokens.items()})
         else:
-            logits = self.itm_logits(vision.expand(k, -1, -1), [job.candidate_texts[i] for i in top.tolist()])
+            logits = self.itm_logits(vision.expand(k, -1, -1), {name: t[top] for name, t in tokens.items()})
         probabilities = logits.softmax(dim=-1)[:, 1]
         ranked = [
             {

@@ -66,6 +66,7 @@ class GenerationModel:
     llm_type: str  # the LLM's model_type: "opt", "t5", ...
     is_encoder_decoder: bool
     max_positions: int | None  # the decoder LLM's position limit (prompt + queries + new tokens)
+    eos_token_ids: set[int]  # where an answer ends
     # What the folder's generation_config.json sets of the routes' options: the model author's defaults
     generation_defaults: dict = field(default_factory=dict)
 
@@ -178,6 +179,13 @@ def check_qformer_tokenizer(source: str, processor) -> None:
         )
 
 
+def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos])
+
+
 def load_generation(
     source: str, config: PretrainedConfig, settings: Settings, device: torch.device
 ) -> GenerationModel:
@@ -209,6 +217,7 @@ def load_generation(
         llm_type=text_config.model_type,
         is_encoder_decoder=encoder_decoder,
         max_positions=None if encoder_decoder else getattr(text_config, "max_position_embeddings", None),
+        eos_token_ids=eos_token_ids(model, processor.tokenizer),
         generation_defaults={
             k: v for k, v in model.generation_config.to_diff_dict().items() if k in ROUTE_GENERATION_OPTIONS
         },

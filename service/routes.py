@@ -335,17 +335,17 @@ async def retrieve(request: Request) -> schemas.RetrieveResponse:
         if body.images or "images" in files:
             raise unprocessable("an image query ranks `texts`, not images")
         query_image = await one_image(request, body.image, files.get("image"))
-        job = RetrieveJob(None, query_image, candidates, [], 0)
+        job = RetrieveJob(None, query_image, candidates, [], body.top_k or settings.itm_top_k)
     else:
         if body.texts:
             raise unprocessable("a text query ranks `images`, not texts")
         candidates = await many_images(request, body.images, files.get("images"))
-        job = RetrieveJob(check_text(settings, "text", body.text), None, [], candidates, 0)
+        query_text = check_text(settings, "text", body.text)
+        job = RetrieveJob(query_text, None, [], candidates, body.top_k or settings.itm_top_k)
     if not candidates:
         raise unprocessable("give at least one candidate")
     if len(candidates) > settings.max_retrieve_candidates:
         raise unprocessable(f"at most {settings.max_retrieve_candidates} candidates per request")
-    job.top_k = min(body.top_k or settings.itm_top_k, len(candidates))
     results = await run_job(request, ("retrieve",), job)
     return schemas.RetrieveResponse(model=settings.model_name, results=results)
 

@@ -24,9 +24,6 @@ class VisionCache:
         self._entries: OrderedDict[tuple[int, bytes], torch.Tensor] = OrderedDict()
         self._on_images = on_images or (lambda computed, reused: None)
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def states(
         self, tower: torch.nn.Module, pixels: torch.Tensor, device: torch.device, dtype: torch.dtype
     ) -> torch.Tensor:
