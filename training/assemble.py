@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -84,22 +84,22 @@ def load_vision_tower(path: str) -> Blip2VisionModel:
     if config.model_type not in ("blip-2", "instructblip"):
         raise ValueError(f"{path} holds a {config.model_type!r} model, not a BLIP-2 vision tower")
     vision = Blip2VisionModel(Blip2VisionConfig(**config.vision_config.to_dict()))
-    state = {
-        k.removeprefix("vision_model."): v
-        for k, v in _safetensors_state(path).items()
-        if k.startswith("vision_model.")
-    }
-    vision.load_state_dict(state)
+    vision.load_state_dict(safetensors_state(path, "vision_model."))
     return vision
 
 
-def _safetensors_state(path: str) -> dict[str, torch.Tensor]:
+def safetensors_state(path: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The folder's tensors whose names start with `prefix`, prefix removed; only those are read, so taking
+    one part of a large checkpoint does not load the rest."""
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no .safetensors weights (pickle-based weights are not loaded)")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(str(file)))
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                if name.startswith(prefix):
+                    state[name.removeprefix(prefix)] = handle.get_tensor(name)
     return state
 
 
@@ -130,7 +130,7 @@ def copy_bert_into_qformer(stage1: Stage1Model, bert_path: str) -> list[str]:
     feed-forward and the query feed-forward (`*_query`). Cross-attention stays random. A BERT MLM head,
     when the checkpoint has one, initialises the ITG head.
     """
-    bert = {k.removeprefix("bert."): v for k, v in _safetensors_state(bert_path).items()}
+    bert = {k.removeprefix("bert."): v for k, v in safetensors_state(bert_path).items()}
     targets: dict[str, torch.Tensor] = {}
     for key, value in bert.items():
         if key.startswith("embeddings.LayerNorm."):
@@ -234,15 +234,12 @@ def load_llm(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     text_config = config.text_config
     model_class = AutoModelForSeq2SeqLM if text_config.is_encoder_decoder else AutoModelForCausalLM
     llm = model_class.from_config(text_config, dtype=torch.float32)
-    state = {
-        k.removeprefix("language_model."): v
-        for k, v in _safetensors_state(path).items()
-        if k.startswith("language_model.")
-    }
+    state = safetensors_state(path, "language_model.")
     missing, unexpected = llm.load_state_dict(state, strict=False)
     # A tied output layer is not stored; anything else missing means the folder is not what it claims.
-    loaded = {p.data_ptr() for name, p in llm.state_dict().items() if name in state}
-    untied = [name for name in missing if llm.state_dict()[name].data_ptr() not in loaded]
+    own = llm.state_dict()
+    loaded = {p.data_ptr() for name, p in own.items() if name in state}
+    untied = [name for name in missing if own[name].data_ptr() not in loaded]
     if untied or unexpected:
         raise ValueError(f"{path}: language_model weights do not fit its text_config: {untied or unexpected}")
     return llm, tokenizer

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from training.data import image_id_table, image_key, read_manifest
+from training.data import image_id_table, image_key, read_manifest, write_jsonl
 from training.evaluate import (
     _device,
     generate_texts,
@@ -23,13 +23,6 @@ from training.evaluate import (
     itc_text_features,
     load_generation_model,
 )
-
-
-def _write(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
 
 
 @torch.no_grad()
@@ -92,8 +85,8 @@ def capfilt(s) -> dict:
             if rank < s.keep:
                 kept_rows.append(row)
     output = Path(s.output)
-    _write(output, kept_rows)
-    _write(output.with_suffix(".candidates.jsonl"), candidate_rows)
+    write_jsonl(output, kept_rows)
+    write_jsonl(output.with_suffix(".candidates.jsonl"), candidate_rows)
     summary = {
         "images": len(order),
         "kept": len(kept_rows),

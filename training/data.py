@@ -54,6 +54,15 @@ def read_manifest(path: str | Path) -> list[dict]:
     return rows
 
 
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """The rows as a JSONL file (a manifest, predictions), its folder made if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
 def image_key(row: dict) -> str:
     """What identifies a row's image: its `image_id` when given, else its path."""
     return str(row.get("image_id", row["image"]))

@@ -18,7 +18,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from training.data import IMAGE_ERRORS, image_id_table, image_key, image_problem, load_image, read_manifest
+from training.data import (
+    IMAGE_ERRORS,
+    image_id_table,
+    image_key,
+    image_problem,
+    load_image,
+    read_manifest,
+    write_jsonl,
+)
 from training.finetune import resolve_prompt
 from training.metrics import caption_metrics, retrieval_recall, vqa_metrics
 from training.stages import caption_ids
@@ -327,9 +335,7 @@ def run_eval(s) -> dict:
     output = Path(s.output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    with open(output / "predictions.jsonl", "w") as handle:
-        for row in predictions:
-            handle.write(json.dumps(row) + "\n")
+    write_jsonl(output / "predictions.jsonl", predictions)
     print_table(s.task, metrics)
     print(json.dumps({"summary": {"metrics": str(output / "metrics.json")}}), flush=True)
     return metrics

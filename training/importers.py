@@ -21,20 +21,13 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from training.data import SHARD_IMAGE_KEYS, image_problem, read_manifest
+from training.data import SHARD_IMAGE_KEYS, image_problem, read_manifest, write_jsonl
 
 log = logging.getLogger(__name__)
 
 SHAPES = ("circle", "rectangle", "triangle")
 YES_NO = ("yes", "no")
 _NEGATION = {"not", "no"}
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
 
 
 def _relative(image: str | Path, folder: Path) -> str:

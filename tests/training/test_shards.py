@@ -14,7 +14,7 @@ from PIL import Image
 
 from training import importers
 from training.cli import main
-from training.data import WebDatasetShards, read_manifest, stable_id
+from training.data import WebDatasetShards, read_manifest, stable_id, write_jsonl
 
 
 def _shards(capsys, manifest: Path, output: Path, shard_size: int) -> dict:
@@ -78,7 +78,7 @@ def test_missing_and_corrupt_images_are_skipped_and_counted(shapes_manifest, tmp
         {"image": "photo.JPEG", "question": "what colour?", "answer": "blue"},
     ]
     manifest = tmp_path / "vqa.jsonl"
-    importers.write_jsonl(manifest, rows)
+    write_jsonl(manifest, rows)
     summary = _shards(capsys, manifest, tmp_path / "shards", shard_size=10)
     assert (summary["shards_written"], summary["samples"], summary["skipped"]) == (1, 2, 2)
     assert "missing.png" in caplog.text and "corrupt.png" in caplog.text

@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from training.assemble import safetensors_state
+from training.data import write_jsonl
+from training.importers import SHAPES
 from training.recipes.easy_vqa.unimodal import CAPTION_PROMPT, VQA_PROMPT, read_jsonl
 
 COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
-SHAPES = ("circle", "rectangle", "triangle")
 
 
 def write_finetune_manifest(data: Path, output: Path) -> dict:
@@ -37,15 +39,8 @@ def write_finetune_manifest(data: Path, output: Path) -> dict:
                 "question_type": "caption",
             }
         )
-    output.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(output, rows)
     return {"rows": len(rows), "output": str(output)}
-
-
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(str(file)))
-    return state
 
 
 def identity(vision: Path, llm: Path, models: dict[str, Path]) -> dict:
@@ -53,11 +48,11 @@ def identity(vision: Path, llm: Path, models: dict[str, Path]) -> dict:
 
     ViT: every weight but `post_layernorm` (BLIP-2's `ln_vision`, which trains with the Q-Former as in
     LAVIS). LLM: every weight but the embedding rows added for the `<image>` token at assembly."""
-    vit = {k: v for k, v in _weights(vision).items() if not k.startswith("post_layernorm.")}
-    lm = _weights(llm)
+    vit = {k: v for k, v in safetensors_state(str(vision)).items() if not k.startswith("post_layernorm.")}
+    lm = safetensors_state(str(llm))
     report: dict[str, dict] = {}
     for name, folder in models.items():
-        own = _weights(folder)
+        own = safetensors_state(str(folder))
         vit_equal = all(torch.equal(own["vision_model." + k], v) for k, v in vit.items())
         entry = {"vit_tensors": len(vit), "vit_identical": vit_equal}
         if any(k.startswith("language_model.") for k in own):
