@@ -33,12 +33,10 @@ def resolve_prompt(task: str, prompt: str | None) -> str:
 
 
 class PromptCollator:
-    """Batches for Stage2Task with a prompt per sample: `prompt.format(row[field])` (or the prompt as it is)
+    """Batches for Stage2Task with a prompt per sample, `prompt.format(row[field])` (VQA: the question),
     and the target text joined to it; given a Q-Former tokenizer, the prompt is tokenized for it too."""
 
-    def __init__(
-        self, prompt: str, field: str | None = None, qformer_tokenizer=None, max_text_length: int = 32
-    ):
+    def __init__(self, prompt: str, field: str, qformer_tokenizer=None, max_text_length: int = 32):
         self.prompt, self.field, self.qformer_tokenizer = prompt, field, qformer_tokenizer
         self.max_text_length = max_text_length
         self.collate = Collator(None)
@@ -47,9 +45,7 @@ class PromptCollator:
         batch = self.collate(samples)
         if batch["size"] == 0:
             return batch
-        prompts = [
-            self.prompt.format(row[self.field]) if self.field else self.prompt for row in batch["rows"]
-        ]
+        prompts = [self.prompt.format(row[self.field]) for row in batch["rows"]]
         batch["prompts"] = prompts
         batch["texts"] = [join_target(p, t) for p, t in zip(prompts, batch["texts"], strict=True)]
         if self.qformer_tokenizer is not None:
@@ -123,7 +119,7 @@ def build_finetune(s) -> tuple[nn.Module, object, PretrainedConfig, str]:
         task = Stage2Task(
             model, processor, prompt=prompt, max_text_length=s.max_text_length, train_vit=s.train_vit
         )
-        collate, text_field = PromptCollator(prompt), "text"
+        collate, text_field = Collator(None), "text"  # the task puts its one prompt before each caption
     else:
         model, processor = load_vqa_model(s.init, s.stage1)
         vision, qformer, frozen = model.vision_model, model.qformer, []

@@ -19,8 +19,7 @@ from safetensors.torch import load_file
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 from training.cli import main
-from training.data import ImageTransform, ManifestDataset
-from training.finetune import PromptCollator
+from training.data import Collator, ImageTransform, ManifestDataset
 from training.stages import Stage2Task
 from training.trainer import TrainSettings
 
@@ -89,7 +88,7 @@ def test_train_vit_runs_the_vit_in_fp32_under_autocast(tiny_opt, shapes_manifest
     for layer in layers:
         layer.register_forward_hook(lambda module, inputs, output: dtypes.add(output.dtype))
     dataset = ManifestDataset(shapes_manifest, ImageTransform(64, train=True))
-    batch = PromptCollator("a photo of")([dataset[i] for i in range(2)])
+    batch = Collator(None)([dataset[i] for i in range(2)])
     with torch.autocast("cpu", torch.bfloat16):
         loss = task(batch)["loss"]
     assert layers and dtypes == {torch.float32} and torch.isfinite(loss)
