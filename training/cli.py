@@ -284,18 +284,13 @@ def _dataset(s: DataSourceSettings, vision_config, text_field: str = "text"):
 
 
 def run_stage1(s: Stage1Settings) -> dict:
-    from transformers import AutoProcessor
-
     from training.data import Collator
-    from training.model import Stage1Model, resize_vision_tower
-    from training.stages import Stage1Task
+    from training.stages import Stage1Task, load_stage1
     from training.trainer import train
 
     if not s.init:
         raise SystemExit("stage1 needs --init (a stage-1 folder, e.g. from `blip2-train init`)")
-    processor = AutoProcessor.from_pretrained(s.init)
-    model = Stage1Model.from_pretrained(s.init)
-    resize_vision_tower(model.retrieval.vision_model, processor.image_processor, s.image_size)
+    model, processor = load_stage1(s.init, s.image_size)
     task = Stage1Task(
         model, processor, use_image_ids=s.use_image_ids, same_caption_positives=s.same_caption_positives
     )
@@ -304,21 +299,13 @@ def run_stage1(s: Stage1Settings) -> dict:
 
 
 def run_stage2(s: Stage2Settings) -> dict:
-    from transformers import AutoProcessor, Blip2ForConditionalGeneration
-
-    from training.assemble import copy_stage1_into_generation
     from training.data import Collator
-    from training.model import Stage1Model, resize_vision_tower
-    from training.stages import Stage2Task
+    from training.stages import Stage2Task, load_generation
     from training.trainer import train
 
     if not s.init:
         raise SystemExit("stage2 needs --init (a generation folder, e.g. <init output>/generation)")
-    processor = AutoProcessor.from_pretrained(s.init)
-    model = Blip2ForConditionalGeneration.from_pretrained(s.init, dtype="float32")
-    if s.stage1:
-        copy_stage1_into_generation(Stage1Model.from_pretrained(s.stage1), model)
-    resize_vision_tower(model.vision_model, processor.image_processor, s.image_size)
+    model, processor = load_generation(s.init, s.stage1, s.image_size)
     task = Stage2Task(model, processor, prompt=s.prompt, max_text_length=s.max_text_length)
     dataset = _dataset(s, model.vision_model.config)
     return train(task, dataset, Collator(None), s)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -79,13 +78,10 @@ def _merge_lora_on_save(task: nn.Module, tuner) -> None:
 def build_finetune(s) -> tuple[nn.Module, object, PretrainedConfig, str]:
     """The task module, the collate function, the vision tower's config (at the training image size) and
     the manifest's target field."""
-    from transformers import AutoProcessor, Blip2ForConditionalGeneration
-
-    from training.assemble import copy_stage1_into_generation
     from training.instructblip import load_vqa_model
     from training.lora import add_qformer_lora, count_parameters
-    from training.model import Stage1Model, resize_vision_tower
-    from training.stages import Stage1Task, Stage2Task
+    from training.model import resize_vision_tower
+    from training.stages import Stage1Task, Stage2Task, load_generation, load_stage1
 
     if s.task not in TASKS:
         raise SystemExit(f"--task must be one of {', '.join(TASKS)}")
@@ -97,25 +93,19 @@ def build_finetune(s) -> tuple[nn.Module, object, PretrainedConfig, str]:
         raise SystemExit("--train-vit needs images: cached --features are the frozen ViT's output")
     prompt = resolve_prompt(s.task, s.prompt)
     if s.task == "retrieval":
-        processor = AutoProcessor.from_pretrained(s.init)
-        model = Stage1Model.from_pretrained(s.init)
+        model, processor = load_stage1(s.init, s.image_size)
         vision, qformer, frozen = (
             model.retrieval.vision_model,
             model.retrieval.qformer,
             [model.retrieval.embeddings],
         )
-        resize_vision_tower(vision, processor.image_processor, s.image_size)
         task = Stage1Task(
             model, processor, use_image_ids=True, same_caption_positives=s.same_caption_positives
         )
         collate, text_field = Collator(processor.tokenizer, s.max_text_length), "text"
     elif s.task == "caption":
-        processor = AutoProcessor.from_pretrained(s.init)
-        model = Blip2ForConditionalGeneration.from_pretrained(s.init, dtype=torch.float32)
-        if s.stage1:
-            copy_stage1_into_generation(Stage1Model.from_pretrained(s.stage1), model)
+        model, processor = load_generation(s.init, s.stage1, s.image_size)
         vision, qformer, frozen = model.vision_model, model.qformer, []
-        resize_vision_tower(vision, processor.image_processor, s.image_size)
         task = Stage2Task(
             model, processor, prompt=prompt, max_text_length=s.max_text_length, train_vit=s.train_vit
         )

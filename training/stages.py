@@ -13,15 +13,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import Blip2ForConditionalGeneration
+from transformers import AutoProcessor, Blip2ForConditionalGeneration
 from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
 
+from training.assemble import copy_stage1_into_generation
 from training.data import stable_id
 from training.losses import stage1_losses
 from training.model import (
     Stage1Model,
     freeze_vision_blocks,
     frozen_vision_features,
+    resize_vision_tower,
     vision_block_features,
 )
 
@@ -85,6 +87,28 @@ class Stage1Task(_FrozenVisionTask):
     def save_model(self, folder: Path) -> None:
         self.model.save_pretrained(folder)
         self.processor.save_pretrained(folder)
+
+
+def load_stage1(init: str, image_size: int = 0) -> tuple[Stage1Model, object]:
+    """A stage-1 folder and its processor, the ViT resized to `image_size` (0: as saved) before any task
+    freezes it."""
+    processor = AutoProcessor.from_pretrained(init)
+    model = Stage1Model.from_pretrained(init)
+    resize_vision_tower(model.retrieval.vision_model, processor.image_processor, image_size)
+    return model, processor
+
+
+def load_generation(
+    init: str, stage1: str = "", image_size: int = 0
+) -> tuple[Blip2ForConditionalGeneration, object]:
+    """A generation folder and its processor (fp32 for training), its ViT and Q-Former taken from a stage-1
+    folder when one is given, the ViT resized to `image_size` (0: as saved)."""
+    processor = AutoProcessor.from_pretrained(init)
+    model = Blip2ForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+    if stage1:
+        copy_stage1_into_generation(Stage1Model.from_pretrained(stage1), model)
+    resize_vision_tower(model.vision_model, processor.image_processor, image_size)
+    return model, processor
 
 
 def caption_ids(texts: list[str]) -> torch.Tensor:
