@@ -174,7 +174,7 @@ class FeatureDataset(_ManifestRows):
         if features is None:
             log.warning("no cached features for %s", row["image"])
             return None
-        return "vision_hidden", features.float()
+        return "vision_hidden", features  # as stored; the task casts on its device
 
 
 class FeatureCache:
@@ -198,12 +198,12 @@ class FeatureCache:
 class WebDatasetShards(IterableDataset):
     """Image-text pairs from WebDataset tar shards (`.jpg`/`.png` + `.txt`/`.json`), split per rank and worker.
 
-    A corrupt shard or sample is skipped with a warning and counted in `self.skipped` of the worker.
+    A corrupt shard is skipped with a warning; a sample whose image cannot be decoded yields None, which the
+    collator drops and counts.
     """
 
     def __init__(self, urls: list[str], transform: ImageTransform, text_field: str = "text") -> None:
         self.urls, self.transform, self.text_field = urls, transform, text_field
-        self.skipped = 0
 
     def _my_urls(self) -> list[str]:
         worker = get_worker_info()
@@ -215,7 +215,6 @@ class WebDatasetShards(IterableDataset):
         import webdataset as wds
 
         def skip(error: Exception) -> bool:
-            self.skipped += 1
             log.warning("skipping corrupt WebDataset data: %s", error)
             return True
 

@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 def frozen_vision_features(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """The frozen ViT blocks' output, before `post_layernorm` (which trains, as LAVIS's ln_vision does).
 
-    This is also what `cache-features` stores. Images larger than the tower's native size get
-    interpolated position embeddings (e.g. 364 px fine-tuning on a 224 px ViT).
+    This is also what `cache-features` stores. Images come at the tower's own size: a larger training
+    size resizes the tower once (`resize_vision_tower`), as the saved model will be.
     """
     with torch.no_grad():
         return vision_block_features(vision_model, pixel_values)
@@ -37,10 +37,8 @@ def frozen_vision_features(vision_model: nn.Module, pixel_values: torch.Tensor) 
 
 def vision_block_features(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """`frozen_vision_features` with gradients, for fine-tuning with the ViT unfrozen (`--train-vit`)."""
-    native = vision_model.config.image_size
     embeddings = vision_model.embeddings(
-        pixel_values.to(vision_model.embeddings.patch_embedding.weight.dtype),
-        interpolate_pos_encoding=pixel_values.shape[-1] != native,
+        pixel_values.to(vision_model.embeddings.patch_embedding.weight.dtype)
     )
     hidden = vision_model.encoder(inputs_embeds=embeddings).last_hidden_state
     return hidden.float()  # the LayerNorm after the ViT runs in fp32
