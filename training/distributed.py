@@ -93,12 +93,15 @@ def gather(tensor: torch.Tensor, with_grad: bool) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def pad_to_global_length(tokens: torch.Tensor, pad_value: int) -> torch.Tensor:
-    """Right-pad (batch, length) tokens to the longest length on any rank, so they can be gathered."""
-    length = torch.tensor([tokens.shape[1]], device=tokens.device)
+def pad_to_global_length(*tensors_and_pads: tuple[torch.Tensor, int]) -> list[torch.Tensor]:
+    """Right-pad (batch, length) tensors of one length (token ids, their mask) to the longest length on any
+    rank, so they can be gathered; one all-reduce for all of them."""
+    first = tensors_and_pads[0][0]
+    length = torch.tensor([first.shape[1]], device=first.device)
     if is_distributed():
         dist.all_reduce(length, op=dist.ReduceOp.MAX)
-    return torch.nn.functional.pad(tokens, (0, int(length.item()) - tokens.shape[1]), value=pad_value)
+    extra = int(length.item()) - first.shape[1]
+    return [torch.nn.functional.pad(t, (0, extra), value=pad) for t, pad in tensors_and_pads]
 
 
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:

@@ -102,8 +102,9 @@ def stage1_losses(
     retrieval = model.retrieval
     batch, num_queries = input_ids.shape[0], model.num_query_tokens
     image_embeds = retrieval.vision_model.post_layernorm(vision_hidden)
-    input_ids = distributed.pad_to_global_length(input_ids, model.pad_token_id)
-    attention_mask = distributed.pad_to_global_length(attention_mask, 0)
+    input_ids, attention_mask = distributed.pad_to_global_length(
+        (input_ids, model.pad_token_id), (attention_mask, 0)
+    )
     offset = distributed.rank() * batch
     if image_ids is None:
         image_ids = torch.arange(offset, offset + batch, device=input_ids.device)

@@ -271,10 +271,12 @@ def train(task: nn.Module, dataset: Dataset, collate, settings: TrainSettings) -
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
-        accumulated = distributed.all_reduce_mean(accumulated, device)
+        logged = step % settings.log_every == 0 or step == settings.steps
+        if logged or first_losses is None:  # the global mean only where it is reported: one collective less
+            accumulated = distributed.all_reduce_mean(accumulated, device)
         first_losses = first_losses or accumulated
-        last_losses = accumulated
-        if step % settings.log_every == 0 or step == settings.steps:
+        last_losses = accumulated  # the last step is always logged, so the summary's figure is global
+        if logged:
             elapsed = time.perf_counter() - window_start
             record = {"step": step, **{k: round(v, 5) for k, v in accumulated.items()}, "lr": lr}
             record |= {"samples_per_s": round(window_samples / elapsed, 2), "skipped": skipped}
