@@ -55,7 +55,10 @@ def capfilt(s) -> dict:
 
     scorer = Stage1Model.from_pretrained(s.scorer).to(device).eval()
     scorer_processor = AutoProcessor.from_pretrained(s.scorer)
-    _, image_feats = itc_image_features(scorer, scorer_processor, paths, s.batch_size, s.progress)
+    # ITC ranks the captions: the ViT outputs (kept for ITM in retrieval) would only take up memory here
+    _, image_feats = itc_image_features(
+        scorer, scorer_processor, paths, s.batch_size, s.progress, keep_vit_output=False
+    )
     kept_rows, candidate_rows = [], []
     for position, index in enumerate(order):
         entry = images[index]

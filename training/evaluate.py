@@ -178,8 +178,11 @@ def evaluate_caption(s, rows: list[dict]) -> tuple[dict, list[dict]]:
 
 
 @torch.no_grad()
-def itc_image_features(model, processor, image_paths: list[str], batch_size: int, progress: bool):
-    """Per image: the ViT output (for ITM) and the 32 projected, normalised query features (for ITC)."""
+def itc_image_features(
+    model, processor, image_paths: list[str], batch_size: int, progress: bool, keep_vit_output: bool = True
+):
+    """Per image: the ViT output (for ITM; None unless `keep_vit_output`, as it is images x tokens x width)
+    and the projected, normalised query features (for ITC)."""
     retrieval = model.retrieval
     device = next(model.parameters()).device
     image_embeds, image_feats = [], []
@@ -189,9 +192,10 @@ def itc_image_features(model, processor, image_paths: list[str], batch_size: int
         embeds = retrieval.vision_model(pixel_values=pixels).last_hidden_state
         queries = retrieval.query_tokens.expand(embeds.shape[0], -1, -1)
         query_out = retrieval.qformer(query_embeds=queries, encoder_hidden_states=embeds).last_hidden_state
-        image_embeds.append(embeds)
+        if keep_vit_output:
+            image_embeds.append(embeds)
         image_feats.append(F.normalize(retrieval.vision_projection(query_out), dim=-1))
-    return torch.cat(image_embeds), torch.cat(image_feats)
+    return (torch.cat(image_embeds) if keep_vit_output else None), torch.cat(image_feats)
 
 
 @torch.no_grad()
