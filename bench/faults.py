@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, Server, easy_vqa_set, machine, model_folder, now, png_b64  # noqa: E402
+from common import CACHE, Server, child_env, easy_vqa_set, machine, model_folder, now, png_b64, rss_bytes  # noqa: E402
 
 
 def server_env(folder: Path, **extra: str) -> dict[str, str]:
@@ -57,11 +57,7 @@ def mixed_bodies(count: int = 128) -> list[tuple[str, dict]]:
 
 def proc_sample(pid: int) -> tuple[int, int]:
     """(resident bytes, open file descriptors) of a process."""
-    rss = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1]) * 1024
-    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+    return rss_bytes(pid), len(os.listdir(f"/proc/{pid}/fd"))
 
 
 # -- soak ------------------------------------------------------------------------------------------
@@ -215,27 +211,29 @@ def stage1_cmd(stage1: Path, manifest: Path, output: Path, steps: int, resume: b
 
 def check_checkpoints(folder: Path) -> list[str]:
     """Every checkpoint folder must load completely; returns the problems."""
-    import torch
-    from safetensors.torch import load_file
+    from training import checkpoint
 
     problems = []
     if not folder.exists():
         return problems  # killed before its first checkpoint: a resume starts from step 0
     for step_dir in sorted(folder.glob("step-*")):
         try:
-            load_file(step_dir / "trainable.safetensors")
-            state = torch.load(step_dir / "trainer_state.pt", weights_only=False)
+            _, state = checkpoint.load(step_dir)  # as --resume reads it
             if f"step-{state['step']:08d}" != step_dir.name:
                 problems.append(f"{step_dir.name}: holds step {state['step']}")
         except Exception as exc:
             problems.append(f"{step_dir.name}: {type(exc).__name__}: {exc}")
-    pointer = folder / "latest"
+    pointer = folder / checkpoint.LATEST
     if pointer.exists():
         target = folder / pointer.read_text().strip()
         if not (target / "trainable.safetensors").exists():
             problems.append(f"latest points to {target.name}, which is incomplete")
     # Temporary (dot) entries of a write the kill interrupted are never read; anything else would be.
-    stray = [p.name for p in folder.iterdir() if not p.name.startswith(("step-", ".")) and p.name != "latest"]
+    stray = [
+        p.name
+        for p in folder.iterdir()
+        if not p.name.startswith(("step-", ".")) and p.name != checkpoint.LATEST
+    ]
     if stray:
         problems.append(f"unexpected entries: {stray}")
     return problems
@@ -275,7 +273,7 @@ def wait_for_kill_point(process: subprocess.Popen, folder: Path, target: int | N
 def kill9(args, folder: Path) -> int:
     work = CACHE / "kill9"
     shutil.rmtree(work, ignore_errors=True)
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = child_env(OMP_NUM_THREADS="1")
     data = work / "easy-vqa"
     subprocess.run([sys.executable, "-m", "training.cli", "data", "easy-vqa", "--output", str(data), "--splits",
                     "train", "--limit-images", "200"], env=env, check=True, capture_output=True)  # fmt: skip

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, machine, now  # noqa: E402
+from common import CACHE, child_env, machine, now  # noqa: E402
 
 WORK = CACHE / "lora-memory"
 VISION = {  # EVA ViT-g/14 at 224 px as BLIP-2 sees it; no blocks: its outputs are cached below
@@ -41,6 +40,7 @@ def prepare(images: int) -> None:
     from transformers import BertConfig, BertModel
 
     from training.cli import main as blip2_train
+    from training.data import write_jsonl
     from training.vocab import qformer_tokenizer
 
     if (WORK / "features" / "index.json").exists():
@@ -60,7 +60,7 @@ def prepare(images: int) -> None:
         colour = ("red", "green", "blue", "white")[index % 4]
         Image.new("RGB", (224, 224), colour).save(WORK / "images" / f"{index}.png")
         rows.append({"image": f"images/{index}.png", "text": f"a plain {colour} square number {index}"})
-    (WORK / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(WORK / "captions.jsonl", rows)
     blip2_train(["data", "cache-features", "--manifest", str(WORK / "captions.jsonl"), "--model",
                  str(WORK / "init" / "stage1"), "--output", str(WORK / "features")])  # fmt: skip
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     prepare(args.images)
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = child_env()
     results = []
     for rank in [0, *(int(r) for r in args.ranks.split(",") if r)]:
         done = subprocess.run(

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import easy_vqa_set, machine, model_folder, now  # noqa: E402
+from common import child_env, easy_vqa_set, machine, model_folder, now, rss_bytes  # noqa: E402
 
 VARIANTS = {
     "fp32": {"dtype": "float32", "load_in_8bit": False},
@@ -30,13 +29,6 @@ VARIANTS = {
     "8bit": {"dtype": "float32", "load_in_8bit": True},
     "4bit": {"dtype": "float32", "load_in_8bit": False, "load_in_4bit": True},
 }
-
-
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def child(variant: str, folder: str, questions: int, batch: int) -> dict:
@@ -94,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args.child, generation, args.questions, args.batch)))
         return 0
 
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = child_env()
     results = {}
     for variant in args.variants.split(","):
         done = subprocess.run(

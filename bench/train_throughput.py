@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, machine, model_folder, now  # noqa: E402
+from common import CACHE, child_env, machine, model_folder, now  # noqa: E402
 
 TRAIN = [sys.executable, "-m", "training.cli"]
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     folder, label = model_folder(args.model)
     stage1 = folder / "stage1"
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = child_env()
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     data = args.work / "easy-vqa"
