@@ -36,10 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(
                 flag, help=help_text + " (prefer the environment variable: flags show in `ps`)"
             )
-        elif name == "allowed_url_hosts":
-            parser.add_argument(
-                flag, type=lambda v: [h.strip().lower() for h in v.split(",") if h.strip()], help=help_text
-            )
         else:
             parser.add_argument(flag, help=help_text)
     return parser
