@@ -13,6 +13,7 @@ import io
 import ipaddress
 import re
 import warnings
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import httpx
@@ -91,17 +92,28 @@ def decode_base64(text: str, settings: Settings) -> bytes:
         raise invalid_image("the image is not valid base64") from None
 
 
+async def _read_capped(chunks: AsyncIterator[bytes], limit: int, over_limit: str) -> bytes:
+    """The chunks joined, stopping (413) as soon as they pass `limit` bytes."""
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise too_large(over_limit)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 async def read_upload(upload: UploadFile, settings: Settings) -> bytes:
     """A multipart file part -> bytes, stopping as soon as it passes the byte cap."""
-    chunks, size = [], 0
-    while chunk := await upload.read(_CHUNK):
-        size += len(chunk)
-        if size > settings.max_image_bytes:
-            raise too_large(
-                f"image {upload.filename or ''} is over {settings.max_image_bytes} bytes".replace("  ", " ")
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while chunk := await upload.read(_CHUNK):
+            yield chunk
+
+    limit = settings.max_image_bytes
+    return await _read_capped(
+        chunks(), limit, f"image {upload.filename or ''} is over {limit} bytes".replace("  ", " ")
+    )
 
 
 def url_allowed(url: str, settings: Settings) -> bool:
@@ -112,10 +124,11 @@ def url_allowed(url: str, settings: Settings) -> bool:
 
 async def fetch_url(url: str, settings: Settings) -> bytes:
     """Fetch an image from an operator allow-listed host, with a timeout and the byte cap; no redirects."""
-    if not url_allowed(url, settings):
-        host = urlsplit(url).hostname or url
-        raise ApiError(400, "url_not_allowed", f"fetching images from {host!r} is not allowed on this server")
     host = urlsplit(url).hostname or ""
+    if not url_allowed(url, settings):
+        raise ApiError(
+            400, "url_not_allowed", f"fetching images from {host or url!r} is not allowed on this server"
+        )
     try:  # a literal link-local address (cloud metadata) is refused even if someone allow-listed it
         if ipaddress.ip_address(host).is_link_local:
             raise ApiError(400, "url_not_allowed", "link-local addresses are never fetched")
@@ -129,13 +142,8 @@ async def fetch_url(url: str, settings: Settings) -> bytes:
                 declared = int(response.headers.get("content-length") or 0)
                 if declared > settings.max_image_bytes:
                     raise too_large(f"image is {declared} bytes; the limit is {settings.max_image_bytes}")
-                chunks, size = [], 0
-                async for chunk in response.aiter_bytes(_CHUNK):
-                    size += len(chunk)
-                    if size > settings.max_image_bytes:
-                        raise too_large(f"image is over {settings.max_image_bytes} bytes")
-                    chunks.append(chunk)
-                return b"".join(chunks)
+                limit = settings.max_image_bytes
+                return await _read_capped(response.aiter_bytes(_CHUNK), limit, f"image is over {limit} bytes")
     except httpx.TimeoutException:
         raise ApiError(400, "url_fetch_failed", "fetching the image timed out") from None
     except httpx.HTTPError as exc:
