@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from training.data import image_id_table, image_key, read_manifest, write_jsonl
+from training.data import group_by_image, read_manifest, write_jsonl
 from training.evaluate import (
     _device,
     generate_texts,
@@ -36,14 +36,12 @@ def capfilt(s) -> dict:
     device = _device(s.device)
     torch.manual_seed(s.seed)
     rows = read_manifest(s.manifest)
-    ids = image_id_table(rows)
-    images: dict[int, dict] = {}
-    for row in rows:
-        entry = images.setdefault(ids[image_key(row)], {"row": row, "originals": []})
-        if row.get("text") and row["text"] not in entry["originals"]:
-            entry["originals"].append(row["text"])
-    order = sorted(images)
-    paths = [images[i]["row"]["image"] for i in order]
+    row_image, first_rows = group_by_image(rows)
+    originals: list[list[str]] = [[] for _ in first_rows]  # each image's own captions, once each
+    for row, index in zip(rows, row_image, strict=True):
+        if row.get("text") and row["text"] not in originals[index]:
+            originals[index].append(row["text"])
+    paths = [row["image"] for row in first_rows]
 
     captioner, captioner_processor = load_generation_model(s.captioner, device)
     synthetic = generate_texts(
@@ -60,13 +58,10 @@ def capfilt(s) -> dict:
         scorer, scorer_processor, paths, s.batch_size, s.progress, keep_vit_output=False
     )
     kept_rows, candidate_rows = [], []
-    for position, index in enumerate(order):
-        entry = images[index]
+    for position, (first, own) in enumerate(zip(first_rows, originals, strict=True)):
         generated = synthetic[position * s.num_captions : (position + 1) * s.num_captions]
-        candidates = [(t, "original") for t in entry["originals"]]
-        candidates += [
-            (t, "synthetic") for t in dict.fromkeys(generated) if t and t not in entry["originals"]
-        ]
+        candidates = [(t, "original") for t in own]
+        candidates += [(t, "synthetic") for t in dict.fromkeys(generated) if t and t not in own]
         tokens = scorer_processor.tokenizer(
             [t for t, _ in candidates], padding="longest", truncation=True,
             max_length=s.max_text_length, return_tensors="pt",
@@ -75,10 +70,10 @@ def capfilt(s) -> dict:
             0
         ]
         ranked = sorted(zip(scores.tolist(), candidates, strict=True), key=lambda item: -item[0])
-        base = {k: v for k, v in entry["row"].items() if k not in ("text", "image")}
+        base = {k: v for k, v in first.items() if k not in ("text", "image")}
         for rank, (score, (text, source)) in enumerate(ranked):
             row = {
-                "image": entry["row"]["image"],
+                "image": first["image"],
                 "text": text,
                 **base,
                 "source": source,
@@ -91,7 +86,7 @@ def capfilt(s) -> dict:
     write_jsonl(output, kept_rows)
     write_jsonl(output.with_suffix(".candidates.jsonl"), candidate_rows)
     summary = {
-        "images": len(order),
+        "images": len(first_rows),
         "kept": len(kept_rows),
         "kept_synthetic": sum(r["source"] == "synthetic" for r in kept_rows),
         "candidates": len(candidate_rows),

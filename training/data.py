@@ -68,6 +68,17 @@ def image_key(row: dict) -> str:
     return str(row.get("image_id", row["image"]))
 
 
+def group_by_image(rows: list[dict]) -> tuple[list[int], list[dict]]:
+    """Each row's image index (as `image_id_table` numbers them), and each image's first row, in order."""
+    ids = image_id_table(rows)
+    row_image = [ids[image_key(row)] for row in rows]
+    first_rows: list[dict] = []
+    for row, index in zip(rows, row_image, strict=True):
+        if index == len(first_rows):
+            first_rows.append(row)
+    return row_image, first_rows
+
+
 def image_id_table(rows: list[dict]) -> dict[str, int]:
     """Integer ids for the rows' images, one per distinct `image_key`."""
     table: dict[str, int] = {}

@@ -18,15 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from training.data import (
-    IMAGE_ERRORS,
-    image_id_table,
-    image_key,
-    image_problem,
-    load_image,
-    read_manifest,
-    write_jsonl,
-)
+from training.data import IMAGE_ERRORS, group_by_image, image_problem, load_image, read_manifest, write_jsonl
 from training.finetune import resolve_prompt
 from training.metrics import caption_metrics, retrieval_recall, vqa_metrics
 from training.stages import caption_ids
@@ -155,24 +147,21 @@ def evaluate_vqa(s, rows: list[dict]) -> tuple[dict, list[dict]]:
 
 def evaluate_caption(s, rows: list[dict]) -> tuple[dict, list[dict]]:
     model, processor = load_generation_model(s.model, _device(s.device))
-    ids = image_id_table(rows)
-    references: dict[int, list[str]] = {}
-    image_of: dict[int, str] = {}
-    for row in rows:
-        index = ids[image_key(row)]
-        references.setdefault(index, []).append(row["text"])
-        image_of.setdefault(index, row["image"])
-    order = sorted(image_of)
+    row_image, first_rows = group_by_image(rows)
+    paths = [row["image"] for row in first_rows]
+    references: list[list[str]] = [[] for _ in first_rows]
+    for row, index in zip(rows, row_image, strict=True):
+        references[index].append(row["text"])
     prompt = resolve_prompt("caption", s.prompt)
     options = _options(s)
-    captions = _generate(s, model, processor, [image_of[i] for i in order], [prompt] * len(order), options)
-    predictions = {str(i): c for i, c in zip(order, captions, strict=True)}
-    references_by_id = {str(i): references[i] for i in order}
+    captions = _generate(s, model, processor, paths, [prompt] * len(paths), options)
+    predictions = {str(i): c for i, c in enumerate(captions)}
+    references_by_id = {str(i): refs for i, refs in enumerate(references)}
     metrics = caption_metrics(predictions, references_by_id, java=None if s.java_metrics else False)
-    metrics |= {"images": len(order), "generation": options | {"prompt": prompt}}
+    metrics |= {"images": len(paths), "generation": options | {"prompt": prompt}}
     listed = [
-        {"image": image_of[i], "caption": c, "references": references[i]}
-        for i, c in zip(order, captions, strict=True)
+        {"image": path, "caption": c, "references": refs}
+        for path, c, refs in zip(paths, captions, references, strict=True)
     ]
     return metrics, listed
 
@@ -276,14 +265,9 @@ def evaluate_retrieval(s, rows: list[dict]) -> tuple[dict, list[dict]]:
     device = _device(s.device)
     model = Stage1Model.from_pretrained(s.model).to(device).eval()
     processor = AutoProcessor.from_pretrained(s.model)
-    ids = image_id_table(rows)
-    text_image = [ids[image_key(row)] for row in rows]
-    image_paths = {}
-    for row, index in zip(rows, text_image, strict=True):
-        image_paths.setdefault(index, row["image"])
-    scores = retrieval_scores(
-        model, processor, [image_paths[i] for i in range(len(ids))], [r["text"] for r in rows], s
-    )
+    text_image, first_rows = group_by_image(rows)
+    image_paths = [row["image"] for row in first_rows]
+    scores = retrieval_scores(model, processor, image_paths, [r["text"] for r in rows], s)
     text_caption = caption_ids([r["text"] for r in rows]) if s.same_caption_positives else None
     metrics = retrieval_recall(
         scores["i2t"].cpu(), scores["t2i"].cpu(), text_image, text_caption=text_caption
@@ -291,7 +275,7 @@ def evaluate_retrieval(s, rows: list[dict]) -> tuple[dict, list[dict]]:
     metrics["itc_only"] = retrieval_recall(
         scores["itc_i2t"].cpu(), scores["itc_t2i"].cpu(), text_image, text_caption=text_caption
     )
-    metrics |= {"images": len(ids), "texts": len(rows), "k_test": s.k_test}
+    metrics |= {"images": len(image_paths), "texts": len(rows), "k_test": s.k_test}
     metrics["same_caption_positives"] = s.same_caption_positives
     top = scores["i2t"].argmax(dim=1).tolist()
     predictions = [{"image": image_paths[i], "best_text": rows[t]["text"]} for i, t in enumerate(top)]
