@@ -7,6 +7,9 @@
 - The model runs on one worker thread, so the event loop keeps answering /health, /metrics and new requests.
 - The queue is bounded (QueueFull -> 429); each request has a deadline (DeadlineExceeded -> 504); a request
   whose client left or whose deadline passed is dropped on the worker thread right before compute.
+- One request never fails another: when a batch's model call raises, its halves are run again, recursively,
+  until the request(s) at fault are alone; the others get their answers. One poisoned request in a batch of
+  n costs about 2*log2(n) extra calls; a batch that fails whatever the split (a dead device) stops at a bound.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +39,11 @@ class EngineStopped(Exception):
 
 class DeadlineExceeded(Exception):
     """The request's deadline passed before its result was ready."""
+
+
+class InvalidInput(Exception):
+    """The request's own input cannot be run (422); the message is shown to the client, so it says nothing
+    internal. The model runner raises it, or returns it as one request's result."""
 
 
 @dataclass(eq=False)
@@ -61,6 +70,7 @@ class EngineMetrics:
     def queue_wait(self, seconds: float) -> None: ...
     def batch(self, task: str, size: int, seconds: float) -> None: ...
     def dropped(self, reason: str) -> None: ...
+    def isolated(self, extra_calls: int, failed: int) -> None: ...
 
 
 RunBatch = Callable[[Hashable, list[Any]], list[Any]]
@@ -68,6 +78,12 @@ RunBatch = Callable[[Hashable, list[Any]], list[Any]]
 
 def task_of(key: Hashable) -> str:
     return str(key[0] if isinstance(key, tuple) else key)
+
+
+def isolation_budget(size: int) -> int:
+    """Model calls allowed to split a failed batch of `size`: enough to isolate two requests at fault
+    anywhere in it (each costs 2 calls per halving), so a batch failing whatever the split cannot loop."""
+    return 4 * math.ceil(math.log2(size)) if size > 1 else 0
 
 
 class Engine:
@@ -241,10 +257,34 @@ class Engine:
         for item in live:
             item.batch_size = len(live)
         started = time.perf_counter()
-        try:
-            results = self._run_batch(batch[0].key, [item.payload for item in live])
-        except Exception as exc:  # every request of the batch gets the error, the engine carries on
-            log.exception("model call failed for a batch of %d", len(live))
-            results = [exc] * len(live)
+        results = self._isolating(batch[0].key, [item.payload for item in live])
         self._metrics.batch(task_of(batch[0].key), len(live), time.perf_counter() - started)
         return live, results
+
+    def _isolating(self, key: Hashable, payloads: list[Any]) -> list[Any]:
+        """Results of one batch; when its call raises, the halves run again (recursively) so that only the
+        request(s) at fault get the error, within `isolation_budget` extra calls."""
+        budget = isolation_budget(len(payloads))
+        calls = 0
+
+        def run(part: list[Any]) -> list[Any]:
+            nonlocal budget, calls
+            calls += 1
+            try:
+                return self._run_batch(key, part)
+            except Exception as exc:
+                if len(part) > 1 and budget >= 2:
+                    budget -= 2
+                    log.warning(
+                        "model call failed for a batch of %d (%r): running its halves", len(part), exc
+                    )
+                    half = len(part) // 2
+                    return run(part[:half]) + run(part[half:])
+                if not isinstance(exc, InvalidInput):  # a client's mistake is no server error
+                    log.error("model call failed for %d request(s)", len(part), exc_info=exc)
+                return [exc] * len(part)
+
+        results = run(payloads)
+        if calls > 1:
+            self._metrics.isolated(calls - 1, sum(isinstance(result, Exception) for result in results))
+        return results

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from PIL import Image
 from torch.nn import functional as F
 from transformers.generation.streamers import BaseStreamer
 
+from service.batching import InvalidInput
 from service.loading import GenerationModel, LoadedModels, RetrievalModel
 from service.vision import VisionCache
 
@@ -55,30 +56,41 @@ class GenerateJob:
     # Streaming: called on the model thread with each token of this answer as it is generated (up to, not
     # including, its end of sequence). Greedy and sampled decoding only: transformers streams no beams.
     on_token: Callable[[int], None] | None = None
+    streamed: list[int] = field(default_factory=list)  # the tokens on_token has had
 
 
 class RowStreamer(BaseStreamer):
-    """Hands each row of a batched `generate` its new token, as transformers produces them step by step."""
+    """Hands each row of a batched `generate` its new token, as transformers produces them step by step.
 
-    def __init__(self, callbacks: list[Callable[[int], None] | None], eos: set[int]) -> None:
-        self.callbacks, self.eos = callbacks, eos
-        self.ended = [callback is None for callback in callbacks]
+    A batch that failed runs again in halves (the engine isolates the request at fault), so a job may have
+    streamed tokens already: a re-run passes on only what comes after them. Where the re-run disagrees
+    with what was sent (sampling draws anew), that row's stream ends; its final answer tells the rest."""
+
+    def __init__(self, jobs: list[GenerateJob], eos: set[int]) -> None:
+        self.jobs, self.eos = jobs, eos
+        self.position = [0] * len(jobs)
+        self.ended = [job.on_token is None for job in jobs]
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # the first call carries the prompt (or the decoder's start token)
             self.prompt_seen = True
             return
-        for row, token in enumerate(value.reshape(len(self.callbacks), -1)[:, -1].tolist()):
+        for row, token in enumerate(value.reshape(len(self.jobs), -1)[:, -1].tolist()):
             if self.ended[row]:
                 continue
+            job, position = self.jobs[row], self.position[row]
+            self.position[row] += 1
             if token in self.eos:  # after it, a finished row only receives padding
                 self.ended[row] = True
+            elif position < len(job.streamed):
+                self.ended[row] = job.streamed[position] != token
             else:
-                self.callbacks[row](token)
+                job.streamed.append(token)
+                job.on_token(token)
 
     def end(self) -> None:
-        self.ended = [True] * len(self.callbacks)
+        self.ended = [True] * len(self.jobs)
 
 
 @dataclass
@@ -117,33 +129,67 @@ class Runner:
         raise ValueError(f"unknown task {task!r}")
 
     # -- generation ---------------------------------------------------------------------------------
-    def generate(self, options: GenerationOptions, jobs: list[GenerateJob]) -> list[Generated]:
+    def generate(self, options: GenerationOptions, jobs: list[GenerateJob]) -> list[Generated | InvalidInput]:
+        """One `generate` for the jobs that can run; a job whose input cannot (its own fault) gets an
+        InvalidInput in its place, and the others their answers."""
         gen = self.models.generation
-        inputs = gen.processor(
-            images=[job.image for job in jobs],
-            text=[job.prompt for job in jobs],
-            return_tensors="pt",
-            padding=True,
+        problems = [self._prompt_problem(gen, job.prompt) for job in jobs]
+        runnable = [job for job, problem in zip(jobs, problems, strict=True) if problem is None]
+        answers = iter(self._generate_batch(gen, options, runnable) if runnable else [])
+        return [InvalidInput(problem) if problem else next(answers) for problem in problems]
+
+    @staticmethod
+    def _prompt_problem(gen: GenerationModel, prompt: str) -> str | None:
+        """InstructBLIP's Q-Former reads the prompt too, within its position embeddings."""
+        if gen.kind != "instructblip":
+            return None
+        limit = gen.model.config.qformer_config.max_position_embeddings
+        tokens = len(gen.processor.qformer_tokenizer(prompt, split_special_tokens=True)["input_ids"])
+        if tokens > limit:
+            return f"the prompt is {tokens} tokens for the Q-Former, which reads at most {limit}"
+        return None
+
+    def _generate_batch(
+        self, gen: GenerationModel, options: GenerationOptions, jobs: list[GenerateJob]
+    ) -> list[Generated]:
+        inputs = self._encode(gen, [job.prompt for job in jobs])
+        pixels = gen.processor.image_processor([job.image for job in jobs], return_tensors="pt")[
+            "pixel_values"
+        ]
+        inputs = {k: v.to(self.models.device) for k, v in inputs.items()}
+        states = self.vision.states(gen.model.vision_model, pixels, self.models.device, self.models.dtype)
+        kwargs = options.generate_kwargs()
+        if any(job.on_token for job in jobs):
+            kwargs["streamer"] = RowStreamer(jobs, gen.eos_token_ids)
+        output = self._generate(gen, states, inputs, kwargs)
+        if not gen.is_encoder_decoder:  # decoder LLMs return the prompt (queries included) before the answer
+            output = output[:, inputs["input_ids"].shape[1] :]
+        return [self._decoded(gen, row, options) for row in output.cpu()]
+
+    @staticmethod
+    def _encode(gen: GenerationModel, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The token inputs the model's processor makes (query placeholders first, then the prompt with the
+        tokenizer's own bos/eos), except that a person's text is only ever text: `split_special_tokens`
+        turns `<image>`, `</s>` or `[SEP]` typed into a prompt into ordinary pieces. Only this template places
+        control tokens (a typed `<image>` would otherwise add a placeholder and break the batch)."""
+        text = gen.processor.tokenizer(prompts, padding=True, split_special_tokens=True, return_tensors="pt")
+        placeholders = torch.full(
+            (len(prompts), gen.model.config.num_query_tokens), gen.model.config.image_token_id
         )
-        pixels = inputs.pop("pixel_values")
+        inputs = {
+            "input_ids": torch.cat([placeholders, text["input_ids"]], dim=1),
+            "attention_mask": torch.cat([torch.ones_like(placeholders), text["attention_mask"]], dim=1),
+        }
         if gen.kind == "instructblip":
             # InstructBlipProcessor pads the Q-Former's text on the LLM tokenizer's side (left for decoder
             # LLMs); BERT's positions are absolute, so pad it as the Q-Former was trained: on the right.
             # Otherwise an answer depends on the other prompts in its batch.
             qformer = gen.processor.qformer_tokenizer(
-                [job.prompt for job in jobs], padding=True, padding_side="right", return_tensors="pt"
+                prompts, padding=True, padding_side="right", split_special_tokens=True, return_tensors="pt"
             )
             inputs["qformer_input_ids"] = qformer["input_ids"]
             inputs["qformer_attention_mask"] = qformer["attention_mask"]
-        inputs = {k: v.to(self.models.device) for k, v in inputs.items()}
-        states = self.vision.states(gen.model.vision_model, pixels, self.models.device, self.models.dtype)
-        kwargs = options.generate_kwargs()
-        if any(job.on_token for job in jobs):
-            kwargs["streamer"] = RowStreamer([job.on_token for job in jobs], gen.eos_token_ids)
-        output = self._generate(gen, states, inputs, kwargs)
-        if not gen.is_encoder_decoder:  # decoder LLMs return the prompt (queries included) before the answer
-            output = output[:, inputs["input_ids"].shape[1] :]
-        return [self._decoded(gen, row, options) for row in output.cpu()]
+        return inputs
 
     @staticmethod
     def _generate(gen: GenerationModel, states: torch.Tensor, inputs: dict, kwargs: dict) -> torch.Tensor:
@@ -201,7 +247,8 @@ class Runner:
         padding setting on the shared Rust object, so counting uses a private copy (sharing one turned
         batches ragged under load: 500s)."""
         gen = self.models.generation
-        return len(self._loop_tokenizer()(prompt)["input_ids"]) + gen.model.config.num_query_tokens
+        tokens = self._loop_tokenizer()(prompt, split_special_tokens=True)["input_ids"]
+        return len(tokens) + gen.model.config.num_query_tokens
 
     def decode(self, token_ids: list[int]) -> str:
         """Text of generated tokens, on the event loop (streaming), as `Generated.text` is made."""
@@ -235,8 +282,14 @@ class Runner:
     def _tokens(self, texts: list[str]) -> dict[str, torch.Tensor]:
         ret = self._retrieval()
         limit = ret.model.config.qformer_config.max_position_embeddings
+        # A person's text is text: `[SEP]` or `[DEC]` typed into a search stays words (see `_encode`).
         tokens = ret.processor.tokenizer(
-            texts, padding=True, truncation=True, max_length=limit, return_tensors="pt"
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=limit,
+            split_special_tokens=True,
+            return_tensors="pt",
         )
         return {k: tokens[k].to(self.models.device) for k in ("input_ids", "attention_mask")}
 

@@ -8,6 +8,7 @@ tied LM head breaks bitsandbytes' 8-bit layer.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import warnings
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tokenizers import models
 from transformers import (
     AutoConfig,
     AutoProcessor,
@@ -179,6 +181,35 @@ def check_qformer_tokenizer(source: str, processor) -> None:
         )
 
 
+def unreachable_special_pieces(tokenizer) -> None:
+    """SentencePiece Unigram vocabularies (T5, Flan-T5) hold their control tokens as pieces with the best
+    score there is (0.0), so even with `split_special_tokens` a typed `</s>` tokenises to eos. SentencePiece
+    itself never makes control pieces from text; here each is renamed to a spelling with spaces, which the
+    Metaspace pre-tokenizer never lets through. Ids, added tokens and decoding stay as they are. training.vocab
+    does the same when it loads a folder."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = json.loads(backend.to_str())["model"] if backend is not None else {}
+    if model.get("type") != "Unigram":
+        return  # BPE merges and BERT's punctuation split already keep `</s>` and `[SEP]` apart
+    special = set(tokenizer.all_special_tokens)
+    vocab = [(f" {piece} " if piece in special else piece, score) for piece, score in model["vocab"]]
+    backend.model = models.Unigram(vocab, model["unk_id"], model.get("byte_fallback", False))
+
+
+def check_vocabulary(source: str, what: str, tokenizer, embeddings: torch.nn.Embedding, placed=()) -> None:
+    """Refuse a folder whose tokenizer gives an id its embedding table has no row for: such a model fails on
+    some input. User text is tokenised as text, so the ids are the base vocabulary, non-special added tokens
+    and the tokenizer's own special tokens, plus ids the server's template places (`placed`). training.vocab
+    checks the same when it writes a folder."""
+    added = [i for i, token in tokenizer.added_tokens_decoder.items() if not token.special]
+    highest = max(tokenizer.vocab_size - 1, *tokenizer.all_special_ids, *added, *placed)
+    if highest >= embeddings.num_embeddings:
+        raise ModelLoadError(
+            f"{source!r}: the {what} tokenizer gives ids up to {highest} but the embedding table has "
+            f"{embeddings.num_embeddings} rows"
+        )
+
+
 def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
     eos = model.generation_config.eos_token_id
     if eos is None:
@@ -202,7 +233,14 @@ def load_generation(
         model.to(device)
     processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
     if config.model_type == "instructblip":
-        check_qformer_tokenizer(source, processor)
+        check_qformer_tokenizer(source, processor)  # before the renaming below, which changes vocabularies
+        unreachable_special_pieces(processor.qformer_tokenizer)
+        embeddings = model.qformer.embeddings.word_embeddings
+        check_vocabulary(source, "Q-Former", processor.qformer_tokenizer, embeddings)
+    check_vocabulary(
+        source, "LLM", processor.tokenizer, model.get_input_embeddings(), [config.image_token_id]
+    )
+    unreachable_special_pieces(processor.tokenizer)
     if getattr(processor, "num_query_tokens", None) is None:
         processor.num_query_tokens = config.num_query_tokens
     encoder_decoder = bool(text_config.is_encoder_decoder)
@@ -230,6 +268,8 @@ def load_retrieval(
     kwargs = _pretrained_kwargs(settings) | {"dtype": dtype}
     model = Blip2ForImageTextRetrieval.from_pretrained(source, **kwargs).eval().to(device)
     processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
+    unreachable_special_pieces(processor.tokenizer)
+    check_vocabulary(source, "Q-Former", processor.tokenizer, model.embeddings.word_embeddings)
     return RetrievalModel(model=model, processor=processor)
 
 

@@ -51,6 +51,19 @@ class Metrics(EngineMetrics):
         self.dropped_requests = Counter(
             "blip2_dropped_requests", "Queued requests dropped before compute", ["reason"], registry=r
         )
+        self.batch_isolations = Counter(
+            "blip2_batch_isolations",
+            "Failed batches re-run in halves to find the request(s) at fault",
+            registry=r,
+        )
+        self.isolation_calls = Counter(
+            "blip2_batch_isolation_calls", "Extra model calls made to isolate failed requests", registry=r
+        )
+        self.isolated_failures = Counter(
+            "blip2_isolated_failed_requests",
+            "Requests that failed once isolated from their batch (the others were answered)",
+            registry=r,
+        )
         self.vision_images = Counter(
             "blip2_vision_images", "Images through the ViT, or reused from its cache", ["source"], registry=r
         )
@@ -76,6 +89,11 @@ class Metrics(EngineMetrics):
 
     def dropped(self, reason: str) -> None:
         self.dropped_requests.labels(reason).inc()
+
+    def isolated(self, extra_calls: int, failed: int) -> None:
+        self.batch_isolations.inc()
+        self.isolation_calls.inc(extra_calls)
+        self.isolated_failures.inc(failed)
 
     def vision(self, computed: int, reused: int) -> None:
         self.vision_images.labels("computed").inc(computed)

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from service import schemas
-from service.batching import DeadlineExceeded, EngineStopped, QueueFull
+from service.batching import DeadlineExceeded, EngineStopped, InvalidInput, QueueFull
 from service.errors import ApiError, bad_request, model_not_loaded, unavailable, unprocessable
 from service.images import image_from_string, image_from_upload
 from service.inference import EmbedJob, GenerateJob, GenerationOptions, RetrieveJob, Runner
@@ -194,6 +194,8 @@ async def run_job(request: Request, key: Hashable, job: Any) -> Any:
         return work.result()
     except (ApiError, QueueFull, EngineStopped, DeadlineExceeded):
         raise
+    except InvalidInput as exc:  # found by the runner (or by isolating the request from its batch)
+        raise unprocessable(str(exc)) from None
     except Exception:
         # A failed model call (logged by the engine) is answered 500 as a handled error: an unhandled one
         # is re-raised by Starlette after its 500, and uvicorn then closes the keep-alive connection, which

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -219,6 +220,23 @@ class Gate:
             if time.monotonic() > deadline:
                 raise TimeoutError(message)
             time.sleep(0.01)
+
+
+PRIMER = {"max_new_tokens": 1, "min_new_tokens": 1, "num_beams": 1}  # settings no test request uses
+
+
+def post_together(client, requests: list[tuple[str, dict]], image: str) -> list[httpx.Response]:
+    """Hold the model thread with a primer request, queue every request behind it, then let them run:
+    requests with equal settings share batches. The primer adds one generate batch of one."""
+    with ThreadPoolExecutor(len(requests) + 1) as pool:
+        with Gate(client.app) as gate:
+            primer = pool.submit(client.post, "/caption", json={"image": image} | PRIMER)
+            gate.wait_taken()
+            futures = [pool.submit(client.post, path, json=body) for path, body in requests]
+            gate.wait_queued(len(requests))
+        responses = [f.result() for f in futures]
+        assert primer.result().status_code == 200
+    return responses
 
 
 def wait_for(condition, message: str) -> None:

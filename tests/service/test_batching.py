@@ -8,7 +8,7 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from servertools import Gate, LiveServer, b64, metric, running_app, settings_for, wait_for
+from servertools import Gate, LiveServer, b64, metric, post_together, running_app, settings_for, wait_for
 
 QUESTIONS = ["what is this?", "what colour is it?", "is there a cat?", "how many people are there?",
              "where is it?", "what is on the table in the picture?"]  # fmt: skip
@@ -19,21 +19,9 @@ def batch_stats(client, task: str = "generate") -> tuple[float, float]:
     return metric(text, "blip2_batch_size_count", task=task), metric(text, "blip2_batch_size_sum", task=task)
 
 
-PRIMER = {"max_new_tokens": 1, "min_new_tokens": 1, "num_beams": 1}  # settings no test request uses
-
-
 def send_together(client, requests: list[tuple[str, dict]], image: str) -> list:
-    """Hold the model thread with a primer request, queue every request behind it, then let them run:
-    requests with equal settings share batches. The primer adds one generate batch of one."""
-    app = client.app
-    with ThreadPoolExecutor(len(requests) + 1) as pool:
-        with Gate(app) as gate:
-            primer = pool.submit(client.post, "/caption", json={"image": image} | PRIMER)
-            gate.wait_taken()
-            futures = [pool.submit(client.post, path, json=body) for path, body in requests]
-            gate.wait_queued(len(requests))
-        responses = [f.result() for f in futures]
-        assert primer.result().status_code == 200
+    """`post_together`, every answer a 200."""
+    responses = post_together(client, requests, image)
     for response in responses:
         assert response.status_code == 200, response.text
     return [r.json() for r in responses]

@@ -1,14 +1,22 @@
 """The batching engine on its own, with a plain function as the model: batch sizes, per-item errors,
-shutdown. (The HTTP-level behaviour is in test_batching.py.)"""
+isolating the request at fault in a failed batch, shutdown. (The HTTP-level behaviour is in test_batching.py.)"""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 
 import pytest
 
-from service.batching import Engine, EngineStopped, QueueFull
+from service.batching import (
+    Engine,
+    EngineMetrics,
+    EngineStopped,
+    InvalidInput,
+    QueueFull,
+    isolation_budget,
+)
 
 
 class Recorder:
@@ -120,3 +128,76 @@ def test_docs_settings_table_is_current():
     assert settings_table() in docs, (
         "regenerate the settings table in README.md from service.settings.settings_table()"
     )
+
+
+class Poisoned:
+    """A stand-in model whose whole call raises when one payload is poison (as an out-of-range token id
+    does inside a real batch); counts its calls."""
+
+    def __init__(self, poison=("boom",), error=IndexError) -> None:
+        self.poison, self.error, self.calls = poison, error, []
+
+    def __call__(self, key, payloads):
+        self.calls.append(list(payloads))
+        if any(p in self.poison for p in payloads):
+            raise self.error("index out of range in self")
+        return [(key, p) for p in payloads]
+
+
+class CountingMetrics(EngineMetrics):
+    def __init__(self) -> None:
+        self.isolations: list[tuple[int, int]] = []
+
+    def isolated(self, extra_calls: int, failed: int) -> None:
+        self.isolations.append((extra_calls, failed))
+
+
+def one_batch(model, payloads, metrics=None):
+    """Every payload queued while the model thread is busy, so they all run as one batch."""
+
+    async def scenario():
+        engine = Engine(model, max_batch_size=len(payloads), max_wait_s=0, max_queue_size=64, metrics=metrics)
+        engine.start()
+        gate = threading.Event()
+        engine.executor.submit(gate.wait)
+        jobs = [asyncio.ensure_future(engine.submit("k", p, 60)) for p in payloads]
+        while engine.depth + engine._running < len(payloads):
+            await asyncio.sleep(0.001)
+        gate.set()
+        outcome = await asyncio.gather(*jobs, return_exceptions=True)
+        await engine.stop()
+        return outcome
+
+    return run(scenario())
+
+
+@pytest.mark.parametrize("position", [0, 7, 15])
+def test_one_poisoned_request_fails_alone_within_log2_calls(position):
+    payloads = [f"q{i}" for i in range(16)]
+    payloads[position] = "boom"
+    model, metrics = Poisoned(), CountingMetrics()
+    outcome = one_batch(model, payloads, metrics)
+    assert len(model.calls[0]) == 16  # one batch, then halves of it
+    assert len(model.calls) <= 2 * math.log2(16) + 1
+    assert isinstance(outcome[position], IndexError)
+    assert [o for i, o in enumerate(outcome) if i != position] == [("k", p) for p in payloads if p != "boom"]
+    assert metrics.isolations == [(len(model.calls) - 1, 1)]
+
+
+def test_two_poisons_are_both_found_and_a_batch_that_always_fails_stops_at_the_bound():
+    payloads = [f"q{i}" for i in range(16)]
+    payloads[2] = payloads[11] = "boom"
+    outcome = one_batch(Poisoned(), payloads)
+    assert [i for i, o in enumerate(outcome) if isinstance(o, Exception)] == [2, 11]
+
+    everything = [f"q{i}" for i in range(16)]
+    dead = Poisoned(poison=everything, error=RuntimeError)  # every call fails: e.g. the device is gone
+    outcome = one_batch(dead, everything)
+    assert all(isinstance(o, RuntimeError) for o in outcome)
+    assert len(dead.calls) == 1 + isolation_budget(16)  # bounded, far from one call per request
+
+
+def test_invalid_input_keeps_its_type_for_a_4xx():
+    """The runner marks a request's own fault as InvalidInput: per item, or raised for the batch."""
+    outcome = one_batch(Poisoned(error=InvalidInput), ["a", "boom", "b", "c"])
+    assert isinstance(outcome[1], InvalidInput) and outcome[0] == ("k", "a")
