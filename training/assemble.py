@@ -33,7 +33,12 @@ from transformers import (
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
 from training.model import Stage1Model
-from training.vocab import preset_llm_tokenizer, qformer_tokenizer
+from training.vocab import (
+    check_generation_vocabulary,
+    check_vocabulary,
+    preset_llm_tokenizer,
+    qformer_tokenizer,
+)
 
 PRESETS = ("tiny-opt", "tiny-t5")
 INIT_STD = 0.02
@@ -281,8 +286,10 @@ def _with_llm(stage1: Stage1Model, qformer_tok, llm_and_tokenizer) -> Blip2Parts
     parts = Blip2Parts(
         stage1, Blip2Processor(image_processor(image_size), qformer_tok, num_query_tokens=None)
     )
+    check_vocabulary("Q-Former", qformer_tok, stage1.retrieval.embeddings.word_embeddings)
     if llm_and_tokenizer is not None:
         parts.generation, parts.generation_processor = attach_llm(stage1, *llm_and_tokenizer, image_size)
+        check_generation_vocabulary(parts.generation, parts.generation_processor)
     return parts
 
 

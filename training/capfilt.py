@@ -64,7 +64,7 @@ def capfilt(s) -> dict:
         candidates += [(t, "synthetic") for t in dict.fromkeys(generated) if t and t not in own]
         tokens = scorer_processor.tokenizer(
             [t for t, _ in candidates], padding="longest", truncation=True,
-            max_length=s.max_text_length, return_tensors="pt",
+            max_length=s.max_text_length, split_special_tokens=True, return_tensors="pt",
         ).to(device)  # fmt: skip
         scores = itc_similarity(image_feats[position : position + 1], itc_text_features(scorer, tokens, 256))[
             0

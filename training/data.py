@@ -1,8 +1,10 @@
 """Image-text data: JSONL manifests, WebDataset shards, cached ViT features, and the batch collator.
 
 A manifest line is `{"image": path, "text": ...}` (optionally `"image_id"`); relative image paths are
-resolved against the manifest's folder. A missing or corrupt image is skipped and counted, never fatal:
-the collator drops it and reports how many it dropped in `batch["skipped"]`.
+resolved against the manifest's folder. A missing or corrupt image, or a text no tokenizer can take (not a
+string, or not valid Unicode), is skipped and counted, never fatal: the collator drops it and reports how
+many it dropped in `batch["skipped"]`. Texts are tokenised as text (`split_special_tokens`): a caption that
+spells `[SEP]` or `</s>` gets those characters, not the control token.
 """
 
 from __future__ import annotations
@@ -34,6 +36,18 @@ def stable_id(text: str) -> int:
     """An integer id for a string that is the same in every process (Python's str hash is salted per
     process, so DDP ranks would disagree); 56 bits, so it fits an int64 tensor."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "big")
+
+
+def text_problem(text: object) -> str | None:
+    """Why a caption cannot be tokenised, or None: tokenizers take strings, and only valid Unicode (a JSON
+    manifest can hold a lone surrogate such as "\\ud800", which no encoder accepts)."""
+    if not isinstance(text, str):
+        return f"the text is {type(text).__name__}, not a string"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the text is not valid Unicode"
+    return None
 
 
 def read_manifest(path: str | Path) -> list[dict]:
@@ -151,6 +165,10 @@ class _ManifestRows(Dataset):
 
     def __getitem__(self, index: int) -> dict | None:
         row = self.rows[index]
+        problem = text_problem(row.get(self.text_field))
+        if problem is not None:
+            log.warning("skipping %s: %s", row["image"], problem)
+            return None
         image_input = self._image_input(row)
         if image_input is None:
             return None
@@ -251,6 +269,10 @@ class WebDatasetShards(IterableDataset):
             )
         if not text:
             return None
+        problem = text_problem(text)
+        if problem is not None:
+            log.warning("skipping %s: %s", sample.get("__key__"), problem)
+            return None
         # The row's fields travel with the sample: a VQA collator reads its question from them.
         row = (meta or {}) | {"key": sample["__key__"]}
         return {"pixel_values": pixels, "text": text, "image_id": _shard_image_id(row), "row": row}
@@ -285,6 +307,7 @@ class Collator:
                 padding="longest",
                 truncation=True,
                 max_length=self.max_text_length,
+                split_special_tokens=True,
                 return_tensors="pt",
             )
             batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]

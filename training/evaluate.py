@@ -220,7 +220,12 @@ def retrieval_scores(
     num_queries = model.num_query_tokens
     image_embeds, image_feats = itc_image_features(model, processor, image_paths, s.batch_size, s.progress)
     tokens = processor.tokenizer(
-        texts, padding="longest", truncation=True, max_length=s.max_text_length, return_tensors="pt"
+        texts,
+        padding="longest",
+        truncation=True,
+        max_length=s.max_text_length,
+        split_special_tokens=True,
+        return_tensors="pt",
     ).to(device)
     itc = itc_similarity(image_feats, itc_text_features(model, tokens, s.batch_size))
 

@@ -53,6 +53,7 @@ class PromptCollator:
                 padding="longest",
                 truncation=True,
                 max_length=self.max_text_length,
+                split_special_tokens=True,
                 return_tensors="pt",
             )
             batch["qformer_input_ids"], batch["qformer_attention_mask"] = (

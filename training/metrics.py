@@ -1,13 +1,18 @@
 """The paper's evaluation metrics: VQAv2 accuracy, caption BLEU-4/CIDEr (+ METEOR/SPICE), retrieval recall@k.
 
-- VQA: the official VQAv2 accuracy. Answers are normalised as the official evaluation does
-  (punctuation, number words to digits, articles dropped, missing apostrophes restored); a prediction
-  scores min(#humans who gave it / 3, 1), averaged over the 10 leave-one-out subsets of 9 humans.
-  A row with a single reference answer counts as ten humans agreeing, so its accuracy is exact match.
+Each follows the arithmetic of the official script behind published figures, quirks included:
+- VQA: the official VQAv2 accuracy (`VQAEval`, as LAVIS ships it). The prediction is normalised fully
+  (punctuation, lower case, number words to digits, articles dropped, missing apostrophes restored) but
+  the human answers only for punctuation, and not at all when the ten agree (see `vqa_accuracy`); a
+  prediction scores min(#other humans who gave it / 3, 1), averaged over the leave-one-out subsets.
+  A row with a single reference answer counts as ten humans agreeing. `scoring="lenient"` (off by
+  default, named in the metrics) normalises the human answers fully too.
 - Captions: pycocoevalcap's BLEU and CIDEr-D, on captions tokenised by its PTB tokenizer where Java is
-  present and by an equivalent Python tokenizer elsewhere; METEOR and SPICE only where Java (and, for
+  present and by a Python approximation of it elsewhere (the metrics name the tokenizer; figures from
+  the Python one are not comparable with published ones); METEOR and SPICE only where Java (and, for
   SPICE, its Stanford CoreNLP jar) is present, otherwise they are skipped and reported as skipped.
-- Retrieval: recall@k both ways from score matrices; several texts may belong to one image.
+- Retrieval: recall@k both ways from score matrices, as LAVIS's `_report_metrics` (its tie order,
+  float64 percentages); several texts may belong to one image.
 """
 
 from __future__ import annotations
@@ -22,80 +27,203 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# --- VQA answer normalisation (the rules of the official VQAv2 evaluation) ---------------------------
+# --- VQA: the arithmetic of the official VQAv2 evaluation (VQAEval), quirks included ---------------------
 
 _PUNCTUATION = list(';/[]"{}()=+\\_-><@`,?!')
+# The official pattern, typo included: "(?!<=\d)" is a lookahead for the text "<=" + digit, not a
+# lookbehind, so a period is dropped unless a digit follows it ("1.5" stays, "3." loses its period).
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+# The official script passes re.UNICODE as `sub`'s third positional argument, which is `count`: only the
+# first 32 such periods go.
+_PERIOD_STRIP_COUNT = int(re.UNICODE)
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 _NUMBER_WORDS = {
     w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())
 } | {"none": "0"}
 _ARTICLES = {"a", "an", "the"}
+# Each line: the written-out form, then the spellings the official table maps to it. Its entries with a
+# capital letter (Im, Ive, Id've, I'dve) are left out, as they never match a lower-cased word (so "im"
+# stays "im"); so are let's and she's, which it maps to themselves. "somebody'd" really goes to "somebodyd".
+_CONTRACTION_SPELLINGS = """
+'ow's'at ow's'at 'ows'at 'ow'sat
+'twas twas
+ain't aint
+aren't arent
+can't cant
+could've couldve
+couldn't couldnt
+couldn't've couldn'tve couldnt've
+didn't didnt
+doesn't doesnt
+don't dont
+hadn't hadnt
+hadn't've hadnt've hadn'tve
+hasn't hasnt
+haven't havent
+he'd hed
+he'd've hed've he'dve
+he's hes
+how'd howd
+how'll howll
+how's hows
+isn't isnt
+it'd itd
+it'd've itd've it'dve
+it'll itll
+ma'am maam
+might've mightve
+mightn't mightnt
+mightn't've mightnt've mightn'tve
+must've mustve
+mustn't mustnt
+needn't neednt
+not've notve
+o'clock oclock
+oughtn't oughtnt
+shan't shant
+she'd've shed've she'dve
+should've shouldve
+shouldn't shouldnt
+shouldn't've shouldnt've shouldn'tve
+somebody'd've somebodyd've somebody'dve
+somebody'll somebodyll
+somebody's somebodys
+somebodyd somebody'd
+someone'd someoned
+someone'd've someoned've someone'dve
+someone'll someonell
+someone's someones
+something'd somethingd
+something'd've somethingd've something'dve
+something'll somethingll
+that's thats
+there'd thered
+there'd've thered've there'dve
+there're therere
+there's theres
+they'd theyd
+they'd've theyd've they'dve
+they'll theyll
+they're theyre
+they've theyve
+wasn't wasnt
+we'd've wed've we'dve
+we've weve
+weren't werent
+what'll whatll
+what're whatre
+what's whats
+what've whatve
+when's whens
+where'd whered
+where's wheres
+where've whereve
+who'd whod
+who'd've whod've who'dve
+who'll wholl
+who's whos
+who've whove
+why'll whyll
+why're whyre
+why's whys
+won't wont
+would've wouldve
+wouldn't wouldnt
+wouldn't've wouldnt've wouldn'tve
+y'all yall
+y'all'd've yall'd've y'alld've y'all'dve
+y'all'll yall'll y'allll
+you'd youd
+you'd've youd've you'dve
+you'll youll
+you're youre
+you've youve
+"""
+_CONTRACTIONS = {
+    spelling: written
+    for line in _CONTRACTION_SPELLINGS.strip().splitlines()
+    for written, *spellings in [line.split()]
+    for spelling in spellings
+}
+VQA_SCORING = ("official", "lenient")
 
 
-def _contractions() -> dict[str, str]:
-    """Words written without their apostrophe, mapped back (the official table's rules)."""
-    table = {}
-    negatives = "ain aren can couldn didn doesn don hadn hasn haven isn mightn mustn needn oughtn shan shouldn wasn weren won wouldn"
-    for stem in negatives.split():
-        table[stem + "t"] = stem + "'t"
-    for stem in "could might must should would".split():
-        table[stem + "ve"] = stem + "'ve"
-        table[stem + "ntve"] = table[stem + "nt've"] = table[stem + "n'tve"] = stem + "n't've"
-    for word, fixed in {
-        "hed": "he'd", "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's", "im": "i'm",
-        "ive": "i've", "itd": "it'd", "itll": "it'll", "lets": "let's", "maam": "ma'am", "oclock": "o'clock",
-        "shes": "she's", "thats": "that's", "theres": "there's", "theyd": "they'd", "theyll": "they'll",
-        "theyre": "they're", "theyve": "they've", "twas": "'twas", "wed": "we'd", "weve": "we've",
-        "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
-        "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "wholl": "who'll",
-        "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
-        "yall": "y'all", "youd": "you'd", "youll": "you'll", "youre": "you're", "youve": "you've",
-        "somebodys": "somebody's", "someones": "someone's", "somethings": "something's",
-    }.items():  # fmt: skip
-        table[word] = fixed
-    return table
+def strip_punctuation(text: str) -> str:
+    """The official punctuation rule (`processPunctuation`), the only step applied to human answers.
 
-
-_CONTRACTIONS = _contractions()
-
-
-def normalize_answer(answer: str) -> str:
-    """Normalise an answer as the official VQAv2 evaluation does before comparing."""
-    text = answer.replace("\n", " ").replace("\t", " ").strip()
+    Each mark is deleted if it touches a space anywhere in the text, or if the text has a comma between
+    two digits anywhere ("3,000"); otherwise it becomes a space ("t-shirt" -> "t shirt"). Then periods
+    not followed by a digit are deleted (the first 32 of them).
+    """
     out = text
+    digit_comma = _COMMA_STRIP.search(text) is not None
     for mark in _PUNCTUATION:
-        if mark + " " in text or " " + mark in text or _COMMA_STRIP.search(text) is not None:
+        # tested on the text as given, not as rewritten so far, as the official loop does
+        if digit_comma or mark + " " in text or " " + mark in text:
             out = out.replace(mark, "")
         else:
             out = out.replace(mark, " ")
-    out = _PERIOD_STRIP.sub("", out)
-    words = [_NUMBER_WORDS.get(w, w) for w in out.lower().split()]
+    return _PERIOD_STRIP.sub("", out, count=_PERIOD_STRIP_COUNT)
+
+
+def normalize_answer(answer: str) -> str:
+    """Normalise a prediction as the official VQAv2 evaluation does: tabs and newlines to spaces, outer
+    spaces stripped, punctuation (`strip_punctuation`), lower case, number words to digits ("none" ->
+    "0"), articles dropped, apostrophe-less contractions restored ("dont" -> "don't")."""
+    text = strip_punctuation(answer.replace("\n", " ").replace("\t", " ").strip())
+    words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
     return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQAv2 accuracy of one prediction against the human answers (normally 10)."""
+def vqa_accuracy(prediction: str, answers: Sequence[str], scoring: str = "official") -> float:
+    """VQAv2 accuracy of one prediction against the human answers (normally 10), in [0, 1].
+
+    `scoring="official"` (the default) is the official evaluation's arithmetic (`VQAEval.evaluate`), the
+    one behind published VQAv2 figures, quirk included: the prediction is normalised fully
+    (`normalize_answer`) but the human answers are not. When they are not all the same they only go through
+    `strip_punctuation` (no lower case, number words, articles or contractions; not even stripped), and
+    when all agree they are compared as written. So a prediction "two" never matches the answer "Two",
+    "the dog" never matches a unanimous "the dog", and "t-shirt" never matches a unanimous "t-shirt"
+    (the prediction becomes "t shirt"). The annotation files ship answers mostly normalised already, which
+    keeps the effect small on VQAv2 itself.
+
+    Each human is left out in turn and the prediction scores min(1, #other humans who gave it / 3); the
+    accuracy is the mean over those subsets (one per human, as the official answer dicts differ by
+    `answer_id`). A single answer counts as ten humans agreeing: the accuracy is 1 if the normalised
+    prediction equals it as written, else 0 (the official loop would give 0 whatever the prediction).
+
+    `scoring="lenient"` normalises the human answers fully too: not comparable with published figures, but
+    fairer to data whose answers are not already normalised (capitals, articles, hyphens).
+    """
     if not answers:
         raise ValueError("no reference answers")
+    if scoring not in VQA_SCORING:
+        raise ValueError(f"scoring must be one of {VQA_SCORING}, not {scoring!r}")
     predicted = normalize_answer(prediction)
-    humans = [normalize_answer(a) for a in answers]
+    if scoring == "lenient":
+        humans = [normalize_answer(a) for a in answers]
+    elif len(set(answers)) > 1:
+        humans = [strip_punctuation(a) for a in answers]
+    else:
+        humans = list(answers)
     if len(humans) == 1:
         return float(predicted == humans[0])
-    scores = []
-    for left_out in range(len(humans)):
-        others = humans[:left_out] + humans[left_out + 1 :]
-        scores.append(min(1.0, sum(h == predicted for h in others) / 3))
-    return sum(scores) / len(scores)
+    matches = [h == predicted for h in humans]
+    total = sum(matches)
+    # the official per-subset score and mean, in its order of operations (the sums are bit-identical)
+    scores = [min(1, float(total - match) / 3) for match in matches]
+    return float(sum(scores)) / len(scores)
 
 
-def vqa_metrics(predictions: Sequence[str], rows: Sequence[dict]) -> dict:
-    """Accuracy and exact match overall and per `question_type`; rows carry `answers` and/or `answer`."""
+def vqa_metrics(predictions: Sequence[str], rows: Sequence[dict], scoring: str = "official") -> dict:
+    """Accuracy (`vqa_accuracy`) and exact match overall and per `question_type`, in percent; rows carry
+    `answers` and/or `answer`. Exact match is this project's figure, not the official script's: the
+    normalised prediction against `answer` (else the most common human answer), both normalised."""
     totals: dict[str, list[float]] = {}
     for prediction, row in zip(predictions, rows, strict=True):
         answers = row.get("answers") or [row["answer"]]
         single = row.get("answer") or max(set(answers), key=answers.count)
-        accuracy = vqa_accuracy(prediction, answers)
+        accuracy = vqa_accuracy(prediction, answers, scoring)
         exact = float(normalize_answer(prediction) == normalize_answer(single))
         for key in ("all", row.get("question_type")):
             if key is not None:
@@ -108,7 +236,7 @@ def vqa_metrics(predictions: Sequence[str], rows: Sequence[dict]) -> dict:
         for key, (acc, exact, n) in totals.items()
     }
     overall = table.pop("all", {"accuracy": 0.0, "exact_match": 0.0, "count": 0})
-    return {**overall, "per_type": dict(sorted(table.items()))}
+    return {**overall, "per_type": dict(sorted(table.items())), "scoring": scoring}
 
 
 # --- captions ------------------------------------------------------------------------------------------

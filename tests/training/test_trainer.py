@@ -199,3 +199,25 @@ def test_training_from_cached_features(tiny_opt, shapes_manifest, tmp_path):
     main(["stage1", "--init", str(tiny_opt / "stage1"), "--train-manifest", str(shapes_manifest)]
          + ["--features", str(tmp_path / "features"), "--output", str(tmp_path / "run"), "--steps", "6", *FAST])  # fmt: skip
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
+
+
+def test_captions_of_any_content_never_stop_a_run(tiny_opt, shapes_manifest, tmp_path):
+    """Special-token spellings in captions are text (the tiny-opt stage-1 tokenizer maps `<image>` one past
+    the Q-Former's rows, which used to stop stage 1 with an IndexError); texts no tokenizer can take (not a
+    string, a lone surrogate, missing) are skipped and counted like unreadable images."""
+    rows = [json.loads(line) for line in shapes_manifest.read_text().splitlines()]
+    for n, row in enumerate(rows):
+        row["image"] = str(shapes_manifest.parent / row["image"])
+        if n % 2:
+            row["text"] += " <image> [SEP] [DEC] </s> <pad> [CLS] <s> <unk>"
+    image = rows[0]["image"]
+    odd = [{"image": image, "text": None}, {"image": image, "text": 42}, {"image": image, "text": ["a", "b"]},
+           {"image": image, "text": "\ud800 broken"}, {"image": image}]  # fmt: skip
+    manifest = tmp_path / "odd.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows + odd))
+    for stage, init in (("stage1", tiny_opt / "stage1"), ("stage2", tiny_opt / "generation")):
+        output = tmp_path / stage
+        main([stage, "--init", str(init), "--train-manifest", str(manifest), "--output", str(output)]
+             + ["--steps", "8", *FAST])  # fmt: skip
+        summary = json.loads((output / "summary.json").read_text())
+        assert summary["steps"] == 8 and summary["skipped_samples"] >= len(odd), summary
