@@ -48,6 +48,56 @@ def test_vqa_answer_normalisation():
     assert vqa_accuracy("two", ["2", "2", "2", "3", "3", "3", "3", "3", "3", "3"]) == pytest.approx(0.9)
 
 
+@pytest.mark.parametrize(
+    "prediction, answers, official, lenient",
+    [
+        # the prediction is normalised ("dog"), a unanimous answer is compared as written ("the dog")
+        ("the dog", ["the dog"] * 10, 0.0, 1.0),
+        # a unanimous "t-shirt": the prediction becomes "t shirt", the answers stay "t-shirt"
+        ("t-shirt", ["t-shirt"] * 10, 0.0, 1.0),
+        # split answers only lose punctuation: "one dog" stays, the prediction is "1 dog"
+        ("one dog", ["none"] * 3 + ["one dog"] * 4 + ["red"] * 3, 0.0, 1.0),
+        # "TWO" -> "2" matches the one "2" but not the four "Two": 9 subsets of 1/3 -> 0.3
+        ("TWO", ["2"] + ["Two"] * 4 + ["apple"] * 5, 0.3, 1.0),
+        # split answers lose their punctuation and nothing else: "red." -> "red" (5 agree: 1.0) but
+        # "Red." -> "Red", which never equals a normalised prediction
+        ("red", ["red."] * 5 + ["Red."] * 5, 1.0, 1.0),
+        ("red", ["Red."] * 9 + ["blue"], 0.0, 1.0),
+        # a comma between digits anywhere: every mark is deleted, not turned into a space
+        ("3,000", ["3000"] * 6 + ["three thousand"] * 4, 1.0, 1.0),
+        # (3 humans agree: leaving one of them out leaves 2/3, any other 1 -> (3 * 2/3 + 7) / 10)
+        ("red-white 1,0", ["redwhite 10"] * 3 + ["x"] * 7, 0.9, 0.9),
+        # a single answer is ten agreeing humans: compared as written
+        ("Blue", ["blue"], 1.0, 1.0),
+        ("two", ["Two"], 0.0, 1.0),
+    ],
+)
+def test_vqa_official_quirks_and_lenient_option(prediction, answers, official, lenient):
+    assert vqa_accuracy(prediction, answers) == pytest.approx(official)
+    assert vqa_accuracy(prediction, answers, scoring="lenient") == pytest.approx(lenient)
+
+
+def test_vqa_official_contraction_table_quirks():
+    # its "Im"/"Ive" keys are capitalised and never match a lower-cased word; "somebody'd" loses its apostrophe
+    assert normalize_answer("Im") == "im"
+    assert normalize_answer("couldnt've") == normalize_answer("couldn'tve") == "couldn't've"
+    assert normalize_answer("couldntve") == "couldntve"
+    assert normalize_answer("somebody'd") == "somebodyd"
+    # periods: kept before a digit, and at most 32 removed
+    assert normalize_answer("3.5.") == "3.5"
+    assert normalize_answer("a" + "." * 40) == "a" + "." * 8
+
+
+def test_vqa_metrics_names_its_scoring():
+    rows = [{"answers": ["The Dog"] * 10, "question_type": "what"}]
+    assert vqa_metrics(["the dog"], rows)["scoring"] == "official"
+    assert vqa_metrics(["the dog"], rows)["accuracy"] == 0.0
+    lenient = vqa_metrics(["the dog"], rows, scoring="lenient")
+    assert lenient["scoring"] == "lenient" and lenient["accuracy"] == 100.0
+    with pytest.raises(ValueError, match="scoring"):
+        vqa_accuracy("a", ["a"], scoring="strict")
+
+
 def test_vqa_single_answer_is_exact_match_and_per_type():
     rows = [
         {"answer": "blue", "question_type": "color"},
