@@ -313,10 +313,24 @@ def caption_metrics(
 
 
 def _first_hit_ranks(scores: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
-    """For each row, the rank (0-based) of the best-ranked relevant column."""
-    order = scores.argsort(dim=1, descending=True)
+    """For each row, the rank (0-based) of the best-ranked relevant column (the row's length if none).
+
+    The order is LAVIS's (`_report_metrics`: `np.argsort(score)[::-1]`) with numpy keeping equal scores
+    in column order: best score first and, among equal scores, the later column first. Ties are common
+    where captions repeat across images (identical texts score identically). numpy's default sort does
+    not promise that order (its AVX-512 sort does not keep it), so on such data LAVIS's own figures can
+    vary with the machine; this is the order its code means and numpy's generic sort gives.
+    """
+    # float64 holds float32/16 scores exactly, so converting never creates or breaks a tie
+    order = scores.double().argsort(dim=1, stable=True).flip(1)
     hits = torch.gather(relevant, 1, order)
-    return hits.float().argmax(dim=1)
+    first = hits.to(torch.uint8).argmax(dim=1)
+    return torch.where(hits.any(dim=1), first, torch.full_like(first, scores.shape[1]))
+
+
+def _percent(ranks: torch.Tensor, k: int) -> float:
+    # LAVIS's arithmetic, in Python floats (float64): 100.0 * hits / queries
+    return 100.0 * int((ranks < k).sum()) / len(ranks)
 
 
 def retrieval_recall(
@@ -326,11 +340,15 @@ def retrieval_recall(
     ks: Iterable[int] = (1, 5, 10),
     text_caption: Sequence[int] | torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Recall@k in percent. scores_i2t: (images, texts); scores_t2i: (texts, images);
-    text_image[t]: the index of text t's image. An image's query hits when any of its texts is in the top k.
-    text_caption[t], when given: an id of text t's wording; a text then also counts as the caption of every
-    image that has a text worded the same (for data whose captions repeat across images).
+    """Recall@k in percent, as LAVIS's `_report_metrics` computes it (tie order and float64 percentages).
+
+    scores_i2t: (images, texts); scores_t2i: (texts, images); text_image[t]: the index of text t's image.
+    An image's query hits when any of its texts is in the top k. text_caption[t], when given: an id of text
+    t's wording; a text then also counts as the caption of every image that has a text worded the same (for
+    data whose captions repeat across images). `i2t_r_mean`/`t2i_r_mean` are the means over `ks` (LAVIS's
+    txt_r_mean/img_r_mean) and `r_mean` their mean.
     """
+    ks = list(ks)
     text_image = torch.as_tensor(text_image)
     images = scores_i2t.shape[0]
     relevant_i2t = torch.arange(images)[:, None] == text_image[None, :]
@@ -338,11 +356,13 @@ def retrieval_recall(
         text_caption = torch.as_tensor(text_caption)
         same_wording = (text_caption[:, None] == text_caption[None, :]).float()
         relevant_i2t = (relevant_i2t.float() @ same_wording) > 0
-    i2t_ranks = _first_hit_ranks(scores_i2t.float().cpu(), relevant_i2t)
-    t2i_ranks = _first_hit_ranks(scores_t2i.float().cpu(), relevant_i2t.T.contiguous())
+    i2t_ranks = _first_hit_ranks(scores_i2t.detach().cpu(), relevant_i2t)
+    t2i_ranks = _first_hit_ranks(scores_t2i.detach().cpu(), relevant_i2t.T.contiguous())
     metrics = {}
     for k in ks:
-        metrics[f"i2t_r{k}"] = 100 * (i2t_ranks < k).float().mean().item()
-        metrics[f"t2i_r{k}"] = 100 * (t2i_ranks < k).float().mean().item()
-    metrics["r_mean"] = sum(metrics.values()) / len(metrics)
+        metrics[f"i2t_r{k}"] = _percent(i2t_ranks, k)
+        metrics[f"t2i_r{k}"] = _percent(t2i_ranks, k)
+    i2t_mean = sum(metrics[f"i2t_r{k}"] for k in ks) / len(ks)
+    t2i_mean = sum(metrics[f"t2i_r{k}"] for k in ks) / len(ks)
+    metrics |= {"i2t_r_mean": i2t_mean, "t2i_r_mean": t2i_mean, "r_mean": (i2t_mean + t2i_mean) / 2}
     return metrics

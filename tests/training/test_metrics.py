@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -180,7 +181,7 @@ def test_recall_with_same_caption_positives_counts_identical_wording_as_a_hit():
         [
             [0.1, 0.5, 0.9],  # image 0: text 2 first: another image's text, worded as its own -> hit
             [0.9, 0.1, 0.5],  # image 1: text 0 first ("a red circle", not its wording) -> miss
-            [0.9, 0.1, 0.2],  # image 2: text 0 first, worded as its own -> hit
+            [0.8, 0.1, 0.2],  # image 2: text 0 first, worded as its own -> hit
         ]
     )
     t2i = i2t.T.contiguous()  # text 0 -> image 1 first: miss; text 1 -> image 0: miss; text 2 -> image 0: hit
@@ -189,3 +190,66 @@ def test_recall_with_same_caption_positives_counts_identical_wording_as_a_hit():
     assert by_image["i2t_r1"] == pytest.approx(0.0) and by_image["t2i_r1"] == pytest.approx(0.0)
     assert by_wording["i2t_r1"] == pytest.approx(200 / 3)
     assert by_wording["t2i_r1"] == pytest.approx(100 / 3)
+
+
+def test_recall_breaks_ties_as_lavis_does():
+    # LAVIS ranks with np.argsort(score)[::-1]: among equal scores the later column comes first.
+    text_image = [0, 1, 2, 2]
+    i2t = torch.tensor(
+        [
+            [0.5, 0.5, 0.5, 0.1],  # image 0: texts 2, 1, 0 (its own) -> rank 2
+            [0.9, 0.9, 0.2, 0.2],  # image 1: text 1 (its own), then 0 -> rank 0
+            [0.7, 0.1, 0.1, 0.1],  # image 2: text 0, then 3 (its own) -> rank 1
+        ]
+    )
+    t2i = torch.tensor(
+        [
+            [0.4, 0.4, 0.4],  # text 0: images 2, 1, 0 (its own) -> rank 2
+            [0.6, 0.6, 0.1],  # text 1: image 1 (its own) -> rank 0
+            [0.3, 0.3, 0.3],  # text 2: image 2 (its own) -> rank 0
+            [0.2, 0.5, 0.5],  # text 3: image 2 (its own) -> rank 0
+        ]
+    )
+    metrics = retrieval_recall(i2t, t2i, text_image, ks=(1, 2, 3))
+    assert [metrics[f"i2t_r{k}"] for k in (1, 2, 3)] == [100 * 1 / 3, 100 * 2 / 3, 100.0]
+    assert [metrics[f"t2i_r{k}"] for k in (1, 2, 3)] == [75.0, 75.0, 100.0]
+    assert metrics["r_mean"] == ((100 / 3 + 200 / 3 + 100) / 3 + (75 + 75 + 100) / 3) / 2
+
+
+def _recall_as_lavis(i2t: np.ndarray, t2i: np.ndarray, text_image: list[int]) -> dict[str, float]:
+    """LAVIS's `_report_metrics` rewritten for the test, with numpy's stable sort pinning its tie order."""
+
+    def percent(ranks, k):
+        return 100.0 * len(np.where(ranks < k)[0]) / len(ranks)
+
+    i2t_ranks = np.zeros(i2t.shape[0])
+    for image, row in enumerate(i2t):
+        order = np.argsort(row, kind="stable")[::-1]
+        own = [t for t, i in enumerate(text_image) if i == image]
+        i2t_ranks[image] = min(np.where(order == t)[0][0] for t in own)
+    t2i_ranks = np.zeros(t2i.shape[0])
+    for text, row in enumerate(t2i):
+        order = np.argsort(row, kind="stable")[::-1]
+        t2i_ranks[text] = np.where(order == text_image[text])[0][0]
+    out = {
+        f"{name}_r{k}": percent(r, k)
+        for name, r in (("i2t", i2t_ranks), ("t2i", t2i_ranks))
+        for k in (1, 5, 10)
+    }
+    tr_mean = (out["i2t_r1"] + out["i2t_r5"] + out["i2t_r10"]) / 3
+    ir_mean = (out["t2i_r1"] + out["t2i_r5"] + out["t2i_r10"]) / 3
+    return out | {"i2t_r_mean": tr_mean, "t2i_r_mean": ir_mean, "r_mean": (tr_mean + ir_mean) / 2}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_recall_equals_lavis_on_tied_float32_scores(seed):
+    # few distinct values: most rows are full of ties, as when captions repeat across images
+    generator = torch.Generator().manual_seed(seed)
+    images, texts = 37, 74
+    text_image = torch.randint(0, images, (texts,), generator=generator)
+    text_image[:images] = torch.arange(images)  # every image has a text
+    i2t = torch.randint(0, 4, (images, texts), generator=generator).float() / 3  # float32, as LAVIS's
+    t2i = torch.randint(0, 4, (texts, images), generator=generator).float() / 3
+    ours = retrieval_recall(i2t, t2i, text_image)
+    expected = _recall_as_lavis(i2t.numpy(), t2i.numpy(), text_image.tolist())
+    assert ours == expected  # float64 arithmetic in the same order: equal, not just close
