@@ -131,6 +131,11 @@ class EvalSettings:
     same_caption_positives: bool = arg(False, "retrieval: " + SAME_CAPTION_HELP)
     max_text_length: int = arg(35, "retrieval: tokens per text")
     java_metrics: bool = arg(True, "caption: PTB tokenizer, METEOR and SPICE where Java is installed")
+    vqa_scoring: str = arg(
+        "official",
+        "vqa: official (the VQAv2 evaluation's arithmetic: human answers not normalised like the "
+        "prediction; comparable with published figures) | lenient (both normalised)",
+    )
     device: str = arg("auto", "auto | cpu | cuda")
     progress: bool = arg(True, "show progress bars on stderr")
 

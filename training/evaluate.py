@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from training.data import IMAGE_ERRORS, group_by_image, image_problem, load_image, read_manifest, write_jsonl
 from training.finetune import resolve_prompt
-from training.metrics import caption_metrics, retrieval_recall, vqa_metrics
+from training.metrics import VQA_SCORING, caption_metrics, retrieval_recall, vqa_metrics
 from training.stages import caption_ids
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,9 @@ def evaluate_vqa(s, rows: list[dict]) -> tuple[dict, list[dict]]:
     prompts = [template.format(row["question"]) for row in rows]
     options = _options(s)
     answers = _generate(s, model, processor, [r["image"] for r in rows], prompts, options)
-    metrics = vqa_metrics(answers, rows) | {"generation": options | {"prompt": template}}
+    metrics = vqa_metrics(answers, rows, scoring=s.vqa_scoring) | {
+        "generation": options | {"prompt": template}
+    }
     predictions = [
         {
             "question_id": r.get("question_id", i),
@@ -158,12 +160,25 @@ def evaluate_caption(s, rows: list[dict]) -> tuple[dict, list[dict]]:
     predictions = {str(i): c for i, c in enumerate(captions)}
     references_by_id = {str(i): refs for i, refs in enumerate(references)}
     metrics = caption_metrics(predictions, references_by_id, java=None if s.java_metrics else False)
+    if metrics["tokenizer"] != "ptb":
+        _warn_python_tokenizer("--no-java-metrics was given" if not s.java_metrics else "no Java on PATH")
     metrics |= {"images": len(paths), "generation": options | {"prompt": prompt}}
     listed = [
         {"image": path, "caption": c, "references": refs}
         for path, c, refs in zip(paths, captions, references, strict=True)
     ]
     return metrics, listed
+
+
+def _warn_python_tokenizer(reason: str) -> None:
+    """Caption figures from the Python tokenizer are not comparable with published ones (those use the PTB
+    tokenizer, which needs Java): said in the log and, in case logging goes elsewhere, on stderr."""
+    message = (
+        f"caption metrics use the Python tokenizer ({reason}): BLEU/CIDEr are NOT comparable with published "
+        'figures (PTB tokenizer, needs Java); metrics.json says "tokenizer": "python"'
+    )
+    log.warning(message)
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
 @torch.no_grad()
@@ -320,6 +335,8 @@ def run_eval(s) -> dict:
         raise SystemExit(f"--task must be one of {', '.join(EVALUATORS)}")
     if not s.model or not s.manifest:
         raise SystemExit("eval needs --model and --manifest")
+    if s.vqa_scoring not in VQA_SCORING:
+        raise SystemExit(f"--vqa-scoring must be one of {', '.join(VQA_SCORING)}")
     rows = _rows(s)
     unreadable = _unreadable_images(rows)
     metrics, predictions = EVALUATORS[s.task](s, rows)

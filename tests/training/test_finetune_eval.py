@@ -181,3 +181,19 @@ def test_eval_counts_unreadable_images_as_misses(workspace, caplog):
     assert metrics["accuracy"] <= 75.0  # the missing image's question is a miss, not dropped
     distinct = len({r["image"] for r in rows})
     assert f"1 of {distinct} images cannot be read" in caplog.text and "missing.png" in caplog.text
+
+
+def test_eval_names_its_scoring_and_warns_on_the_python_tokenizer(workspace, caplog, capsys):
+    data = workspace / "data"
+    common = ["--model", PRETRAINED, "--no-progress", "--num-beams", "1", "--limit", "4"]
+    main(["eval", "--task", "caption", "--manifest", str(data / "captions_test.jsonl"), *common]
+         + ["--min-new-tokens", "1", "--no-java-metrics", "--output", str(workspace / "eval-pytok")])  # fmt: skip
+    assert _metrics(workspace / "eval-pytok")["tokenizer"] == "python"
+    assert "NOT comparable with published" in caplog.text  # in the log, and on stderr whatever logging does
+    assert "WARNING: caption metrics use the Python tokenizer (--no-java-metrics" in capsys.readouterr().err
+    main(["eval", "--task", "vqa", "--manifest", str(data / "vqa_test.jsonl"), *common]
+         + ["--vqa-scoring", "lenient", "--output", str(workspace / "eval-lenient")])  # fmt: skip
+    assert _metrics(workspace / "eval-lenient")["scoring"] == "lenient"
+    unknown = ["eval", "--task", "vqa", "--manifest", str(data / "vqa_test.jsonl"), *common, "--vqa-scoring", "x"]  # fmt: skip
+    with pytest.raises(SystemExit, match="--vqa-scoring"):
+        main(unknown)
