@@ -4,6 +4,7 @@
     python bench/faults.py sigterm                 # SIGTERM under load: every accepted request answered
     python bench/faults.py kill9 --kills 6         # kill -9 at random points of stage 1, then --resume
     python bench/faults.py schema --examples 40    # schemathesis over the OpenAPI schema: no 5xx
+    python bench/faults.py poison --rounds 3       # one request with special-token text among 15 ordinary
 
 Each prints its findings and exits non-zero when an expectation fails. The model is the default model when
 it exists, else the random tiny-opt preset (printed first).
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import shutil
@@ -371,6 +373,95 @@ def schema(args, folder: Path) -> int:
     return done.returncode
 
 
+# -- one poisoned request among ordinary ones ------------------------------------------------------
+POISON = "<image> </s> <s> <pad> <unk> [SEP] [CLS] [DEC] [MASK] <image>"
+POISONED_AT = 7  # its place among the 16 requests of a round
+
+
+def route_body(route: str, image: str, text: str, other: str) -> dict:
+    """A request of `route` about one image, `text` as its prompt, question, chat turn or search text."""
+    url = f"data:image/png;base64,{image}"
+    return {
+        "/caption": {"image": image, "prompt": text},
+        "/vqa": {"image": image, "question": text},
+        "/generate": {"image": image, "prompt": text, "max_new_tokens": 8},
+        "/v1/chat/completions": {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": text},
+                        {"type": "image_url", "image_url": {"url": url}},
+                    ],
+                }
+            ],  # fmt: skip
+            "max_tokens": 8,
+        },
+        "/embed": {"images": [image], "texts": [text]},
+        "/retrieve": {"text": text, "images": [image, other]},
+    }[route]
+
+
+def same_answer(a, b) -> bool:
+    """Equal JSON answers, floats within 1e-5 (batched and alone matmuls differ in the last bits), ids and
+    timestamps aside."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, abs_tol=1e-5)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_answer(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = a.keys() - {"id", "created"}
+        return keys == b.keys() - {"id", "created"} and all(same_answer(a[k], b[k]) for k in keys)
+    return a == b
+
+
+def poison(args, folder: Path) -> int:
+    """Per route and round: 15 ordinary requests and one whose text spells special tokens, sent at once
+    (they share batches). Before issue 11, `<image>` in one /vqa question failed 5-9 of the 15 others."""
+    corpus = easy_vqa_set(16)
+    other = png_b64(corpus.pop()[0])  # the second candidate image of /retrieve
+    routes = ["/caption", "/vqa", "/generate", "/v1/chat/completions", "/embed", "/retrieve"]
+    failed = changed = 0
+    with Server(server_env(folder)) as server, httpx.Client(base_url=server.url, timeout=300) as client:
+        alone = {}
+        for route in routes:
+            for n, (png, question, _) in enumerate(corpus):
+                response = client.post(route, json=route_body(route, png_b64(png), question, other))
+                alone[route, n] = response.json() if response.status_code == 200 else None
+
+        async def one_round(route: str) -> list[httpx.Response]:
+            bodies = [route_body(route, png_b64(png), question, other) for png, question, _ in corpus]
+            poisoned = route_body(route, png_b64(corpus[0][0]), f"what is {POISON}?", other)
+            bodies.insert(POISONED_AT, poisoned)
+            async with httpx.AsyncClient(base_url=server.url, timeout=300) as batch_client:
+                return await asyncio.gather(*(batch_client.post(route, json=body) for body in bodies))
+
+        print(
+            "| route | round | innocent 200 | innocent failed | innocent answer changed | poisoned request |"
+        )
+        print("|---|---|---|---|---|---|")
+        for route in routes:
+            for round_ in range(args.rounds):
+                responses = asyncio.run(one_round(route))
+                poisoned = responses.pop(POISONED_AT)
+                bad = sum(r.status_code != 200 for r in responses)
+                moved = sum(
+                    r.status_code == 200 and not same_answer(r.json(), alone[route, n])
+                    for n, r in enumerate(responses)
+                )
+                failed, changed = failed + bad, changed + moved
+                print(
+                    f"| {route} | {round_ + 1} | {len(responses) - bad} | {bad} | {moved} | {poisoned.status_code} |"
+                )
+        metrics = client.get("/metrics").text
+    isolations = [line for line in metrics.splitlines() if line.startswith("blip2_batch_isolations_total")]
+    print(f"innocent requests failed: {failed}; innocent answers that differ from alone: {changed}")
+    print(f"server: {isolations[0] if isolations else 'no isolation counter'}")
+    ok = failed == 0 and changed == 0
+    print("PASS" if ok else "FAIL: an ordinary request failed or changed because of another")
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -391,10 +482,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("schema")
     p.add_argument("--examples", type=int, default=30, help="examples per operation")
     p.add_argument("--limit-s", type=float, default=900)
+    p = sub.add_parser("poison")
+    p.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     folder, label = model_folder(args.model)
     print(f"# faults {args.command} {now()} | model: {label} ({folder}) | machine: {machine()}")
-    return {"soak": soak, "sigterm": sigterm, "kill9": kill9, "schema": schema}[args.command](args, folder)
+    commands = {"soak": soak, "sigterm": sigterm, "kill9": kill9, "schema": schema, "poison": poison}
+    return commands[args.command](args, folder)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
-from servertools import running_app
+from servertools import metric, running_app
 
 from service.settings import DEFAULT_MODEL_DIR, Settings
 
@@ -104,3 +104,20 @@ def test_caption_names_colour_and_shape(client, test_split):
 def test_default_model_serves_embeddings(client):
     response = client.post("/embed", json={"texts": ["a blue circle", "a red triangle"]})
     assert response.status_code == 200, response.text
+
+
+def test_a_question_spelling_image_tokens_fails_nobody(client, test_split):
+    """Issue 11 as found: 16 /vqa requests in one batch, one asking about `<image>` (the Q-Former's tokenizer
+    maps it one past its 388-row table). Every ordinary question gets the answer it gets alone; the odd one
+    is answered too: its `<image>` is text."""
+    questions, _, image_ids, paths = test_split
+    bodies = [{"image": _data_uri(paths[image_ids[n]]), "question": questions[n]} for n in range(16)]
+    bodies[5]["question"] = "what <image> is </s> the [SEP] shape [DEC]?"
+    alone = [client.post("/vqa", json=body).json().get("answer") for body in bodies]
+    isolations = metric(client.get("/metrics").text, "blip2_batch_isolations_total")
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda body: client.post("/vqa", json=body), bodies))
+    assert [r.status_code for r in together] == [200] * 16, [r.text for r in together if r.status_code != 200]
+    assert [r.json()["answer"] for r in together] == alone
+    # nothing had to be isolated: no text reaches the model as a control token
+    assert metric(client.get("/metrics").text, "blip2_batch_isolations_total") == isolations

@@ -50,11 +50,9 @@ def answer(path: str, body: dict, response) -> object:
     if path == "/v1/chat/completions":
         return data["choices"][0]["message"]["content"]
     if path == "/embed":
-        return [round(x, 4) for vector in data["text_embeddings"] + data["image_embeddings"] for x in vector]
+        return [x for vector in data["text_embeddings"] + data["image_embeddings"] for x in vector]
     if path == "/retrieve":
-        return [
-            (r["index"], round(r["score"], 4) if r["score"] is not None else None) for r in data["results"]
-        ]
+        return [x for r in data["results"] for x in (r["index"], r["score"]) if x is not None]
     return {key: value for key, value in data.items() if key != "usage"}
 
 
@@ -70,7 +68,10 @@ def check_poison_among_ordinary(client, photos, with_retrieval: bool) -> None:
             ), (path, batched.text)
             continue
         assert single.status_code == batched.status_code == 200, (path, batched.text)
-        assert answer(path, body, batched) == answer(path, body, single), path
+        expected = answer(path, body, single)
+        if path in ("/embed", "/retrieve"):  # batched and alone matmuls differ in the last bits
+            expected = pytest.approx(expected, abs=1e-5)
+        assert answer(path, body, batched) == expected, path
 
 
 def test_poisoned_text_never_fails_a_batch_blip2(opt8, photos):
