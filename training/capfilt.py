@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from training.data import group_by_image, read_manifest, write_jsonl
+from training.data import group_by_image, read_manifest, text_tokens, write_jsonl
 from training.evaluate import (
     _device,
     generate_texts,
@@ -62,10 +62,9 @@ def capfilt(s) -> dict:
         generated = synthetic[position * s.num_captions : (position + 1) * s.num_captions]
         candidates = [(t, "original") for t in own]
         candidates += [(t, "synthetic") for t in dict.fromkeys(generated) if t and t not in own]
-        tokens = scorer_processor.tokenizer(
-            [t for t, _ in candidates], padding="longest", truncation=True,
-            max_length=s.max_text_length, split_special_tokens=True, return_tensors="pt",
-        ).to(device)  # fmt: skip
+        tokens = text_tokens(scorer_processor.tokenizer, [t for t, _ in candidates], s.max_text_length).to(
+            device
+        )
         scores = itc_similarity(image_feats[position : position + 1], itc_text_features(scorer, tokens, 256))[
             0
         ]

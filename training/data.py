@@ -287,6 +287,19 @@ def _shard_image_id(row: dict) -> int:
     return stable_id(str(image_id if image_id is not None else row["key"]))
 
 
+def text_tokens(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """A padded batch of token ids for texts, tokenised as text: a caption that spells `[SEP]` or `</s>`
+    gets those characters, never the control token; the tokenizer's template still adds its own."""
+    return tokenizer(
+        texts,
+        padding="longest",
+        truncation=True,
+        max_length=max_length,
+        split_special_tokens=True,
+        return_tensors="pt",
+    )
+
+
 class Collator:
     """Drops unreadable samples, stacks images (or cached features) and, given a tokenizer, tokenizes texts."""
 
@@ -302,14 +315,7 @@ class Collator:
             if key in kept[0]:
                 batch[key] = torch.stack([s[key] for s in kept])
         if self.tokenizer is not None:
-            tokens = self.tokenizer(
-                [s["text"] for s in kept],
-                padding="longest",
-                truncation=True,
-                max_length=self.max_text_length,
-                split_special_tokens=True,
-                return_tensors="pt",
-            )
+            tokens = text_tokens(self.tokenizer, [s["text"] for s in kept], self.max_text_length)
             batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
         batch["image_ids"] = torch.tensor([s["image_id"] for s in kept])
         batch["texts"] = [s["text"] for s in kept]

@@ -18,7 +18,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from training.data import IMAGE_ERRORS, group_by_image, image_problem, load_image, read_manifest, write_jsonl
+from training.data import (
+    IMAGE_ERRORS,
+    group_by_image,
+    image_problem,
+    load_image,
+    read_manifest,
+    text_tokens,
+    write_jsonl,
+)
 from training.finetune import resolve_prompt
 from training.metrics import VQA_SCORING, caption_metrics, retrieval_recall, vqa_metrics
 from training.stages import caption_ids
@@ -234,14 +242,7 @@ def retrieval_scores(
     device = next(model.parameters()).device
     num_queries = model.num_query_tokens
     image_embeds, image_feats = itc_image_features(model, processor, image_paths, s.batch_size, s.progress)
-    tokens = processor.tokenizer(
-        texts,
-        padding="longest",
-        truncation=True,
-        max_length=s.max_text_length,
-        split_special_tokens=True,
-        return_tensors="pt",
-    ).to(device)
+    tokens = text_tokens(processor.tokenizer, texts, s.max_text_length).to(device)
     itc = itc_similarity(image_feats, itc_text_features(model, tokens, s.batch_size))
 
     def itm(image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import logging
 from torch import nn
 from transformers import PretrainedConfig
 
-from training.data import Collator
+from training.data import Collator, text_tokens
 from training.stages import join_target
 
 log = logging.getLogger(__name__)
@@ -48,14 +48,7 @@ class PromptCollator:
         batch["prompts"] = prompts
         batch["texts"] = [join_target(p, t) for p, t in zip(prompts, batch["texts"], strict=True)]
         if self.qformer_tokenizer is not None:
-            tokens = self.qformer_tokenizer(
-                prompts,
-                padding="longest",
-                truncation=True,
-                max_length=self.max_text_length,
-                split_special_tokens=True,
-                return_tensors="pt",
-            )
+            tokens = text_tokens(self.qformer_tokenizer, prompts, self.max_text_length)
             batch["qformer_input_ids"], batch["qformer_attention_mask"] = (
                 tokens["input_ids"],
                 tokens["attention_mask"],
