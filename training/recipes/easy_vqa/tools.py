@@ -209,7 +209,8 @@ def collect_results(out: Path, output: Path) -> dict:
         "caption_scores": {
             k: v
             for k, v in (_json(out / "eval" / "caption" / "metrics.json") or {}).items()
-            if k.startswith(("bleu", "cider"))
+            # the tokenizer that produced them: "python" figures are not comparable with published ones
+            if k.startswith(("bleu", "cider")) or k == "tokenizer"
         },
         "retrieval": _retrieval_figures(_json(out / "eval" / "retrieval" / "metrics.json")),
         "retrieval_same_caption": _retrieval_figures(
