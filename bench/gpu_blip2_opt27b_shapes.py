@@ -1,10 +1,10 @@
-"""BLIP-2 OPT-2.7B at its exact shapes, random weights, through the server's loading code and batching engine.
+"""BLIP-2 OPT-2.7B at its exact shapes, random weights, through the server's loading code and request batcher.
 
 The model has the shapes of Salesforce/blip2-opt-2.7b (EVA ViT-g: 1408 wide, 39 layers, patch 14, 224 px;
 32 queries; a BERT-base Q-Former with cross-attention every 2 layers; OPT-2.7B: 2560 wide, 32 layers,
 vocab 50272), built from configs with random weights on the GPU, saved as safetensors, then loaded with
 `service.loading.load_models` twice: LLM in fp16, and LLM in 8-bit (bitsandbytes). For each, captions at
-batch 1, 8 and 32 go through `service.batching.Engine` (B requests submitted at once form one batch):
+batch 1, 8 and 32 go through `service.batching.Batcher` (B requests submitted at once form one batch):
 captions/s, peak GPU memory, and the ViT's share of the batch time (CUDA-synchronised hooks around it).
 
 Captions use the paper's beam width 5 with a fixed length of 30 new tokens (min = max = 30): random
@@ -124,21 +124,22 @@ def images(count: int, seed: int):
     return [Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(count)]
 
 
-async def rounds(engine, options, batch: int, count: int, seed: int) -> tuple[float, float]:
+async def rounds(batcher, options, batch: int, count: int, seed: int) -> tuple[float, float]:
     """`count` rounds of `batch` requests submitted together (one batch each): (seconds, mean new tokens)."""
-    from service.inference import GenerateJob
+    from service.jobs import GenerateJob
 
     started, tokens = time.perf_counter(), []
     for n in range(count):
-        jobs = [GenerateJob(image, "") for image in images(batch, seed + n)]
-        results = await asyncio.gather(*(engine.submit(("generate", options), job, 600) for job in jobs))
+        jobs = [GenerateJob(image, "", options) for image in images(batch, seed + n)]
+        results = await asyncio.gather(*(batcher.submit(job, 600) for job in jobs))
         tokens += [r.tokens for r in results]
     return time.perf_counter() - started, sum(tokens) / len(tokens)
 
 
 async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, save) -> None:
-    from service.batching import Engine
-    from service.inference import GenerationOptions, Runner
+    from service.batching import Batcher
+    from service.inference import Runner
+    from service.jobs import GenerationOptions
     from service.loading import load_models
     from service.settings import Settings
 
@@ -161,8 +162,8 @@ async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, 
     log(f"{mode}: loaded in {entry['load_s']} s, weights {entry['weights_bytes'] / 2**30:.2f} GiB")
     runner = Runner(models)
     clock = VitClock(gen.vision_model, cuda)
-    engine = Engine(runner, max_batch_size=max(batches), max_wait_s=0.05, max_queue_size=256)
-    engine.start()
+    batcher = Batcher(runner, max_batch_size=max(batches), max_wait_s=0.05, max_queue_size=256)
+    batcher.start()
     options = GenerationOptions(max_new_tokens=args.tokens, min_new_tokens=args.tokens, num_beams=args.beams)
     try:
         for batch in batches:
@@ -170,13 +171,13 @@ async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, 
                 entry.setdefault("skipped", []).append(batch)
                 log(f"{mode}: budget spent, batch {batch} skipped")
                 continue
-            await rounds(engine, options, batch, 1, seed=1000 * batch)  # warm-up (kernels, allocator)
+            await rounds(batcher, options, batch, 1, seed=1000 * batch)  # warm-up (kernels, allocator)
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             clock.seconds = 0.0
             count = args.rounds if batch < 32 else max(1, args.rounds - 1)
-            seconds, tokens = await rounds(engine, options, batch, count, seed=1000 * batch + 1)
+            seconds, tokens = await rounds(batcher, options, batch, count, seed=1000 * batch + 1)
             cell = {
                 "captions_per_s": round(batch * count / seconds, 3),
                 "seconds_per_batch": round(seconds / count, 4),
@@ -190,7 +191,7 @@ async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, 
             log(f"{mode} batch {batch}: {cell}")
             save()
     finally:
-        await engine.stop()
+        await batcher.stop()
         del runner, models, gen
         if cuda:
             torch.cuda.empty_cache()

@@ -37,11 +37,13 @@ def child(variant: str, folder: str, questions: int, batch: int) -> dict:
 
     from PIL import Image
 
-    from service.inference import GenerateJob, Runner
+    from service.inference import Runner
+    from service.jobs import GenerateJob
     from service.loading import load_models
-    from service.routes import VQA_DEFAULTS, family_prompt, make_options, model_defaults
+    from service.prompts import VQA_DEFAULTS, family_prompt
     from service.schemas import VqaRequest
     from service.settings import Settings
+    from service.submit import make_options, model_defaults
 
     before = rss_bytes()
     settings = Settings(model=folder, retrieval_model=None, device="cpu", **VARIANTS[variant])
@@ -49,16 +51,16 @@ def child(variant: str, folder: str, questions: int, batch: int) -> dict:
     after = rss_bytes()
     model = models.generation.model
     runner = Runner(models)
-    template = family_prompt(runner, settings)[1]
+    template = family_prompt(models.generation, settings)[1]
     options = make_options(VqaRequest(question="x"), model_defaults(runner, VQA_DEFAULTS), settings)
     corpus = easy_vqa_set(questions)
     answers = []
     for start in range(0, len(corpus), batch):
         jobs = [
-            GenerateJob(Image.open(io.BytesIO(png)).convert("RGB"), template.replace("{}", question))
+            GenerateJob(Image.open(io.BytesIO(png)).convert("RGB"), template.replace("{}", question), options)
             for png, question, _ in corpus[start : start + batch]
         ]
-        answers += [r.text for r in runner.generate(options, jobs)]
+        answers += [r.text for r in runner(jobs)]
     return {
         "variant": variant,
         "weights_bytes": model.get_memory_footprint(),

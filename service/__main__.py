@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
     server = DrainingServer(config)
-    app.state.on_load_failure = server.load_failed
+    app.state.server.on_load_failure = server.load_failed
     server.run()
     return server.exit_code
 

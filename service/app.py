@@ -17,12 +17,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import chat, routes
-from service.batching import Engine
+from service.batching import Batcher
 from service.errors import error_body, install_handlers, too_large
 from service.inference import Runner
 from service.loading import load_models
-from service.metrics import Metrics
 from service.settings import Settings
+from service.state import Phase, ServerState
 from service.vision import VisionCache
 
 log = logging.getLogger("service.app")
@@ -32,13 +32,13 @@ MULTI_IMAGE_PATHS = {"/embed", "/retrieve"}
 
 
 async def _load(app: FastAPI) -> None:
-    state = app.state
+    state: ServerState = app.state.server
     try:
         models = await asyncio.to_thread(load_models, state.settings)
         for name, seconds in models.load_seconds.items():
             state.metrics.load_seconds.labels(name).set(seconds)
         runner = Runner(models, VisionCache(state.settings.vision_cache_size, state.metrics.vision))
-        engine = Engine(
+        batcher = Batcher(
             runner,
             max_batch_size=state.settings.max_batch_size,
             max_wait_s=state.settings.max_wait_ms / 1000,
@@ -46,15 +46,15 @@ async def _load(app: FastAPI) -> None:
             metrics=state.metrics,
         )
         if state.settings.warmup:
-            await asyncio.get_running_loop().run_in_executor(engine.executor, runner.warm_up)
-        engine.start()
-        state.runner, state.engine = runner, engine
-        if state.phase == "loading":  # a SIGTERM during loading keeps the server draining
-            state.phase = "ready"
+            await asyncio.get_running_loop().run_in_executor(batcher.executor, runner.warm_up)
+        batcher.start()
+        state.runner, state.batcher = runner, batcher
+        if state.phase == Phase.LOADING:  # a SIGTERM during loading keeps the server draining
+            state.phase = Phase.READY
             state.metrics.ready.set(1)
             log.info("ready")
     except Exception as exc:  # an operator's mistake (bad path, wrong folder): say it and stay unhealthy
-        state.phase, state.load_error = "failed", str(exc)
+        state.phase, state.load_error = Phase.FAILED, str(exc)
         log.error(
             "model loading failed: %s", exc, exc_info=not isinstance(exc, (OSError, ValueError, RuntimeError))
         )
@@ -64,14 +64,14 @@ async def _load(app: FastAPI) -> None:
 
 async def drain(app: FastAPI, timeout_s: float | None = None) -> bool:
     """Refuse new work, then wait for the requests in flight; True when all finished in time."""
-    state = app.state
-    # New requests are refused where each route starts (routes.runner_of sees "draining"). The engine keeps
-    # taking work, so a request already past that check (reading its body, decoding its image) is served,
-    # not refused with 503 while in flight.
-    state.phase = "draining"
+    state: ServerState = app.state.server
+    # New requests are refused where each route starts (its runner dependency sees DRAINING). The batcher
+    # keeps taking work, so a request already past that check (reading its body, decoding its image) is
+    # served, not refused with 503 while in flight.
+    state.phase = Phase.DRAINING
     state.metrics.ready.set(0)
     deadline = time.monotonic() + (state.settings.drain_timeout_s if timeout_s is None else timeout_s)
-    while state.working > 0 or (state.engine is not None and state.engine.busy):
+    while state.working > 0 or (state.batcher is not None and state.batcher.busy):
         if time.monotonic() >= deadline:
             log.warning("drain timed out with %d requests in flight", state.working)
             return False
@@ -86,8 +86,8 @@ def create_app(settings: Settings) -> FastAPI:
         loading = asyncio.create_task(_load(app))
         yield
         loading.cancel()
-        if app.state.engine is not None:
-            await app.state.engine.stop()
+        if app.state.server.batcher is not None:
+            await app.state.server.batcher.stop()
 
     app = FastAPI(
         title="BLIP-2 inference server",
@@ -96,11 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
         docs_url="/docs",
     )
-    state = app.state
-    state.settings, state.metrics = settings, Metrics()
-    state.phase, state.load_error, state.on_load_failure = "loading", None, None
-    state.runner = state.engine = None
-    state.working, state.started = 0, int(time.time())
+    state = app.state.server = ServerState(settings)
     install_handlers(app)
     app.include_router(routes.router)
     app.include_router(chat.router)
@@ -114,7 +110,7 @@ class Gatekeeper:
     """Pure ASGI middleware (BaseHTTPMiddleware would break disconnect detection): API key, body size
     cap, in-flight count, metrics and one structured log line per request."""
 
-    def __init__(self, app, settings: Settings, app_state, known_paths: set[str]) -> None:
+    def __init__(self, app, settings: Settings, app_state: ServerState, known_paths: set[str]) -> None:
         self.app, self.settings, self.state, self.known_paths = app, settings, app_state, known_paths
         key = settings.api_key.get_secret_value() if settings.api_key else ""
         self.expected = f"Bearer {key}".encode() if key else None
@@ -155,7 +151,7 @@ class Gatekeeper:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                if self.state.phase == "draining":
+                if self.state.phase == Phase.DRAINING:
                     # Close each connection after its answer: a client that reused a keep-alive connection
                     # would otherwise race the final shutdown and see its next request cut off (ReadError).
                     headers = [h for h in message.get("headers", []) if h[0].lower() != b"connection"]

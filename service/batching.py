@@ -1,8 +1,8 @@
-"""The micro-batching engine: concurrent requests share one model call.
+"""The request batcher: concurrent requests share one model call.
 
 - A request that finds the server idle runs at once (no idle waiting at low load, unlike a fixed delay).
-- Under load, a batch takes every waiting request with the same key (task + generation settings) up to
-  `max_batch_size`, and waits at most `max_wait_s` after its first request for more company.
+- Under load, a batch takes every waiting request with the same batch key (each job knows its own: task +
+  generation settings) up to `max_batch_size`, and waits at most `max_wait_s` after its first request.
 - Requests with different keys never share a batch: beam width or sampling settings belong to the call.
 - The model runs on one worker thread, so the event loop keeps answering /health, /metrics and new requests.
 - The queue is bounded (QueueFull -> 429); each request has a deadline (DeadlineExceeded -> 504); a request
@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger("service.batching")
 
@@ -33,8 +33,8 @@ class QueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
-class EngineStopped(Exception):
-    """The engine no longer takes work (draining or shut down)."""
+class BatcherStopped(Exception):
+    """The batcher no longer takes work (draining or shut down)."""
 
 
 class DeadlineExceeded(Exception):
@@ -46,10 +46,18 @@ class InvalidInput(Exception):
     internal. The model runner raises it, or returns it as one request's result."""
 
 
+class Job(Protocol):
+    """What the batcher needs of a job (service.jobs has the real ones)."""
+
+    task: str  # for metrics: "generate", "embed", ...
+
+    @property
+    def batch_key(self) -> Hashable: ...
+
+
 @dataclass(eq=False)
 class WorkItem:
-    key: Hashable
-    payload: Any
+    job: Job
     deadline: float
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
@@ -63,8 +71,8 @@ class WorkItem:
         return "deadline" if now >= self.deadline else None
 
 
-class EngineMetrics:
-    """Hooks the engine reports through; the default does nothing (metrics.Metrics implements them)."""
+class BatcherMetrics:
+    """Hooks the batcher reports through; the default does nothing (metrics.Metrics implements them)."""
 
     def queue_depth(self, depth: int) -> None: ...
     def queue_wait(self, seconds: float) -> None: ...
@@ -73,11 +81,8 @@ class EngineMetrics:
     def isolated(self, extra_calls: int, failed: int) -> None: ...
 
 
-RunBatch = Callable[[Hashable, list[Any]], list[Any]]
-
-
-def task_of(key: Hashable) -> str:
-    return str(key[0] if isinstance(key, tuple) else key)
+# The model: jobs of one batch key in, one result (or exception) per job out.
+RunBatch = Callable[[list[Job]], list[Any]]
 
 
 def isolation_budget(size: int) -> int:
@@ -86,7 +91,7 @@ def isolation_budget(size: int) -> int:
     return 4 * math.ceil(math.log2(size)) if size > 1 else 0
 
 
-class Engine:
+class Batcher:
     def __init__(
         self,
         run_batch: RunBatch,
@@ -94,13 +99,13 @@ class Engine:
         max_batch_size: int,
         max_wait_s: float,
         max_queue_size: int,
-        metrics: EngineMetrics | None = None,
+        metrics: BatcherMetrics | None = None,
     ) -> None:
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_size = max_queue_size
-        self._metrics = metrics or EngineMetrics()
+        self._metrics = metrics or BatcherMetrics()
         self._queue: collections.deque[WorkItem] = collections.deque()
         # One thread: one model call at a time, and torch's intra-op threads do the parallel work.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blip2-model")
@@ -137,7 +142,7 @@ class Engine:
         # Whatever is queued, and a batch whose result the cancelled loop will not deliver, fails now.
         for item in [*self._queue, *running]:
             if not item.future.done():
-                item.future.set_exception(EngineStopped("the server is shutting down"))
+                item.future.set_exception(BatcherStopped("the server is shutting down"))
         self._queue.clear()
         await asyncio.to_thread(self.executor.shutdown, wait=True)
 
@@ -146,16 +151,16 @@ class Engine:
         batches = len(self._queue) / self.max_batch_size + 1
         return max(1, round(batches * self._mean_batch_seconds))
 
-    async def submit(self, key: Hashable, payload: Any, timeout_s: float, meta: dict | None = None) -> Any:
+    async def submit(self, job: Job, timeout_s: float, meta: dict | None = None) -> Any:
         """Queue one request and wait for its result. Cancelling the caller drops the request.
 
         `meta`, when given, receives the size of the batch the request ran in (for the request log)."""
         if not self.accepting:
-            raise EngineStopped("the server is not taking requests")
+            raise BatcherStopped("the server is not taking requests")
         if len(self._queue) >= self.max_queue_size:
             raise QueueFull(self.retry_after_s())
         loop = asyncio.get_running_loop()
-        item = WorkItem(key, payload, time.monotonic() + timeout_s, loop.create_future())
+        item = WorkItem(job, time.monotonic() + timeout_s, loop.create_future())
         self._queue.append(item)
         self._metrics.queue_depth(len(self._queue))
         self._arrived.set()
@@ -208,11 +213,11 @@ class Engine:
         self._queue = collections.deque(self._live(self._queue))
         if not self._queue:
             return []
-        key = self._queue[0].key if key is None else key
+        key = self._queue[0].job.batch_key if key is None else key
         limit = self.max_batch_size if limit is None else limit
         taken, kept = [], collections.deque()
         for item in self._queue:
-            (taken if item.key == key and len(taken) < limit else kept).append(item)
+            (taken if item.job.batch_key == key and len(taken) < limit else kept).append(item)
         self._queue = kept
         return taken
 
@@ -223,7 +228,7 @@ class Engine:
             if left <= 0:
                 return
             self._arrived.clear()
-            batch.extend(self._take(batch[0].key, self.max_batch_size - len(batch)))
+            batch.extend(self._take(batch[0].job.batch_key, self.max_batch_size - len(batch)))
             if len(batch) >= self.max_batch_size:
                 return
             try:
@@ -257,21 +262,21 @@ class Engine:
         for item in live:
             item.batch_size = len(live)
         started = time.perf_counter()
-        results = self._isolating(batch[0].key, [item.payload for item in live])
-        self._metrics.batch(task_of(batch[0].key), len(live), time.perf_counter() - started)
+        results = self._isolating([item.job for item in live])
+        self._metrics.batch(live[0].job.task, len(live), time.perf_counter() - started)
         return live, results
 
-    def _isolating(self, key: Hashable, payloads: list[Any]) -> list[Any]:
+    def _isolating(self, jobs: list[Job]) -> list[Any]:
         """Results of one batch; when its call raises, the halves run again (recursively) so that only the
         request(s) at fault get the error, within `isolation_budget` extra calls."""
-        budget = isolation_budget(len(payloads))
+        budget = isolation_budget(len(jobs))
         calls = 0
 
-        def run(part: list[Any]) -> list[Any]:
+        def run(part: list[Job]) -> list[Any]:
             nonlocal budget, calls
             calls += 1
             try:
-                return self._run_batch(key, part)
+                return self._run_batch(part)
             except Exception as exc:
                 if len(part) > 1 and budget >= 2:
                     budget -= 2
@@ -284,7 +289,7 @@ class Engine:
                     log.error("model call failed for %d request(s)", len(part), exc_info=exc)
                 return [exc] * len(part)
 
-        results = run(payloads)
+        results = run(jobs)
         if calls > 1:
             self._metrics.isolated(calls - 1, sum(isinstance(result, Exception) for result in results))
         return results

@@ -15,10 +15,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from service import schemas
+from service.deps import GenerationRunner, SettingsDep
 from service.errors import unprocessable
 from service.images import image_from_string
-from service.inference import GenerationOptions
-from service.routes import check_text, family_prompt, generate_text, runner_of, settings_of
+from service.jobs import GenerationOptions
+from service.prompts import family_prompt
+from service.submit import check_text, generate_text
 
 router = APIRouter()
 DEFAULT_MAX_TOKENS = 64
@@ -78,17 +80,17 @@ def _apply_stop(text: str, markers: list[str]) -> tuple[str, bool]:
 
 
 @router.post("/v1/chat/completions", response_model=schemas.ChatResponse)
-async def chat_completions(body: schemas.ChatRequest, request: Request):
+async def chat_completions(
+    body: schemas.ChatRequest, request: Request, runner: GenerationRunner, settings: SettingsDep
+):
     """OpenAI chat completions with one `image_url` part (a data: URI, or an allow-listed URL)."""
-    settings = settings_of(request)
-    runner = runner_of(request, "generation")
     urls = _image_urls(body.messages)
     if len(urls) != 1:
         raise unprocessable(
             f"messages: BLIP-2 needs exactly one image_url part per conversation, got {len(urls)}"
         )
     options = _options(body, settings.max_new_tokens_limit)  # cheap checks before decoding the image
-    folded = fold_conversation(body.messages, family_prompt(runner, settings)[1])
+    folded = fold_conversation(body.messages, family_prompt(runner.models.generation, settings)[1])
     prompt = check_text(settings, "messages", folded)
     image = await image_from_string(urls[0], settings)
     header = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}

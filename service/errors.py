@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.batching import DeadlineExceeded, EngineStopped, QueueFull
+from service.batching import BatcherStopped, DeadlineExceeded, QueueFull
 
 log = logging.getLogger("service.errors")
 
@@ -84,8 +84,8 @@ def install_handlers(app: FastAPI) -> None:
         headers = {"Retry-After": str(exc.retry_after_s)}
         return error_body(429, "overloaded", "the server is at capacity; retry later", headers)
 
-    @app.exception_handler(EngineStopped)
-    async def _stopped(_: Request, exc: EngineStopped) -> JSONResponse:
+    @app.exception_handler(BatcherStopped)
+    async def _stopped(_: Request, exc: BatcherStopped) -> JSONResponse:
         return error_body(503, "unavailable", str(exc), {"Retry-After": "5"})
 
     @app.exception_handler(DeadlineExceeded)

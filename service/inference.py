@@ -8,8 +8,6 @@ feeds the same ViT states to ITC and to the ITM re-rank.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -18,51 +16,15 @@ from torch.nn import functional as F
 from transformers.generation.streamers import BaseStreamer
 
 from service.batching import InvalidInput
+from service.jobs import EmbedJob, Generated, GenerateJob, GenerationOptions, RetrieveJob
 from service.loading import GenerationModel, LoadedModels, RetrievalModel
 from service.vision import VisionCache
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    """Settings of one generate call; requests share a batch only when these are equal."""
-
-    max_new_tokens: int = 30
-    min_new_tokens: int = 0
-    num_beams: int = 1
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    length_penalty: float = 1.0
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
-        if not self.do_sample:  # transformers warns when sampling knobs come without sampling
-            kwargs.pop("temperature"), kwargs.pop("top_p")
-        return kwargs
-
-
-@dataclass
-class Generated:
-    text: str
-    tokens: int
-    finish_reason: str  # "stop" (end of sequence) or "length" (max_new_tokens reached)
-
-
-@dataclass
-class GenerateJob:
-    image: Image.Image
-    prompt: str
-    # Streaming: called on the model thread with each token of this answer as it is generated (up to, not
-    # including, its end of sequence). Greedy and sampled decoding only: transformers streams no beams.
-    on_token: Callable[[int], None] | None = None
-    streamed: list[int] = field(default_factory=list)  # the tokens on_token has had
 
 
 class RowStreamer(BaseStreamer):
     """Hands each row of a batched `generate` its new token, as transformers produces them step by step.
 
-    A batch that failed runs again in halves (the engine isolates the request at fault), so a job may have
+    A batch that failed runs again in halves (the batcher isolates the request at fault), so a job may have
     streamed tokens already: a re-run passes on only what comes after them. Where the re-run disagrees
     with what was sent (sampling draws anew), that row's stream ends; its final answer tells the rest."""
 
@@ -93,46 +55,31 @@ class RowStreamer(BaseStreamer):
         self.ended = [True] * len(self.jobs)
 
 
-@dataclass
-class EmbedJob:
-    images: list[Image.Image]
-    texts: list[str]
-    query_vectors: bool = False
-
-
-@dataclass
-class RetrieveJob:
-    query_text: str | None
-    query_image: Image.Image | None
-    candidate_texts: list[str]
-    candidate_images: list[Image.Image]
-    top_k: int
-
-
 class Runner:
-    """Runs one batch of same-key jobs; called by the engine on its worker thread."""
+    """Runs one batch of same-key jobs; called by the batcher on its worker thread."""
 
     def __init__(self, models: LoadedModels, vision_cache: VisionCache | None = None) -> None:
         self.models = models
         self.vision = vision_cache or VisionCache(0)
         self._event_loop_tokenizer = None  # prompt_tokens and decode run on the event loop: its own copy
 
-    def __call__(self, key: Hashable, jobs: list[Any]) -> list[Any]:
-        task = key[0]
+    def __call__(self, jobs: list[GenerateJob] | list[EmbedJob] | list[RetrieveJob]) -> list[Any]:
+        """One batch of jobs with one batch key (so of one type)."""
         with torch.inference_mode():
-            if task == "generate":
-                return self.generate(key[1], jobs)
-            if task == "embed":
-                return self.embed(jobs)
-            if task == "retrieve":
-                return [self.retrieve(job) for job in jobs]
-        raise ValueError(f"unknown task {task!r}")
+            match jobs[0]:
+                case GenerateJob():
+                    return self.generate(jobs)
+                case EmbedJob():
+                    return self.embed(jobs)
+                case RetrieveJob():
+                    return [self.retrieve(job) for job in jobs]
+        raise TypeError(f"no model work for {type(jobs[0]).__name__}")
 
     # -- generation ---------------------------------------------------------------------------------
-    def generate(self, options: GenerationOptions, jobs: list[GenerateJob]) -> list[Generated | InvalidInput]:
-        """One `generate` for the jobs that can run; a job whose input cannot (its own fault) gets an
-        InvalidInput in its place, and the others their answers."""
-        gen = self.models.generation
+    def generate(self, jobs: list[GenerateJob]) -> list[Generated | InvalidInput]:
+        """One `generate` for the jobs that can run (all with the same options); a job whose input cannot
+        (its own fault) gets an InvalidInput in its place, and the others their answers."""
+        gen, options = self.models.generation, jobs[0].options
         problems = [self._prompt_problem(gen, job.prompt) for job in jobs]
         runnable = [job for job, problem in zip(jobs, problems, strict=True) if problem is None]
         answers = iter(self._generate_batch(gen, options, runnable) if runnable else [])
@@ -379,6 +326,6 @@ class Runner:
         image = Image.new("RGB", (32, 32), (127, 127, 127))
         with torch.inference_mode():
             if self.models.generation is not None:
-                self.generate(GenerationOptions(max_new_tokens=2), [GenerateJob(image, "")])
+                self.generate([GenerateJob(image, "", GenerationOptions(max_new_tokens=2))])
             if self.models.retrieval is not None:
                 self.retrieve(RetrieveJob(None, image, ["a photo"], [], top_k=1))

@@ -9,13 +9,13 @@ from __future__ import annotations
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from service.batching import EngineMetrics
+from service.batching import BatcherMetrics
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 
 
-class Metrics(EngineMetrics):
+class Metrics(BatcherMetrics):
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry

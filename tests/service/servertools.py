@@ -143,7 +143,7 @@ class LiveServer:
 
     def __init__(self, settings: Settings) -> None:
         self.app = create_app(settings.model_copy(update={"host": "127.0.0.1", "port": free_port()}))
-        settings = self.app.state.settings
+        settings = self.app.state.server.settings
         self.url = f"http://127.0.0.1:{settings.port}"
         self.server = uvicorn.Server(
             uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_config=None)
@@ -194,13 +194,13 @@ def _alive_get(process: subprocess.Popen, client: httpx.Client, path: str) -> ht
 
 
 class Gate:
-    """Holds the engine's model thread busy until released: queues build up deterministically, no timing."""
+    """Holds the batcher's model thread busy until released: queues build up deterministically, no timing."""
 
     def __init__(self, app) -> None:
         self.app, self.event = app, threading.Event()
 
     def __enter__(self) -> Gate:
-        self.app.state.engine.executor.submit(self.event.wait)
+        self.app.state.server.batcher.executor.submit(self.event.wait)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -208,15 +208,15 @@ class Gate:
 
     def wait_taken(self) -> None:
         """Block until a batch has been taken off the queue and waits behind the gate."""
-        self._until(lambda engine: engine._running > 0, "no batch was taken")
+        self._until(lambda batcher: batcher._running > 0, "no batch was taken")
 
     def wait_queued(self, count: int) -> None:
         """Block until `count` requests wait in the queue."""
-        self._until(lambda engine: engine.depth >= count, f"fewer than {count} requests queued")
+        self._until(lambda batcher: batcher.depth >= count, f"fewer than {count} requests queued")
 
     def _until(self, condition, message: str) -> None:
         deadline = time.monotonic() + WAIT_S
-        while not condition(self.app.state.engine):
+        while not condition(self.app.state.server.batcher):
             if time.monotonic() > deadline:
                 raise TimeoutError(message)
             time.sleep(0.01)

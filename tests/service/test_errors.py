@@ -143,7 +143,7 @@ def test_503_while_loading_fails_and_504_past_the_deadline(checkpoints, photos, 
     from service.app import create_app
 
     with TestClient(create_app(settings_for(tmp_path))) as client:
-        while client.app.state.phase == "loading":
+        while client.app.state.server.phase == "loading":
             pass
         assert error_of(client.get("/ready"), 503)["type"] == "unavailable"
         assert error_of(client.get("/health"), 503)

@@ -98,23 +98,23 @@ def test_a_request_that_breaks_the_model_fails_alone(opt8, photos):
     """A fault that only one request's input triggers inside the model (injected here, as the `<image>`
     IndexError used to be): the batch is split, the others get their own answers, it alone gets a 500,
     and /metrics counts the isolation."""
-    engine = opt8.app.state.engine
-    real = engine._run_batch
+    batcher = opt8.app.state.server.batcher
+    real = batcher._run_batch
 
-    def breaks_on_marked_prompt(key, jobs):
+    def breaks_on_marked_prompt(jobs):
         if any("BREAKS-THE-MODEL" in getattr(job, "prompt", "") for job in jobs):
             raise IndexError("index out of range in self")
-        return real(key, jobs)
+        return real(jobs)
 
     questions = ["what is this?", "is it blue?", "BREAKS-THE-MODEL", "how many?", "is it round?", "why?"]
     requests = [("/vqa", {"image": b64(photos[i]), "question": q, "max_new_tokens": 3}) for i, q in enumerate(questions)]  # fmt: skip
     alone = [opt8.post(path, json=body) for path, body in requests[:2] + requests[3:]]
     before = opt8.get("/metrics").text
-    engine._run_batch = breaks_on_marked_prompt
+    batcher._run_batch = breaks_on_marked_prompt
     try:
         together = post_together(opt8, requests, b64(photos[7]))
     finally:
-        engine._run_batch = real
+        batcher._run_batch = real
     after = opt8.get("/metrics").text
     assert [r.status_code for r in together] == [200, 200, 500, 200, 200, 200]
     assert together[2].json()["error"]["type"] == "internal_error"

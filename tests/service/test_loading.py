@@ -26,7 +26,7 @@ def quantised(module: torch.nn.Module, kind: type) -> list[str]:
 def test_8bit_llm_only(opt8):
     """The running app's generation model (on the CPU here; the same test passed on an H200 with CUDA):
     Linear8bitLt in the LLM, none in the ViT, Q-Former or projection."""
-    models = opt8.app.state.runner.models
+    models = opt8.app.state.server.runner.models
     model = models.generation.model
     assert models.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert models.quantization == "8bit"

@@ -228,17 +228,17 @@ def test_overload_burst_refused_with_retry_after_and_nothing_accepted_is_lost(ch
     )
     body = {"image": b64(photos[0]), **FAST}
     with LiveServer(settings) as server, httpx.Client(base_url=server.url, timeout=120) as client:
-        state = server.app.state
+        state = server.app.state.server
         with ThreadPoolExecutor(40) as pool, Gate(server.app) as gate:  # the gate opens first on exit
             futures = [pool.submit(client.post, "/caption", json=body) for _ in range(40)]
             gate.wait_taken()
             gate.wait_queued(4)
             # Every request has either been answered or is held in the server (queued or in the batch).
-            engine = state.engine
+            batcher = state.batcher
             wait_for(
                 lambda: (
                     sum(f.done() for f in futures) + state.working == 40
-                    and state.working == engine.depth + engine._running
+                    and state.working == batcher.depth + batcher._running
                 ),
                 "requests still arriving",
             )
@@ -266,7 +266,7 @@ def test_counting_prompt_tokens_leaves_the_batch_tokenizer_alone(opt8):
     model thread padded a batch with it; a fast tokenizer keeps its padding setting on the shared Rust
     object, so the count switched padding off mid-batch and mixed-length VQA batches failed (500) under load.
     Here the model thread's state is set by hand: counting must neither read nor reset it."""
-    runner = opt8.app.state.runner
+    runner = opt8.app.state.server.runner
     backend = runner.models.generation.processor.tokenizer._tokenizer
     prompt = "Question: what colour is the shape? Answer:"
     expected = runner.prompt_tokens(prompt)
@@ -311,16 +311,16 @@ def test_failed_model_call_is_a_json_500_and_keeps_the_connection(checkpoints, p
     folder = checkpoints["tiny-opt"]
     body = {"image": b64(photos[0]), **FAST}
     with LiveServer(settings_for(folder / "generation", folder / "stage1")) as server:
-        engine = server.app.state.engine
-        real, calls = engine._run_batch, []
+        batcher = server.app.state.server.batcher
+        real, calls = batcher._run_batch, []
 
-        def fail_once(key, payloads):
-            calls.append(len(payloads))
+        def fail_once(jobs):
+            calls.append(len(jobs))
             if len(calls) == 1:
                 raise RuntimeError("CUDA out of memory (simulated)")
-            return real(key, payloads)
+            return real(jobs)
 
-        engine._run_batch = fail_once
+        batcher._run_batch = fail_once
         first, second = _two_requests_on_one_connection(server.url, body)
     assert first.startswith(b"HTTP/1.1 500") and b'"internal_error"' in first, first[:200]
     assert b"CUDA" not in first  # nothing internal in the message
@@ -336,37 +336,37 @@ def test_answers_while_draining_close_the_connection(checkpoints, photos):
     with LiveServer(settings_for(folder / "generation", folder / "stage1")) as server:
         first, _ = _two_requests_on_one_connection(server.url, body)
         assert first.startswith(b"HTTP/1.1 200")
-        server.app.state.phase = "draining"  # what drain() sets first
+        server.app.state.server.phase = "draining"  # what drain() sets first
         try:
             refused, after = _two_requests_on_one_connection(server.url, body)
         finally:
-            server.app.state.phase = "ready"
+            server.app.state.server.phase = "ready"
     head = refused.split(b"\r\n\r\n")[0].lower()
     assert refused.startswith(b"HTTP/1.1 503") and b"retry-after:" in head and b"connection: close" in head
     assert after == b""  # the server closed the socket: the client opens a new connection and is refused
 
 
 def test_request_already_in_its_handler_is_served_through_a_drain(checkpoints, photos, monkeypatch):
-    """Regression: drain() stopped the engine from taking work, so a request that had passed the route's
+    """Regression: drain() stopped the batcher from taking work, so a request that had passed the route's
     check but was still decoding its image when SIGTERM came was refused with 503 instead of drained (3 of
     16 in-flight requests in bench/faults.py sigterm). A gate holds the request inside its handler."""
     import asyncio
     import threading
 
-    from service import routes
     from service.app import drain
+    from service.deps import Parsed
 
     folder = checkpoints["tiny-opt"]
     entered, release, loops = threading.Event(), threading.Event(), []
-    real_one_image = routes.one_image
+    real_image = Parsed.image
 
-    async def held_one_image(*args):
+    async def held_image(self, *args):
         loops.append(asyncio.get_running_loop())
         entered.set()
         await asyncio.to_thread(release.wait)
-        return await real_one_image(*args)
+        return await real_image(self, *args)
 
-    monkeypatch.setattr(routes, "one_image", held_one_image)
+    monkeypatch.setattr(Parsed, "image", held_image)
     body = {"image": b64(photos[0]), **FAST}
     with LiveServer(settings_for(folder / "generation", folder / "stage1")) as server:
         client = httpx.Client(base_url=server.url, timeout=120)
@@ -374,7 +374,7 @@ def test_request_already_in_its_handler_is_served_through_a_drain(checkpoints, p
             in_flight = pool.submit(client.post, "/caption", json=body)
             wait_for(entered.is_set, "the request did not reach its handler")
             drained = asyncio.run_coroutine_threadsafe(drain(server.app, timeout_s=120), loops[0])
-            wait_for(lambda: server.app.state.phase == "draining", "the drain did not start")
+            wait_for(lambda: server.app.state.server.phase == "draining", "the drain did not start")
             late = client.post("/caption", json=body)  # arrives after the drain began
             release.set()
             answer = in_flight.result()

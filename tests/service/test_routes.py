@@ -81,7 +81,7 @@ def test_one_vit_pass_feeds_generation_and_retrieval(checkpoints, photos):
     """Shared tower: an image captioned, embedded and used in retrieval goes through the ViT once."""
     folder = checkpoints["tiny-opt"]
     with running_app(settings_for(folder / "generation", folder / "stage1", warmup=False)) as client:
-        assert client.app.state.runner.models.shared_vision
+        assert client.app.state.server.runner.models.shared_vision
         image = b64(photos[2])
         assert client.post("/caption", json={"image": image, "max_new_tokens": 2}).status_code == 200
         assert client.post("/embed", json={"images": [image, image]}).status_code == 200

@@ -29,7 +29,8 @@ from tokenizers import (
 )
 from transformers import PreTrainedTokenizerFast
 
-from service.inference import Generated, GenerateJob, GenerationOptions, Runner
+from service.inference import Runner
+from service.jobs import Generated, GenerateJob, GenerationOptions
 from service.loading import load_models
 
 SPELLINGS = ["<image>", "</s>", "<s>", "<pad>", "<unk>", "[SEP]", "[CLS]", "[PAD]", "[MASK]", "[DEC]"]
@@ -108,9 +109,8 @@ def test_llm_prompt_spellings_are_text(family_models, family):
     assert not special & set(body), [tokenizer.convert_ids_to_tokens(i) for i in body if i in special]
     assert tokenizer.decode(body).replace(" ", "").replace("▁", "") == PROMPT.replace(" ", "")
     # the spellings reach the model as text, and it answers (before, a typed <image> broke the batch)
-    job = GenerateJob(Image.new("RGB", (64, 64), (200, 30, 30)), PROMPT)
-    with torch.inference_mode():
-        answer = runner.generate(GenerationOptions(max_new_tokens=3), [job])
+    job = GenerateJob(Image.new("RGB", (64, 64), (200, 30, 30)), PROMPT, GenerationOptions(max_new_tokens=3))
+    answer = runner([job])
     assert isinstance(answer[0], Generated), answer
     assert runner.prompt_tokens(PROMPT) == len(ids) + gen.model.config.num_query_tokens
 

@@ -1,0 +1,76 @@
+"""The work a route hands the batcher: typed jobs that know their batch key, and what generation returns.
+
+Requests share a model call only when their batch keys are equal: same task and, for generation, the same
+settings (beam width or sampling belong to the whole call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Settings of one generate call; requests share a batch only when these are equal."""
+
+    max_new_tokens: int = 30
+    min_new_tokens: int = 0
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
+        if not self.do_sample:  # transformers warns when sampling knobs come without sampling
+            kwargs.pop("temperature"), kwargs.pop("top_p")
+        return kwargs
+
+
+@dataclass
+class Generated:
+    text: str
+    tokens: int
+    finish_reason: str  # "stop" (end of sequence) or "length" (max_new_tokens reached)
+
+
+@dataclass(eq=False)
+class GenerateJob:
+    image: Image.Image
+    prompt: str
+    options: GenerationOptions
+    # Streaming: called on the model thread with each token of this answer as it is generated (up to, not
+    # including, its end of sequence). Greedy and sampled decoding only: transformers streams no beams.
+    on_token: Callable[[int], None] | None = None
+    streamed: list[int] = field(default_factory=list)  # the tokens on_token has had
+    task: ClassVar[str] = "generate"
+
+    @property
+    def batch_key(self) -> Hashable:
+        return (self.task, self.options)
+
+
+@dataclass(eq=False)
+class EmbedJob:
+    images: list[Image.Image]
+    texts: list[str]
+    query_vectors: bool = False
+    task: ClassVar[str] = "embed"
+    batch_key: ClassVar[Hashable] = "embed"
+
+
+@dataclass(eq=False)
+class RetrieveJob:
+    query_text: str | None
+    query_image: Image.Image | None
+    candidate_texts: list[str]
+    candidate_images: list[Image.Image]
+    top_k: int
+    task: ClassVar[str] = "retrieve"
+    batch_key: ClassVar[Hashable] = "retrieve"

@@ -1,0 +1,33 @@
+"""The server's state, typed: one object on `app.state.server`, read by the routes through service.deps."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from service.batching import Batcher
+from service.inference import Runner
+from service.metrics import Metrics
+from service.settings import Settings
+
+
+class Phase(str, enum.Enum):
+    LOADING = "loading"  # models loading and warming up: /health 200, /ready 503
+    READY = "ready"
+    DRAINING = "draining"  # after SIGTERM: requests in flight finish, new ones get 503
+    FAILED = "failed"  # loading failed: /health 503, the process exits 1
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    phase: Phase = Phase.LOADING
+    load_error: str | None = None
+    on_load_failure: Callable[[], None] | None = None  # set by __main__: stop the process
+    runner: Runner | None = None
+    batcher: Batcher | None = None
+    working: int = 0  # HTTP requests in flight (probes and scrapes not counted)
+    started: int = field(default_factory=lambda: int(time.time()))
