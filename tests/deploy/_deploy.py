@@ -23,14 +23,13 @@ K8S = REPO / "k8s"
 DOCKERFILE = DOCKER / "Dockerfile"
 COMPOSE_FILE = DOCKER / "compose.yaml"
 README = REPO / "README.md"
+DOCS = REPO / "docs"
+DEPLOY_DOC = DOCS / "DEPLOY.md"
 
 
 def deployment_docs() -> str:
-    """The README's Deployment section, whose every command the deploy tests check."""
-    text = README.read_text()
-    start = text.index("\n## Deployment\n")
-    end = text.find("\n## ", start + 1)
-    return text[start : end if end != -1 else None]
+    """docs/DEPLOY.md, whose every command the deploy tests check."""
+    return DEPLOY_DOC.read_text()
 
 
 # Every kustomization a user applies (the training Component is included by the two Jobs).

@@ -1,8 +1,9 @@
-"""The README's Deployment section: the commands it gives are the ones these tests validate. Each command, in a code
+"""docs/DEPLOY.md: the commands it gives are the ones these tests validate. Each command, in a code
 block or inline, is read from the page and checked: compose lines render with the real Compose v2 and
 the same flags, kubectl lines name kustomizations and objects that exist (secrets and namespaces are
 created with --dry-run=client), curl lines call routes the server has, docker build lines build the
-image names that compose and the manifests run."""
+image names that compose and the manifests run. The curl examples of the README and docs/API.md call
+routes the server has."""
 
 from __future__ import annotations
 
@@ -10,7 +11,18 @@ import re
 import shlex
 
 import pytest
-from _deploy import KUSTOMIZATIONS, REPO, compose_config, deployment_docs, render, run, serves, tool
+from _deploy import (
+    DOCS,
+    KUSTOMIZATIONS,
+    README,
+    REPO,
+    compose_config,
+    deployment_docs,
+    render,
+    run,
+    serves,
+    tool,
+)
 
 COMMANDS = ("docker", "kubectl", "helm", "curl", "make", "python", "export")
 
@@ -152,3 +164,29 @@ def _check_curl(args: list[str]) -> None:
     assert port == "8000"
     method = "POST" if {"-F", "-d", "--data", "--form"} & set(args) else "GET"
     assert serves(method, "/" + path), f"{method} /{path}"
+
+
+def _curl_calls(text: str) -> list[tuple[str, str, str]]:
+    """Each curl line of a page's code blocks: (line, method, path)."""
+    calls = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.strip()
+            if not line.startswith("curl "):
+                continue
+            url = re.search(r"localhost:(\d+)(/[\w/.-]*)", line)
+            assert url and url.group(1) == "8000", line
+            method = "POST" if re.search(r"\s(-F|-d|--data|--form)\s", line) else "GET"
+            calls.append((line, method, url.group(2)))
+    return calls
+
+
+CURL_PAGES = [README, DOCS / "API.md"]
+
+
+@pytest.mark.parametrize("page", CURL_PAGES, ids=lambda page: page.name)
+def test_curl_examples_call_routes_the_server_has(page):
+    calls = _curl_calls(page.read_text())
+    assert calls, f"{page.name} has curl examples"
+    for line, method, path in calls:
+        assert serves(method, path), f"{method} {path}: {line}"
