@@ -1,0 +1,91 @@
+"""pyproject.toml's extras: `serve` installs everything `service/` imports, `train` everything `training/`
+imports, neither needs the other, and `test` (what `make` installs) pulls in both."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import re
+import sys
+from importlib import metadata
+
+import pytest
+import tomllib
+from _deploy import REPO
+from packaging.requirements import Requirement
+
+PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+# Imported inside a try or a function, for one optional path, and in no extra but `test` (easy_vqa):
+# torchvision (a faster image processor, PIL otherwise), easy_vqa (`blip2-train data easy-vqa`),
+# matplotlib (the easy-VQA recipe's curves).
+OPTIONAL = {"torchvision", "easy_vqa", "matplotlib"}
+TRAINING_ONLY = {"pycocoevalcap", "peft", "webdataset"}
+
+
+def _name(requirement: str) -> str:
+    return re.sub(r"[-_.]+", "-", Requirement(requirement).name).lower()
+
+
+def _imports(package: str) -> set[str]:
+    """The top-level modules that package's files import, other than the standard library and the project."""
+    found = set()
+    for path in (REPO / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return found - set(sys.stdlib_module_names) - {"service", "training", "__future__"}
+
+
+@functools.cache
+def _closure(extra: str) -> frozenset[str]:
+    """Every distribution `pip install .[extra]` installs: the core, the extra, and what they require."""
+    todo = [*PROJECT["dependencies"], *PROJECT["optional-dependencies"][extra]]
+    todo = [r for r in todo if not r.startswith("blip2-stack")]
+    seen: set[str] = set()
+    while todo:
+        requirement = Requirement(todo.pop())
+        name = _name(str(requirement))
+        if name in seen:
+            continue
+        seen.add(name)
+        for sub in metadata.requires(name) or []:
+            sub_requirement = Requirement(sub)
+            environment = [{"extra": e} for e in requirement.extras] or [{"extra": ""}]
+            if sub_requirement.marker is None or any(sub_requirement.marker.evaluate(e) for e in environment):
+                todo.append(sub)
+    return frozenset(seen)
+
+
+def _distributions(module: str) -> set[str]:
+    return {re.sub(r"[-_.]+", "-", d).lower() for d in metadata.packages_distributions().get(module, [])}
+
+
+@pytest.mark.parametrize(("package", "extra"), [("service", "serve"), ("training", "train")])
+def test_extra_installs_what_the_package_imports(package, extra):
+    modules = _imports(package) - OPTIONAL
+    assert modules, package
+    missing = {m for m in modules if not _distributions(m) & _closure(extra)}
+    assert not missing, f"{package}/ imports {sorted(missing)}, which .[{extra}] does not install"
+
+
+def test_serving_extra_has_no_training_package():
+    assert not _closure("serve") & TRAINING_ONLY
+    assert TRAINING_ONLY <= {_name(r) for r in PROJECT["optional-dependencies"]["train"]}
+
+
+def test_core_is_what_both_packages_need():
+    """The core holds what both packages need (the model stack), and each package is listed once."""
+    core = {_name(r) for r in PROJECT["dependencies"]}
+    assert core >= {"torch", "transformers", "safetensors", "tokenizers", "pillow", "numpy"}
+    serve = {_name(r) for r in PROJECT["optional-dependencies"]["serve"]}
+    train = {_name(r) for r in PROJECT["optional-dependencies"]["train"]}
+    assert not core & (serve | train) and not serve & train, "each package in one place"
+
+
+def test_test_extra_sets_up_everything():
+    test = PROJECT["optional-dependencies"]["test"]
+    assert any(_name(r) == "blip2-stack" and Requirement(r).extras == {"serve", "train"} for r in test), (
+        "make installs .[test]: it must bring the server and the trainer"
+    )
