@@ -172,16 +172,23 @@ def dockerfile_stages(variant: str) -> tuple[list[Stage], dict[str, str]]:
     return stages, global_args
 
 
-def image_config(variant: str) -> dict:
-    """What `docker inspect` would show for the final image of a variant: Env, User, ExposedPorts,
-    Entrypoint, Cmd, Healthcheck, Volumes, plus the chain of stages the final one is built on."""
+def image_config(variant: str, target: str | None = None) -> dict:
+    """What `docker inspect` would show for the image of a variant built up to `target` (default: the
+    last stage, what `docker build` builds): Env, User, ExposedPorts, Entrypoint, Cmd, Healthcheck,
+    Volumes, plus the chain of stages the image is built on, its RUN lines and its COPY sources."""
     stages, _ = dockerfile_stages(variant)
     by_name = {s.name: s for s in stages}
-    chain = [stages[-1]]
+    chain = [by_name[target] if target else stages[-1]]
     while chain[-1].base in by_name:
         chain.append(by_name[chain[-1].base])
     chain.reverse()
-    config: dict = {"Env": {}, "Chain": [s.name for s in chain], "Base": chain[0].base, "Runs": []}
+    config: dict = {
+        "Env": {},
+        "Chain": [s.name for s in chain],
+        "Base": chain[0].base,
+        "Runs": [],
+        "Copies": [],
+    }
     for stage in chain:
         for instruction, rest in stage.instructions:
             if instruction == "ENV":
@@ -199,6 +206,9 @@ def image_config(variant: str) -> dict:
                 config["Volumes"] = yaml.safe_load(rest)
             elif instruction == "RUN":
                 config["Runs"].append(rest)
+            elif instruction == "COPY":
+                words = [w for w in rest.split() if not w.startswith("--")]
+                config["Copies"].extend(words[:-1])
     return config
 
 

@@ -1,5 +1,6 @@
 """docker/Dockerfile: lint-clean (hadolint), and each variant's image has the user, port, health check,
-entry point and settings that the rest of the deployment relies on."""
+entry point and settings that the rest of the deployment relies on. The server image holds the serving
+extra and no training code; the training image (`--target train`) the training extra and no server."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def test_hadolint_finds_nothing():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_bases_and_torch_build(variant):
     image = image_config(variant)
-    assert image["Chain"] == [f"base-{variant}", "runtime"]
+    assert image["Chain"] == [f"base-{variant}", "common", "runtime"]
     if variant == "gpu":
         assert re.fullmatch(r"nvidia/cuda:[\d.]+-(cudnn-)?runtime-ubuntu[\d.]+", image["Base"]), image["Base"]
         assert re.search(r"/whl/cu\d+$", image["Env"]["TORCH_INDEX_URL"])
@@ -47,6 +48,34 @@ def test_variant_bases_and_torch_build(variant):
     assert any(re.match(r'pip install "\./\[', r) for r in image["Runs"]), (
         "the project installs from pyproject.toml"
     )
+
+
+def _project_installs(image: dict) -> list[str]:
+    """The extras each `pip install` of the project names: `pip install "./[serve]"` -> "serve"."""
+    installs = [r for r in image["Runs"] if re.match(r'pip install "?\.', r)]
+    return [re.match(r'pip install "?\./?(?:\[([\w,-]*)\])?"?(?:\s|$)', r).group(1) or "" for r in installs]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_server_image_installs_the_serve_extra_and_no_training_code(variant):
+    image = image_config(variant)
+    assert _project_installs(image) == ["serve"], image["Runs"]
+    copied = [source.rstrip("/") for source in image["Copies"]]
+    assert "service" in copied
+    assert not any(source.split("/")[0] in ("training", "recipes", ".") for source in copied), copied
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    serving = {re.split(r"[<>=\[ ;]", requirement)[0].lower() for requirement in extras["serve"]}
+    assert not serving & {"pycocoevalcap", "peft", "webdataset"}, "training-only packages"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_training_image_installs_the_train_extra_and_no_server(variant):
+    image = image_config(variant, target="train")
+    assert image["Chain"] == [f"base-{variant}", "common", "train"]
+    assert _project_installs(image) == ["train"], image["Runs"]
+    copied = [source.rstrip("/") for source in image["Copies"]]
+    assert "training" in copied and "service" not in copied, copied
+    assert image["User"] == image_config(variant)["User"], "the same non-root uid as the server"
 
 
 def test_torch_version_is_the_one_the_project_pins():

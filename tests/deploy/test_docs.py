@@ -2,15 +2,18 @@
 block or inline, is read from the page and checked: compose lines render with the real Compose v2 and
 the same flags, kubectl lines name kustomizations and objects that exist (secrets and namespaces are
 created with --dry-run=client), curl lines call routes the server has, docker build lines build the
-image names that compose and the manifests run. The curl examples of the README and docs/API.md call
-routes the server has."""
+image names that compose and the manifests run, and the image-size measurement installs the pinned
+torch and an existing extra from what the server image copies. The curl examples of the README and
+docs/API.md call routes the server has."""
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import shlex
 
 import pytest
+import tomllib
 from _deploy import (
     DOCS,
     KUSTOMIZATIONS,
@@ -18,6 +21,7 @@ from _deploy import (
     REPO,
     compose_config,
     deployment_docs,
+    image_config,
     render,
     run,
     serves,
@@ -65,13 +69,32 @@ def test_the_page_has_commands_for_every_deployment():
         "--profile monitoring",
         *(f"kubectl apply -k {k}" for k in KUSTOMIZATIONS),
         "docker build -f docker/Dockerfile",
+        "docker build -f docker/Dockerfile --target train",
     ]:
         assert needed in joined, needed
 
 
+def _parts(command: str) -> list[tuple[dict[str, str], list[str]]]:
+    """A line as the commands it chains with `&&` or pipes with `|`."""
+    env, words = _split(command)
+    parts, current = [], []
+    for word in words:
+        if word in ("&&", "|"):
+            parts.append(current)
+            current = []
+        else:
+            current.append(word)
+    parts.append(current)
+    return [(env if i == 0 else {}, part) for i, part in enumerate(parts)]
+
+
 @pytest.mark.parametrize("command", COMMAND_LINES)
 def test_command_is_valid(command):
-    env, words = _split(command)
+    for env, words in _parts(command):
+        _check_command(command, env, words)
+
+
+def _check_command(command: str, env: dict[str, str], words: list[str]) -> None:
     if words[:2] == ["docker", "compose"]:
         _check_compose(words[2:], env)
     elif words[:2] == ["docker", "build"]:
@@ -88,6 +111,12 @@ def test_command_is_valid(command):
         assert re.fullmatch(r"(HF_TOKEN|BLIP2_\w+)=.*", words[1]), words
     elif words[0] in ("make", "python"):
         assert command in ("make test", "python -m pytest tests/deploy -q"), command
+    elif words[0].endswith("/bin/pip") or words[:3] == ["python3", "-m", "venv"]:
+        _check_install(words)
+    elif words[:2] == ["git", "archive"]:
+        _check_archive(words[2:])
+    elif words[0] in ("mkdir", "tar", "cd", "du"):
+        _check_measurement_step(words)
     else:
         pytest.fail(f"no check for {command!r}: add one to tests/deploy/test_docs.py")
 
@@ -115,8 +144,48 @@ def _check_build(args: list[str]) -> None:
     if "--build-arg" in args:
         key, _, variant = args[args.index("--build-arg") + 1].partition("=")
         assert key == "VARIANT" and variant in ("gpu", "cpu")
+    suffix = ""
+    if "--target" in args:
+        target = args[args.index("--target") + 1]
+        assert target == "train", "the server image is the default target"
+        assert image_config(variant, target=target)["Chain"][-1] == target
+        suffix = "-train"
     tag = args[args.index("-t") + 1]
-    assert tag == f"blip2-stack:{variant}", "the name compose and the manifests use"
+    assert tag == f"blip2-stack:{variant}{suffix}", "the name compose and the manifests use"
+
+
+def _check_install(words: list[str]) -> None:
+    """The image-size measurement: a venv, the torch the project pins, then the project with an extra."""
+    if words[0] == "python3":
+        assert len(words) == 4 and words[3].startswith("/tmp/"), words
+        return
+    assert words[1] == "install", words
+    pinned = set(re.findall(r"torch==([\d.]+)", (REPO / "Makefile").read_text()))
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for requirement in words[2:]:
+        if requirement.startswith("torch"):
+            assert requirement.removeprefix("torch==") in pinned, (requirement, pinned)
+        else:
+            named = re.fullmatch(r"\./?\[([\w,-]+)\]", requirement)
+            assert named, f"{requirement}: the project, with an extra"
+            assert set(named.group(1).split(",")) <= set(extras), requirement
+
+
+def _check_archive(args: list[str]) -> None:
+    """The measured tree is what the server image copies of the repository (the health check aside)."""
+    paths = args[1:]
+    copied = [c for c in image_config("cpu")["Copies"] if c != "docker/healthcheck.py"]
+    for path in paths:
+        assert any(fnmatch.fnmatch(path, c.rstrip("/")) for c in copied), (path, copied)
+    for source in copied:
+        assert any(fnmatch.fnmatch(p, source.rstrip("/")) for p in paths), (source, paths)
+
+
+def _check_measurement_step(words: list[str]) -> None:
+    if words[0] == "du":
+        assert words[1] == "-sb" and words[2].endswith("/site-packages"), words
+    else:
+        assert all(w.startswith(("-", "/tmp/")) for w in words[1:]), words
 
 
 def _objects() -> set[tuple[str, str]]:

@@ -322,10 +322,11 @@ def test_training_job_runs_blip2_train_under_torchrun(kustomization, tmp_path):
     assert env["HF_HOME"].startswith("/checkpoints/"), "the frozen parts download once, onto a volume"
     spec = pod_spec(job)
     assert spec["restartPolicy"] == "Never"
-    assert spec["securityContext"]["runAsUser"] == int(image_config("gpu")["User"].split(":")[0])
+    image = image_config("gpu", target="train")
+    assert spec["securityContext"]["runAsUser"] == int(image["User"].split(":")[0])
     shm = next(v for v in spec["volumes"] if v["name"] == mounts["/dev/shm"]["name"])
     assert shm["emptyDir"]["medium"] == "Memory"
-    assert c["image"] == "blip2-stack:gpu"
+    assert c["image"] == "blip2-stack:gpu-train", "the training image (docker/Dockerfile --target train)"
 
 
 def test_single_node_job_is_standalone():
