@@ -83,7 +83,7 @@ def test_one_namespace_and_every_reference_resolves(kustomization):
             for var in c.get("env", []):
                 secret = var.get("valueFrom", {}).get("secretKeyRef")
                 if secret:
-                    # Made by hand (README, Deployment); optional, so pods start without it.
+                    # Made by hand (docs/DEPLOY.md, Kubernetes); optional, so pods start without it.
                     assert secret["name"] == "blip2-secrets" and secret["optional"] is True
 
 
