@@ -23,10 +23,11 @@ from training.evaluate import (
     itc_text_features,
     load_generation_model,
 )
+from training.settings import CapfiltSettings
 
 
 @torch.no_grad()
-def capfilt(s) -> dict:
+def capfilt(s: CapfiltSettings) -> dict:
     if not (s.manifest and s.captioner and s.scorer and s.output):
         raise SystemExit("capfilt needs --manifest, --captioner, --scorer and --output")
     from transformers import AutoProcessor

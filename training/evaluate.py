@@ -29,6 +29,7 @@ from training.data import (
 )
 from training.finetune import resolve_prompt
 from training.metrics import VQA_SCORING, caption_metrics, retrieval_recall, vqa_metrics
+from training.settings import EvalSettings
 from training.stages import caption_ids
 
 log = logging.getLogger(__name__)
@@ -119,22 +120,22 @@ def generate_texts(
     return outputs
 
 
-def _options(s) -> dict:
+def _options(s: EvalSettings) -> dict:
     defaults = GENERATION_DEFAULTS[s.task]
     options = {k: defaults[k] if getattr(s, k) is None else getattr(s, k) for k in defaults}
     return options | {"num_beams": s.num_beams, "do_sample": False}
 
 
-def _generate(s, model, processor, paths, prompts, options) -> list[str]:
+def _generate(s: EvalSettings, model, processor, paths, prompts, options) -> list[str]:
     return generate_texts(model, processor, paths, prompts, s.batch_size, s.progress, **options)
 
 
-def _rows(s) -> list[dict]:
+def _rows(s: EvalSettings) -> list[dict]:
     rows = read_manifest(s.manifest)
     return rows[: s.limit] if s.limit > 0 else rows
 
 
-def evaluate_vqa(s, rows: list[dict]) -> tuple[dict, list[dict]]:
+def evaluate_vqa(s: EvalSettings, rows: list[dict]) -> tuple[dict, list[dict]]:
     model, processor = load_generation_model(s.model, _device(s.device))
     template = resolve_prompt("vqa", s.prompt)
     prompts = [template.format(row["question"]) for row in rows]
@@ -155,7 +156,7 @@ def evaluate_vqa(s, rows: list[dict]) -> tuple[dict, list[dict]]:
     return metrics, predictions
 
 
-def evaluate_caption(s, rows: list[dict]) -> tuple[dict, list[dict]]:
+def evaluate_caption(s: EvalSettings, rows: list[dict]) -> tuple[dict, list[dict]]:
     model, processor = load_generation_model(s.model, _device(s.device))
     row_image, first_rows = group_by_image(rows)
     paths = [row["image"] for row in first_rows]
@@ -278,7 +279,7 @@ def retrieval_scores(
     return {"itc_i2t": itc, "itc_t2i": itc.T, "i2t": final["i2t"], "t2i": final["t2i"]}
 
 
-def evaluate_retrieval(s, rows: list[dict]) -> tuple[dict, list[dict]]:
+def evaluate_retrieval(s: EvalSettings, rows: list[dict]) -> tuple[dict, list[dict]]:
     from transformers import AutoProcessor
 
     from training.model import Stage1Model
@@ -331,7 +332,7 @@ def _unreadable_images(rows: list[dict]) -> list[str]:
     return unreadable
 
 
-def run_eval(s) -> dict:
+def run_eval(s: EvalSettings) -> dict:
     if s.task not in EVALUATORS:
         raise SystemExit(f"--task must be one of {', '.join(EVALUATORS)}")
     if not s.model or not s.manifest:

@@ -22,11 +22,12 @@ from transformers import PretrainedConfig
 from training.assemble import load_vision_tower
 from training.data import IMAGE_ERRORS, ImageTransform, load_image, read_manifest
 from training.model import frozen_vision_features
+from training.settings import CacheFeaturesSettings
 
 log = logging.getLogger(__name__)
 
 
-def cache_features(settings) -> dict:
+def cache_features(settings: CacheFeaturesSettings) -> dict:
     output = Path(settings.output)
     output.mkdir(parents=True, exist_ok=True)
     tower = load_vision_tower(settings.model).eval()

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from training.data import Collator, text_tokens
+from training.settings import FinetuneSettings
 from training.stages import join_target
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def _merge_lora_on_save(task: nn.Module, tuner) -> None:
     task.save_model = save_model
 
 
-def build_finetune(s) -> tuple[nn.Module, object, PretrainedConfig, str]:
+def build_finetune(s: FinetuneSettings) -> tuple[nn.Module, object, PretrainedConfig, str]:
     """The task module, the collate function, the vision tower's config (at the training image size) and
     the manifest's target field."""
     from training.instructblip import load_vqa_model

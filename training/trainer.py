@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,44 +27,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm import tqdm
 
 from training import checkpoint, distributed
+from training.settings import TrainSettings
 
 log = logging.getLogger(__name__)
 EMPTY_STEPS_LIMIT = 20  # optimizer steps in a row with no readable sample before the run stops
-
-
-@dataclass
-class TrainSettings:
-    """Optimisation and run settings common to every stage (defaults: the paper's recipe where it has one)."""
-
-    output: str = field(
-        default="runs/blip2", metadata={"help": "folder for checkpoints, log.jsonl and the final model"}
-    )
-    steps: int = field(default=1000, metadata={"help": "optimizer steps to run"})
-    batch_size: int = field(default=32, metadata={"help": "samples per process per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
-    min_lr: float = field(default=1e-5, metadata={"help": "learning rate at the end of the cosine decay"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps from warmup_lr to lr"})
-    warmup_lr: float = field(default=1e-6, metadata={"help": "learning rate at step 0"})
-    weight_decay: float = field(
-        default=0.05, metadata={"help": "AdamW weight decay (not on biases and norms)"}
-    )
-    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
-    beta2: float = field(default=0.98, metadata={"help": "AdamW beta2"})
-    max_grad_norm: float = field(default=0.0, metadata={"help": "clip gradients to this norm (0: off)"})
-    precision: str = field(
-        default="auto", metadata={"help": "auto | fp32 | bf16 | fp16 (autocast; Q-Former weights stay fp32)"}
-    )
-    seed: int = field(default=42, metadata={"help": "random seed (each rank adds its rank)"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
-    log_every: int = field(default=10, metadata={"help": "steps between JSON log lines"})
-    save_every: int = field(default=200, metadata={"help": "steps between checkpoints (and one at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
-    resume: bool = field(
-        default=False, metadata={"help": "continue from the last checkpoint in <output>/checkpoints"}
-    )
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar on stderr"})
 
 
 class ResumableSampler(Sampler[int]):
