@@ -37,7 +37,8 @@ async def _load(app: FastAPI) -> None:
         models = await asyncio.to_thread(load_models, state.settings)
         for name, seconds in models.load_seconds.items():
             state.metrics.load_seconds.labels(name).set(seconds)
-        runner = Runner(models, VisionCache(state.settings.vision_cache_size, state.metrics.vision))
+        vision_cache = VisionCache(state.settings.vision_cache_size, state.metrics.vision)
+        runner = Runner(models, vision_cache, decoder=state.settings.decoder)
         batcher = Batcher(
             runner,
             max_batch_size=state.settings.max_batch_size,

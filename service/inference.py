@@ -8,6 +8,7 @@ feeds the same ViT states to ITC and to the ITM re-rank.
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 import torch
@@ -16,9 +17,12 @@ from torch.nn import functional as F
 from transformers.generation.streamers import BaseStreamer
 
 from service.batching import InvalidInput
+from service.decoding import FastDecoder, unsupported
 from service.jobs import EmbedJob, Generated, GenerateJob, GenerationOptions, RetrieveJob
 from service.loading import GenerationModel, LoadedModels, RetrievalModel
 from service.vision import VisionCache
+
+log = logging.getLogger("service.inference")
 
 
 class RowStreamer(BaseStreamer):
@@ -58,10 +62,23 @@ class RowStreamer(BaseStreamer):
 class Runner:
     """Runs one batch of same-key jobs; called by the batcher on its worker thread."""
 
-    def __init__(self, models: LoadedModels, vision_cache: VisionCache | None = None) -> None:
+    def __init__(
+        self, models: LoadedModels, vision_cache: VisionCache | None = None, decoder: str = "fast"
+    ) -> None:
         self.models = models
         self.vision = vision_cache or VisionCache(0)
         self._event_loop_tokenizer = None  # prompt_tokens and decode run on the event loop: its own copy
+        self.fast_decoder = self._fast_decoder(models.generation) if decoder == "fast" else None
+
+    @staticmethod
+    def _fast_decoder(gen: GenerationModel | None) -> FastDecoder | None:
+        if gen is None or gen.is_encoder_decoder:
+            return None
+        reason = unsupported(gen.model.language_model)
+        if reason is not None:
+            log.info("generation uses transformers' generate(): %s", reason)
+            return None
+        return FastDecoder(gen.model.language_model)
 
     def __call__(self, jobs: list[GenerateJob] | list[EmbedJob] | list[RetrieveJob]) -> list[Any]:
         """One batch of jobs with one batch key (so of one type)."""
@@ -105,12 +122,8 @@ class Runner:
         ]
         inputs = {k: v.to(self.models.device) for k, v in inputs.items()}
         states = self.vision.states(gen.model.vision_model, pixels, self.models.device, self.models.dtype)
-        kwargs = options.generate_kwargs()
-        if any(job.on_token for job in jobs):
-            kwargs["streamer"] = RowStreamer(jobs, gen.eos_token_ids)
-        output = self._generate(gen, states, inputs, kwargs)
-        if not gen.is_encoder_decoder:  # decoder LLMs return the prompt (queries included) before the answer
-            output = output[:, inputs["input_ids"].shape[1] :]
+        streamer = RowStreamer(jobs, gen.eos_token_ids) if any(job.on_token for job in jobs) else None
+        output = self._generate(gen, states, inputs, options, streamer)
         return [self._decoded(gen, row, options) for row in output.cpu()]
 
     @staticmethod
@@ -138,11 +151,12 @@ class Runner:
             inputs["qformer_attention_mask"] = qformer["attention_mask"]
         return inputs
 
-    @staticmethod
-    def _generate(gen: GenerationModel, states: torch.Tensor, inputs: dict, kwargs: dict) -> torch.Tensor:
-        """The model's own `generate` from ViT states instead of pixels (transformers' steps, same order):
-        queries over the image (InstructBLIP: with the prompt too) -> projection -> into the image
-        placeholders of the prompt -> the LLM generates."""
+    def _generate(
+        self, gen: GenerationModel, states: torch.Tensor, inputs: dict, options: GenerationOptions, streamer
+    ) -> torch.Tensor:
+        """The new tokens of the model's own `generate` from ViT states instead of pixels (transformers'
+        steps, same order): queries over the image (InstructBLIP: with the prompt too) -> projection -> into
+        the image placeholders of the prompt -> the LLM generates, in the fast decoder where it applies."""
         model = gen.model
         image_mask = torch.ones(states.shape[:-1], dtype=torch.long, device=states.device)
         queries = model.query_tokens.expand(states.shape[0], -1, -1)
@@ -167,10 +181,16 @@ class Runner:
         embeds = model.get_input_embeddings()(input_ids)
         placeholders = (input_ids == model.config.image_token_id).unsqueeze(-1)
         embeds = embeds.masked_scatter(placeholders, projected.to(embeds.device, embeds.dtype))
+        if self.fast_decoder is not None and self.fast_decoder.covers(options):
+            return self.fast_decoder.generate(embeds, inputs["attention_mask"], input_ids, options, streamer)
         llm_inputs = {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"]}
-        if not gen.is_encoder_decoder:
-            llm_inputs["input_ids"] = input_ids
-        return model.language_model.generate(**llm_inputs, **kwargs)
+        if streamer is not None:
+            llm_inputs["streamer"] = streamer
+        if gen.is_encoder_decoder:
+            return model.language_model.generate(**llm_inputs, **options.generate_kwargs())
+        # decoder LLMs return the prompt (queries included) before the answer
+        output = model.language_model.generate(input_ids=input_ids, **llm_inputs, **options.generate_kwargs())
+        return output[:, input_ids.shape[1] :]
 
     @staticmethod
     def _decoded(gen: GenerationModel, row: torch.Tensor, options: GenerationOptions) -> Generated:

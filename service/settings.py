@@ -50,6 +50,12 @@ class Settings(BaseSettings):
         "unquantised). Unset: on when a CUDA GPU is present. Works on the CPU too.",
     )
     load_in_4bit: bool = Field(False, description="Load the LLM in 4-bit NF4 instead (bitsandbytes).")
+    decoder: Literal["fast", "transformers"] = Field(
+        "fast",
+        description="`fast`: the server's own decode loop for OPT LLMs (one prefill per image, a preallocated "
+        "cache, the decoder's modules run directly; tokens equal transformers' `generate()`). `transformers`: "
+        "`generate()` itself. Flan-T5 and other LLM families always use `generate()`.",
+    )
     allow_pickle: bool = Field(
         False, description="Allow pickle-based weight files (.bin/.pth). Off: only safetensors are loaded."
     )

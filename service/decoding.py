@@ -1,0 +1,291 @@
+"""The serving decode loop for decoder-only LLMs (OPT, as in the released BLIP-2 checkpoints).
+
+transformers' `generate()` pays, on every step, for what a server does not need: re-validating settings,
+rebuilding attention masks and position ids, a cache object, output dataclasses, and, in beam search, a
+prefill once per beam. Here the prompt is prefilled once per image with the model's own forward, its keys
+and values go into a preallocated cache, and each step runs the decoder's modules directly (the same ops in
+the same order, so the logits are bit for bit those of the model's forward on the CPU). Greedy, sampling and
+beam search follow `generate()`'s own algorithms step for step, with transformers' logits processors, so the
+tokens are the ones `generate()` gives (tests/service/test_decoding.py checks it).
+
+A model or a setting this loop does not cover is served by `generate()` (`Runner` asks `unsupported`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+from transformers import (
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from service.jobs import GenerationOptions
+
+# generation_config fields whose non-default values make generate() add a step this loop does not have.
+_UNSUPPORTED_DEFAULTS = {
+    "early_stopping": False, "min_length": 0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "remove_invalid_values": False,
+    "exponential_decay_length_penalty": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "sequence_bias": None, "guidance_scale": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+    "min_p": None, "top_h": None, "renormalize_logits": False, "watermarking_config": None,
+    "diversity_penalty": None, "encoder_repetition_penalty": 1.0, "max_time": None, "stop_strings": None,
+    "num_return_sequences": 1,
+}  # fmt: skip
+
+
+def unsupported(llm: torch.nn.Module) -> str | None:
+    """Why this LLM is served by `generate()` instead of the loop below, or None."""
+    if llm.config.model_type != "opt":
+        return f"the fast decoder covers OPT LLMs, not {llm.config.model_type!r}"
+    config = llm.generation_config
+    for name, default in _UNSUPPORTED_DEFAULTS.items():
+        value = getattr(config, name, None)
+        if value is not None and value != default:
+            return f"the LLM's generation_config sets {name}={value!r}"
+    return None
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for the whole answer: [rows, heads, capacity, head_dim].
+    A step writes one position and attends over exactly the filled length (a view, no copy): attending over
+    the padded capacity would change the float sums, and the logits would no longer equal the model's."""
+
+    def __init__(self, prefilled, rows: torch.Tensor, capacity: int) -> None:
+        self.keys, self.values = [], []
+        for layer in prefilled.layers:
+            for store, filled in ((self.keys, layer.keys), (self.values, layer.values)):
+                rows_, heads, length, dim = filled.shape
+                buffer = filled.new_empty((len(rows), heads, capacity, dim))
+                buffer[:, :, :length] = filled.index_select(0, rows)
+                store.append(buffer)
+        self.length = prefilled.layers[0].keys.shape[2]
+
+    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's key and value ([rows, heads, 1, dim]) and return the layer's filled views."""
+        self.keys[layer][:, :, self.length] = key[:, :, 0]
+        self.values[layer][:, :, self.length] = value[:, :, 0]
+        end = self.length + 1
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Beam search: row i continues from row rows[i]."""
+        end = self.length
+        for store in (self.keys, self.values):
+            for buffer in store:
+                buffer[:, :, :end] = buffer[:, :, :end].index_select(0, rows)
+
+
+class OptDecodeStep:
+    """One token per row through an OPT decoder, written against the model's own modules (so an 8-bit or
+    4-bit linear layer works as it does in the model), as OPTDecoder.forward computes it."""
+
+    POSITION_OFFSET = 2  # OPT's learned positions start at index 2
+
+    def __init__(self, llm: torch.nn.Module) -> None:
+        self.llm, self.decoder = llm, llm.model.decoder
+        attention = self.decoder.layers[0].self_attn
+        self.heads, self.head_dim = attention.num_heads, attention.head_dim
+
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits [rows, vocab] for `tokens` [rows] at `positions` [rows]; `mask` [rows, 1, 1, length+1]."""
+        decoder, rows = self.decoder, tokens.shape[0]
+        hidden = decoder.embed_tokens(tokens[:, None])
+        if decoder.project_in is not None:
+            hidden = decoder.project_in(hidden)
+        hidden = hidden + decoder.embed_positions.weight[positions + self.POSITION_OFFSET][:, None]
+        for index, layer in enumerate(decoder.layers):
+            attention = layer.self_attn
+            residual = hidden
+            if layer.do_layer_norm_before:
+                hidden = layer.self_attn_layer_norm(hidden)
+            query = (attention.q_proj(hidden) * attention.scaling).view(rows, 1, self.heads, self.head_dim)
+            key = attention.k_proj(hidden).view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
+            value = attention.v_proj(hidden).view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
+            keys, values = cache.append(index, key, value)
+            out = F.scaled_dot_product_attention(
+                query.transpose(1, 2), keys, values, attn_mask=mask, scale=1.0
+            )
+            hidden = residual + attention.out_proj(out.transpose(1, 2).reshape(rows, 1, -1))
+            if not layer.do_layer_norm_before:
+                hidden = layer.self_attn_layer_norm(hidden)
+            residual = hidden
+            if layer.do_layer_norm_before:
+                hidden = layer.final_layer_norm(hidden)
+            hidden = residual + layer.fc2(layer.activation_fn(layer.fc1(hidden)))
+            if not layer.do_layer_norm_before:
+                hidden = layer.final_layer_norm(hidden)
+        cache.length += 1
+        if decoder.final_layer_norm is not None:
+            hidden = decoder.final_layer_norm(hidden)
+        if decoder.project_out is not None:
+            hidden = decoder.project_out(hidden)
+        return self.llm.lm_head(hidden)[:, 0]
+
+
+class FastDecoder:
+    """`generate()` for one batch of prompts given as embeddings (image queries already in place)."""
+
+    def __init__(self, llm: torch.nn.Module) -> None:
+        self.llm, self.step = llm, OptDecodeStep(llm)
+        config = llm.generation_config
+        eos = config.eos_token_id
+        self.eos = torch.tensor(eos if isinstance(eos, list) else [eos])
+        self.pad = config.pad_token_id if config.pad_token_id is not None else self.eos[0].item()
+        self.top_k = config.top_k if config.top_k is not None else 50
+
+    @staticmethod
+    def covers(options: GenerationOptions) -> bool:
+        return not (options.do_sample and options.num_beams > 1)  # beam sampling: generate()
+
+    def processors(self, options: GenerationOptions, prompt_mask: torch.Tensor) -> LogitsProcessorList:
+        """The logits processors generate() builds for these settings, in its order; `prompt_mask` is the
+        attention mask of the prompt, one row per decoded row."""
+        eos = self.eos.to(prompt_mask.device)
+        processors = LogitsProcessorList()
+        if options.repetition_penalty != 1.0:
+            padding = (prompt_mask != 0).int().argmax(dim=1)  # left padding is no repetition
+            processors.append(RepetitionPenaltyLogitsProcessor(options.repetition_penalty, padding))
+        if options.min_new_tokens > 0:
+            prompt_length = prompt_mask.shape[1]
+            processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, options.min_new_tokens, eos))
+        if options.do_sample:
+            if options.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(options.temperature))
+            if self.top_k != 0:
+                processors.append(TopKLogitsWarper(self.top_k, min_tokens_to_keep=1))
+            if options.top_p < 1.0:
+                processors.append(TopPLogitsWarper(options.top_p, min_tokens_to_keep=1))
+        return processors
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor,
+        options: GenerationOptions,
+        streamer=None,
+    ) -> torch.Tensor:
+        """New tokens [batch, n] (rows that stop early are padded), as generate() would return them after
+        the prompt."""
+        prefill = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=True)
+        logits = prefill.logits[:, -1]
+        beams = options.num_beams
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device).repeat_interleave(beams)
+        capacity = input_ids.shape[1] + options.max_new_tokens
+        cache = KVCache(prefill.cache, rows, capacity)
+        del prefill
+        # The mask of every position a step may attend: the prompt's (left padding is False), then each answer.
+        mask = torch.ones((len(rows), capacity), dtype=torch.bool, device=input_ids.device)
+        mask[:, : input_ids.shape[1]] = attention_mask.bool().index_select(0, rows)
+        positions = attention_mask.sum(dim=1).index_select(0, rows) - 1  # OPT: positions count real tokens
+        run = _Steps(self.step, cache, mask, positions)
+        processors = self.processors(options, mask[:, : input_ids.shape[1]])
+        if beams == 1:
+            return self._sample(run, logits, input_ids, options, processors, streamer)
+        if streamer is not None:
+            raise ValueError("streaming is for greedy and sampled decoding; beam search streams nothing")
+        return self._beam_search(run, logits.index_select(0, rows), input_ids, options, processors)
+
+    def _sample(
+        self, run, logits, input_ids, options: GenerationOptions, processors, streamer
+    ) -> torch.Tensor:
+        """Greedy or sampled decoding, as GenerationMixin._sample."""
+        eos = self.eos.to(input_ids.device)
+        sequences = input_ids
+        unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        for step in range(options.max_new_tokens):
+            scores = processors(sequences, logits.to(torch.float32))
+            if options.do_sample:
+                tokens = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                tokens = torch.argmax(scores, dim=-1)
+            tokens = tokens * unfinished + self.pad * (1 - unfinished)
+            sequences = torch.cat([sequences, tokens[:, None]], dim=-1)
+            if streamer is not None:
+                streamer.put(tokens.cpu())
+            unfinished = unfinished & ~torch.isin(tokens, eos)
+            if step + 1 == options.max_new_tokens or unfinished.max() == 0:  # the one host sync: stopping
+                break
+            logits = run(tokens)
+        if streamer is not None:
+            streamer.end()
+        return sequences[:, input_ids.shape[1] :]
+
+    def _beam_search(self, run, logits, input_ids, options: GenerationOptions, processors) -> torch.Tensor:
+        """Beam search as GenerationMixin._beam_search (early_stopping=False), with one prefill per image."""
+        device, (batch, prompt) = input_ids.device, input_ids.shape
+        beams, vocab = options.num_beams, logits.shape[-1]
+        eos = self.eos.to(device)
+        keep = max(2, 1 + len(eos)) * beams  # candidates per step: enough to continue after some finish
+        top_beams = torch.arange(keep, device=device) < beams
+        max_length = prompt + options.max_new_tokens
+        running = torch.full((batch, beams, max_length), self.pad, dtype=torch.long, device=device)
+        running[:, :, :prompt] = input_ids[:, None]
+        finished_sequences = running.clone()
+        running_scores = torch.zeros((batch, beams), device=device)
+        running_scores[:, 1:] = -1e9
+        finished_scores = torch.full((batch, beams), -1e9, device=device)
+        finished = torch.zeros((batch, beams), dtype=torch.bool, device=device)
+        improvable = torch.ones((batch, 1), dtype=torch.bool, device=device)
+        row_offset = torch.arange(batch, device=device)[:, None] * beams
+        length = prompt
+        while True:
+            log_probs = F.log_softmax(logits.to(torch.float32), dim=-1)
+            log_probs = processors(running[:, :, :length].reshape(batch * beams, length), log_probs)
+            log_probs = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, -1)
+            candidate_scores, candidates = torch.topk(log_probs, k=keep)
+            parents = candidates // vocab
+            candidate_sequences = torch.take_along_dim(running, parents[:, :, None], dim=1)
+            candidate_sequences[:, :, length] = candidates % vocab
+            hits = torch.isin(candidates % vocab, eos) | (length + 1 >= max_length)
+            # the best unfinished candidates run on
+            running_candidates = candidate_scores + hits.to(torch.float32) * -1.0e9
+            chosen = torch.topk(running_candidates, k=beams)[1]
+            running = torch.take_along_dim(candidate_sequences, chosen[:, :, None], dim=1)
+            running_scores = torch.take_along_dim(running_candidates, chosen, dim=1)
+            parents = torch.take_along_dim(parents, chosen, dim=1)
+            # the best finished ones join the finished hypotheses
+            just_finished = hits & top_beams[None, :]
+            scores = candidate_scores / ((length + 1 - prompt) ** options.length_penalty)
+            scores += (~improvable).to(torch.float32) * -1.0e9
+            scores += (~just_finished) * -1.0e9
+            merged_scores = torch.cat((finished_scores, scores), dim=1)
+            best = torch.topk(merged_scores, k=beams)[1]
+            finished_sequences = torch.take_along_dim(
+                torch.cat((finished_sequences, candidate_sequences), dim=1), best[:, :, None], dim=1
+            )
+            finished_scores = torch.take_along_dim(merged_scores, best, dim=1)
+            finished = torch.take_along_dim(torch.cat((finished, just_finished), dim=1), best, dim=1)
+            length += 1
+            best_running = running_scores[:, :1] / ((length - prompt) ** options.length_penalty)
+            worst_finished = torch.where(finished, torch.min(finished_scores, dim=1, keepdim=True)[0], -1.0e9)
+            improvable = improvable & torch.any(best_running > worst_finished, dim=-1, keepdim=True)
+            if not (torch.any(improvable) & ~torch.all(hits)):  # the one host sync: stopping
+                break
+            run.cache.reorder((parents + row_offset).view(-1))
+            logits = run(running[:, :, length - 1].reshape(-1))
+        return finished_sequences[:, 0, prompt:]
+
+
+class _Steps:
+    """The decode steps of one batch: each call feeds one token per row and returns the next logits."""
+
+    def __init__(
+        self, step: OptDecodeStep, cache: KVCache, mask: torch.Tensor, positions: torch.Tensor
+    ) -> None:
+        self.step, self.cache, self.mask, self.positions = step, cache, mask, positions
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.positions = self.positions + 1
+        mask = self.mask[:, None, None, : self.cache.length + 1]
+        return self.step(tokens, self.positions, self.cache, mask)

@@ -1,0 +1,128 @@
+"""The serving decode loop (service/decoding.py) gives the tokens transformers' `generate()` gives, for the
+same settings, on the CPU in fp32 (and with bitsandbytes' 8-bit LLM): greedy, sampling, beam search with
+length penalty, min_new_tokens, repetition penalty, max_new_tokens, EOS; batches with prompts of different
+lengths (left padding); streaming. Each case runs the same jobs through a Runner with `decoder="fast"` and
+one with `decoder="transformers"` over the same loaded models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from servertools import settings_for
+
+from service.inference import Runner
+from service.jobs import GenerateJob, GenerationOptions
+from service.loading import load_models
+from service.settings import DEFAULT_MODEL_DIR
+
+OPTIONS = {
+    "greedy": GenerationOptions(max_new_tokens=12),
+    "beam5": GenerationOptions(max_new_tokens=12, num_beams=5),
+    "beam5-short-answers": GenerationOptions(max_new_tokens=10, num_beams=5, length_penalty=-1.0),
+    "beam3-min-tokens-repetition": GenerationOptions(
+        max_new_tokens=9, min_new_tokens=4, num_beams=3, repetition_penalty=1.3, length_penalty=0.5
+    ),
+    "greedy-repetition-min-tokens": GenerationOptions(
+        max_new_tokens=9, min_new_tokens=3, repetition_penalty=1.2
+    ),
+}
+PROMPTS = ["", "a photo of", "Question: what is in the picture on the left? Answer:", "the"]
+
+
+def both(models) -> tuple[Runner, Runner]:
+    fast, slow = Runner(models, decoder="fast"), Runner(models, decoder="transformers")
+    assert fast.fast_decoder is not None and slow.fast_decoder is None
+    return fast, slow
+
+
+def answers(runner: Runner, jobs: list[GenerateJob]) -> list[tuple[str, int, str]]:
+    return [(g.text, g.tokens, g.finish_reason) for g in runner(jobs)]
+
+
+@pytest.fixture(scope="module")
+def tiny_runners(checkpoints):
+    return both(load_models(settings_for(checkpoints["tiny-opt"] / "generation")))
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_tiny_opt_tokens_equal_generate(tiny_runners, photos, name):
+    """Random weights: answers run to max_new_tokens or stop anywhere, in a batch of four prompt lengths."""
+    fast, slow = tiny_runners
+    jobs = [
+        GenerateJob(photo, prompt, OPTIONS[name]) for photo, prompt in zip(photos, PROMPTS * 2, strict=True)
+    ]
+    assert answers(fast, jobs) == answers(slow, jobs)
+
+
+def test_sampling_draws_the_same_tokens_from_the_same_seed(tiny_runners, photos):
+    fast, slow = tiny_runners
+    options = GenerationOptions(max_new_tokens=10, do_sample=True, temperature=0.8, top_p=0.9)
+    jobs = [GenerateJob(photo, prompt, options) for photo, prompt in zip(photos[:4], PROMPTS, strict=True)]
+    torch.manual_seed(11)
+    drawn = answers(fast, jobs)
+    torch.manual_seed(11)
+    assert drawn == answers(slow, jobs)
+
+
+def test_streamed_tokens_are_the_answer(tiny_runners, photos):
+    fast, slow = tiny_runners
+    options = GenerationOptions(max_new_tokens=8)
+    streams = {"fast": [[] for _ in range(3)], "transformers": [[] for _ in range(3)]}
+    for name, runner in (("fast", fast), ("transformers", slow)):
+        jobs = [
+            GenerateJob(photo, prompt, options, on_token=streams[name][n].append)
+            for n, (photo, prompt) in enumerate(zip(photos[:3], PROMPTS, strict=False))
+        ]
+        runner(jobs)
+    assert streams["fast"] == streams["transformers"] and any(streams["fast"])
+
+
+def test_eight_bit_llm_tokens_equal_generate(checkpoints, photos):
+    """bitsandbytes LLM.int8 on the CPU: the loop calls the model's own 8-bit linear layers."""
+    fast, slow = both(load_models(settings_for(checkpoints["tiny-opt"] / "generation", load_in_8bit=True)))
+    for options in (OPTIONS["greedy"], OPTIONS["beam5"]):
+        jobs = [
+            GenerateJob(photo, prompt, options) for photo, prompt in zip(photos[:4], PROMPTS, strict=True)
+        ]
+        assert answers(fast, jobs) == answers(slow, jobs)
+
+
+def test_other_llm_families_and_settings_use_generate(checkpoints, tmp_path):
+    """Flan-T5 has no fast path: generate() serves it. An OPT whose generation_config asks for a step the
+    loop does not have (here no_repeat_ngram_size) is served by generate() too."""
+    t5 = load_models(settings_for(checkpoints["tiny-t5"] / "generation"))
+    assert Runner(t5, decoder="fast").fast_decoder is None
+    models = load_models(settings_for(checkpoints["tiny-opt"] / "generation"))
+    models.generation.model.language_model.generation_config.no_repeat_ngram_size = 3
+    assert Runner(models, decoder="fast").fast_decoder is None
+    assert (
+        Runner(load_models(settings_for(checkpoints["instructblip"])), decoder="fast").fast_decoder
+        is not None
+    )
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "generation").is_dir(), reason="no packaged default model")
+def test_default_model_1000_questions_and_200_captions_equal_generate():
+    """The built-in model (InstructBLIP, OPT LLM): 1,000 easy-VQA test questions and 200 captions, greedy and
+    beam 5 with the routes' settings, in batches of 16."""
+    import easy_vqa
+    from PIL import Image
+
+    from service.prompts import CAPTION_DEFAULTS, INSTRUCT_CAPTION_PROMPT, VQA_DEFAULTS, VQA_TEMPLATE_SHORT
+
+    models = load_models(settings_for(DEFAULT_MODEL_DIR / "generation"))
+    fast, slow = both(models)
+    questions, _, image_ids = easy_vqa.get_test_questions()
+    paths = easy_vqa.get_test_image_paths()
+    folder = models.generation.generation_defaults
+    vqa = [(image_ids[n], VQA_TEMPLATE_SHORT.replace("{}", questions[n])) for n in range(1000)]
+    captions = [(n, INSTRUCT_CAPTION_PROMPT) for n in range(200)]
+    for work, defaults in ((vqa, VQA_DEFAULTS), (captions, CAPTION_DEFAULTS)):
+        for beams in (1, 5):
+            options = GenerationOptions(**(defaults | folder | {"num_beams": beams}))
+            for start in range(0, len(work), 16):
+                jobs = [
+                    GenerateJob(Image.open(paths[image]).convert("RGB"), prompt, options)
+                    for image, prompt in work[start : start + 16]
+                ]
+                assert answers(fast, jobs) == answers(slow, jobs), (options, start)
