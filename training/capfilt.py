@@ -15,14 +15,8 @@ from pathlib import Path
 import torch
 
 from training.data import group_by_image, read_manifest, text_tokens, write_jsonl
-from training.evaluate import (
-    _device,
-    generate_texts,
-    itc_image_features,
-    itc_similarity,
-    itc_text_features,
-    load_generation_model,
-)
+from training.inference import generate_texts, load_generation_model, pick_device
+from training.scoring import itc_image_features, itc_similarity, itc_text_features
 from training.settings import CapfiltSettings
 
 
@@ -34,7 +28,7 @@ def capfilt(s: CapfiltSettings) -> dict:
 
     from training.model import Stage1Model
 
-    device = _device(s.device)
+    device = pick_device(s.device)
     torch.manual_seed(s.seed)
     rows = read_manifest(s.manifest)
     row_image, first_rows = group_by_image(rows)

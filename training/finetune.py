@@ -19,17 +19,13 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from training.data import Collator, text_tokens
+from training.prompts import DEFAULT_PROMPTS, resolve_prompt
 from training.settings import FinetuneSettings
 from training.stages import join_target
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROMPTS = {"caption": "a photo of", "vqa": "Question: {} Short answer:", "retrieval": ""}
 TASKS = tuple(DEFAULT_PROMPTS)
-
-
-def resolve_prompt(task: str, prompt: str | None) -> str:
-    return DEFAULT_PROMPTS[task] if prompt is None else prompt
 
 
 class PromptCollator:

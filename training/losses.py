@@ -2,7 +2,8 @@
 
 `stage1_losses` is the public entry point: from the frozen vision tower's output, token ids and the
 attention mask it returns the three losses of LAVIS's `Blip2Qformer.forward`, on one process or
-across ranks. It runs three Q-Former passes, each with its own mask (see `training.masks`):
+across ranks. It runs three Q-Former passes, each with its own mask (see `training.masks`; the passes,
+ITC features and the ITM head are `training.scoring`'s, which evaluation and CapFilt score with too):
 
 1. ITC, unimodal mask: queries over the image and the text on its own, in one pass. Similarity is
    the max over queries of cosine(query, [CLS]) divided by a learned temperature; cross-entropy both
@@ -18,15 +19,15 @@ across ranks. It runs three Q-Former passes, each with its own mask (see `traini
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from training import distributed
-from training.masks import additive, bidirectional_mask, multimodal_causal_mask, unimodal_mask
+from training.masks import multimodal_causal_mask, unimodal_mask
 from training.model import Stage1Model
+from training.scoring import itc_image_feats, itc_text_feat, itm_logits, qformer_pass
 
 LABEL_SMOOTHING = 0.1
 # LAVIS adds this floor to the softmax weights, so every negative keeps a chance of being drawn.
@@ -43,14 +44,6 @@ class Stage1Losses:
     def total(self) -> torch.Tensor:
         return self.itc + self.itm + self.itg  # equal weights, as in the paper
 
-    def as_floats(self) -> dict[str, float]:
-        return {
-            "loss": self.total.item(),
-            "itc": self.itc.item(),
-            "itm": self.itm.item(),
-            "itg": self.itg.item(),
-        }
-
 
 @dataclass
 class HardNegatives:
@@ -58,26 +51,6 @@ class HardNegatives:
 
     image_for_text: torch.Tensor  # (B,) for each local text, the index of its negative image
     text_for_image: torch.Tensor  # (B,) for each local image, the index of its negative text
-
-
-def qformer_pass(
-    model: Stage1Model,
-    image_embeds: torch.Tensor,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    mask_fn: Callable[[int, torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """Run [queries; text] through the Q-Former under one of the stage-1 masks; returns all hidden states."""
-    retrieval = model.retrieval
-    queries = retrieval.query_tokens.expand(input_ids.shape[0], -1, -1)
-    embeddings = retrieval.embeddings(input_ids=input_ids, query_embeds=queries)
-    bias = additive(mask_fn(queries.shape[1], attention_mask), embeddings.dtype)
-    return retrieval.qformer(
-        query_embeds=embeddings,
-        query_length=queries.shape[1],
-        attention_mask=bias,
-        encoder_hidden_states=image_embeds,
-    ).last_hidden_state
 
 
 def stage1_losses(
@@ -111,8 +84,8 @@ def stage1_losses(
 
     # ITC
     hidden = qformer_pass(model, image_embeds, input_ids, attention_mask, unimodal_mask)
-    image_feats = F.normalize(retrieval.vision_projection(hidden[:, :num_queries]), dim=-1)
-    text_feat = F.normalize(retrieval.text_projection(hidden[:, num_queries]), dim=-1)
+    image_feats = itc_image_feats(model, hidden[:, :num_queries])
+    text_feat = itc_text_feat(model, hidden[:, num_queries])
     image_feats_all = distributed.gather(image_feats, with_grad=True)
     text_feat_all = distributed.gather(text_feat, with_grad=True)
     sim_i2t = torch.einsum("bqd,nd->bnq", image_feats, text_feat_all).amax(-1) / model.temp
@@ -132,10 +105,9 @@ def stage1_losses(
     itm_ids = torch.cat([input_ids, input_ids, input_ids_all[hard_negatives.text_for_image]])
     itm_mask = torch.cat([attention_mask, attention_mask, attention_mask_all[hard_negatives.text_for_image]])
     itm_images = torch.cat([image_embeds, image_embeds_all[hard_negatives.image_for_text], image_embeds])
-    itm_hidden = qformer_pass(model, itm_images, itm_ids, itm_mask, bidirectional_mask)
-    itm_logits = retrieval.itm_head(itm_hidden[:, :num_queries]).mean(dim=1)
-    itm_labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(itm_logits.device)
-    itm = F.cross_entropy(itm_logits, itm_labels)
+    match_logits = itm_logits(model, itm_images, itm_ids, itm_mask)
+    itm_labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(match_logits.device)
+    itm = F.cross_entropy(match_logits, itm_labels)
 
     # ITG
     decoder_ids = input_ids.clone()

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from training.assemble import preset
-from training.losses import qformer_pass
 from training.masks import bidirectional_mask, multimodal_causal_mask, unimodal_mask
+from training.scoring import qformer_pass
 
 Q = 2
 TEXT_MASK = torch.tensor([[1, 1, 1, 0]])  # three tokens and one pad
