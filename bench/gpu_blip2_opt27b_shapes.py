@@ -3,9 +3,11 @@
 The model has the shapes of Salesforce/blip2-opt-2.7b (EVA ViT-g: 1408 wide, 39 layers, patch 14, 224 px;
 32 queries; a BERT-base Q-Former with cross-attention every 2 layers; OPT-2.7B: 2560 wide, 32 layers,
 vocab 50272), built from configs with random weights on the GPU, saved as safetensors, then loaded with
-`service.loading.load_models` twice: LLM in fp16, and LLM in 8-bit (bitsandbytes). For each, captions at
-batch 1, 8 and 32 go through `service.batching.Batcher` (B requests submitted at once form one batch):
-captions/s, peak GPU memory, and the ViT's share of the batch time (CUDA-synchronised hooks around it).
+`service.loading.load_models` twice: LLM in fp16, and LLM in 8-bit (bitsandbytes). For each, and for each
+decoder (`fast`: the server's decode loop; `transformers`: generate()), captions at batch 1, 8 and 32 go
+through `service.batching.Batcher` (B requests submitted at once form one batch): captions/s, the time per
+decode step, peak GPU memory, the ViT's share of the batch time (CUDA-synchronised hooks around it), and
+"% of bound": the captions/s that memory bandwidth and peak FLOPs allow (bench/roofline.py), on a known chip.
 
 Captions use the paper's beam width 5 with a fixed length of 30 new tokens (min = max = 30): random
 weights would otherwise stop at random lengths. Every request carries a different random image, so the
@@ -14,6 +16,7 @@ the run stops starting new cells after `--budget-s` seconds, so it ends inside a
 
     python bench/gpu_blip2_opt27b_shapes.py                 # on one H100 / H200
     python bench/gpu_blip2_opt27b_shapes.py --small         # tiny widths, same pipeline, runs on the CPU
+    python bench/gpu_blip2_opt27b_shapes.py --decoders fast --modes fp16 --batches 32   # one cell
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from roofline import Roofline, chip_of  # noqa: E402
+
 T0 = time.perf_counter()
 
 # Salesforce/blip2-opt-2.7b config.json, fields that set shapes.
@@ -160,41 +166,53 @@ async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, 
     if cuda:
         entry["gpu_allocated_after_load_bytes"] = torch.cuda.memory_allocated()
     log(f"{mode}: loaded in {entry['load_s']} s, weights {entry['weights_bytes'] / 2**30:.2f} GiB")
-    runner = Runner(models)
+    roof = Roofline.from_config(json.loads((folder / "config.json").read_text()))
+    chip = chip_of(torch.cuda.get_device_name(0)) if cuda else None
     clock = VitClock(gen.vision_model, cuda)
-    batcher = Batcher(runner, max_batch_size=max(batches), max_wait_s=0.05, max_queue_size=256)
-    batcher.start()
     options = GenerationOptions(max_new_tokens=args.tokens, min_new_tokens=args.tokens, num_beams=args.beams)
-    try:
-        for batch in batches:
-            if time.perf_counter() - T0 > args.budget_s:
-                entry.setdefault("skipped", []).append(batch)
-                log(f"{mode}: budget spent, batch {batch} skipped")
-                continue
-            await rounds(batcher, options, batch, 1, seed=1000 * batch)  # warm-up (kernels, allocator)
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            clock.seconds = 0.0
-            count = args.rounds if batch < 32 else max(1, args.rounds - 1)
-            seconds, tokens = await rounds(batcher, options, batch, count, seed=1000 * batch + 1)
-            cell = {
-                "captions_per_s": round(batch * count / seconds, 3),
-                "seconds_per_batch": round(seconds / count, 4),
-                "vit_share": round(clock.seconds / seconds, 4),
-                "rounds": count,
-                "mean_new_tokens": tokens,
-            }
-            if cuda:
-                cell["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
-            entry[f"batch_{batch}"] = cell
-            log(f"{mode} batch {batch}: {cell}")
-            save()
-    finally:
-        await batcher.stop()
-        del runner, models, gen
-        if cuda:
-            torch.cuda.empty_cache()
+    for decoder in args.decoders.split(","):
+        runner = Runner(models, decoder=decoder)
+        batcher = Batcher(runner, max_batch_size=max(batches), max_wait_s=0.05, max_queue_size=256)
+        batcher.start()
+        try:
+            for batch in batches:
+                if time.perf_counter() - T0 > args.budget_s:
+                    entry.setdefault("skipped", []).append(f"{decoder}/batch_{batch}")
+                    log(f"{mode} {decoder}: budget spent, batch {batch} skipped")
+                    continue
+                await rounds(batcher, options, batch, 1, seed=1000 * batch)  # warm-up (kernels, allocator)
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                clock.seconds = 0.0
+                count = args.rounds if batch < 32 else max(1, args.rounds - 1)
+                seconds, tokens = await rounds(batcher, options, batch, count, seed=1000 * batch + 1)
+                cell = {
+                    "captions_per_s": round(batch * count / seconds, 3),
+                    "seconds_per_batch": round(seconds / count, 4),
+                    # the batch time outside the ViT, per new token: decode steps (the prefill and Q-Former in it)
+                    "ms_per_decode_step": round(1000 * (seconds - clock.seconds) / count / args.tokens, 3),
+                    "vit_share": round(clock.seconds / seconds, 4),
+                    "rounds": count,
+                    "mean_new_tokens": tokens,
+                }
+                if chip is not None:
+                    weight_bytes = 1.0 if mode == "8bit" else 2.0
+                    bound = roof.captions_per_s(batch, args.beams, args.tokens, 33, *chip, weight_bytes)
+                    cell["bound_captions_per_s"] = round(bound, 1)
+                    cell["percent_of_bound"] = round(100 * cell["captions_per_s"] / bound, 1)
+                if cuda:
+                    cell["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+                    cell["peak_gpu_bytes_per_row"] = cell["peak_gpu_bytes"] // (batch * args.beams)
+                entry[f"{decoder}/batch_{batch}"] = cell
+                log(f"{mode} {decoder} batch {batch}: {cell}")
+                save()
+        finally:
+            await batcher.stop()
+            del runner
+    del models, gen
+    if cuda:
+        torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--small", action="store_true", help="tiny widths and depths, for a CPU check")
     parser.add_argument("--modes", default="fp16,8bit")
+    parser.add_argument("--decoders", default="fast,transformers", help="--decoder values to measure")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--tokens", type=int, default=30, help="new tokens per caption (min = max)")
     parser.add_argument("--beams", type=int, default=5)

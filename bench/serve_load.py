@@ -1,12 +1,13 @@
-"""Closed-loop load against a real `blip2-serve` on loopback: dynamic batching on vs off, side by side.
+"""Closed-loop load against a real `blip2-serve` on loopback: two settings side by side.
 
-Two server processes are started from the same model folder, one with batching (max_batch_size=N) and
-one without (max_batch_size=1). For each route and concurrency the cells alternate off -> on, so both see
-the same machine noise. A cell: `concurrency` clients, each sending its next request as soon as the last
+`--compare batching` (default): one server with batching (max_batch_size=N), one without (max_batch_size=1).
+`--compare decoder`: both batching, one with `--decoder transformers` (generate()), one with `--decoder fast`.
+For each route and concurrency the cells alternate baseline -> candidate, so both see the same machine noise. A cell: `concurrency` clients, each sending its next request as soon as the last
 answer arrives, until `--requests` answers are in (bounded: at most `--cell-limit-s` per cell).
 
     python bench/serve_load.py                      # /caption /vqa /embed at 1, 8, 32
     python bench/serve_load.py --routes caption --concurrency 32 --requests 256
+    python bench/serve_load.py --compare decoder --routes caption,vqa --concurrency 1,32
 
 Prints one row per cell (requests/s, p50/p95/p99 latency, errors, server mean batch size) and the
 on/off throughput and p99 ratios; `--json PATH` also writes the rows.
@@ -135,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         "spin against the event loop and the other tenants: 10-100x slower and erratic, so 1 by default",
     )
     parser.add_argument("--load-in-8bit", action="store_true", help="serve the LLM in 8-bit (both servers)")
+    parser.add_argument(
+        "--compare",
+        choices=("batching", "decoder"),
+        default="batching",
+        help="what the two servers differ in",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
 
@@ -158,14 +165,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.threads:
         common["OMP_NUM_THREADS"] = str(args.threads)
-    modes = {
-        "off": common | {"BLIP2_MAX_BATCH_SIZE": "1"},
-        "on": common | {"BLIP2_MAX_BATCH_SIZE": str(args.batch_size)},
-    }
+    batched = common | {"BLIP2_MAX_BATCH_SIZE": str(args.batch_size)}
+    if args.compare == "batching":
+        modes = {"off": common | {"BLIP2_MAX_BATCH_SIZE": "1"}, "on": batched}
+    else:
+        modes = {
+            "transformers": batched | {"BLIP2_DECODER": "transformers"},
+            "fast": batched | {"BLIP2_DECODER": "fast"},
+        }
+    baseline, candidate = modes
     print(f"# serve_load {now()} | model: {label} ({folder}) | images: {args.images} | machine: {machine()}")
     print(
-        f"# batching on: max_batch_size={args.batch_size}, max_wait_ms={args.max_wait_ms}; off: max_batch_size=1; "
-        f"server OMP_NUM_THREADS={args.threads or 'default'}"
+        f"# {args.compare}: {baseline} vs {candidate}; max_batch_size={args.batch_size} (batching off: 1), "
+        f"max_wait_ms={args.max_wait_ms}; server OMP_NUM_THREADS={args.threads or 'default'}"
     )
     servers = {mode: Server(env) for mode, env in modes.items()}
     rows = []
@@ -176,16 +188,16 @@ def main(argv: list[str] | None = None) -> int:
             payloads = bodies(route, images, questions)
             for concurrency in [int(c) for c in args.concurrency.split(",")]:
                 requests = args.requests or max(32, 6 * concurrency)
-                for mode in ("off", "on"):
+                for mode in modes:
                     url = servers[mode].url
                     asyncio.run(
                         cell(url, route, payloads, concurrency, concurrency, args.cell_limit_s)
                     )  # warm-up round
                     result = asyncio.run(cell(url, route, payloads, concurrency, requests, args.cell_limit_s))
-                    result |= {"route": route, "concurrency": concurrency, "batching": mode}
+                    result |= {"route": route, "concurrency": concurrency, args.compare: mode}
                     rows.append(result)
                     print(
-                        f"/{route:<7} c={concurrency:<3} batching {mode:<3} {result['rps']:8.2f} req/s  "
+                        f"/{route:<7} c={concurrency:<3} {args.compare} {mode:<12} {result['rps']:8.2f} req/s  "
                         f"p50 {fmt(result['p50_ms']):>8} ms  p95 {fmt(result['p95_ms']):>8} ms  "
                         f"p99 {fmt(result['p99_ms']):>8} ms  errors {result['errors']} {result['statuses']}  "
                         f"mean batch {fmt(result['mean_batch'], '.2f')}  model busy {result['model_busy']:.0%}",
@@ -193,17 +205,21 @@ def main(argv: list[str] | None = None) -> int:
                     )
     finally:
         codes = {mode: server.stop() for mode, server in servers.items()}
+    b, c = baseline, candidate
     print(
-        "\n| route | concurrency | req/s off | req/s on | throughput on/off | p99 off (ms) | p99 on (ms) | p99 on/off | errors off/on | mean batch on |"
+        f"\n| route | concurrency | req/s {b} | req/s {c} | throughput {c}/{b} | p50 {b} (ms) | p50 {c} (ms) | "
+        f"p50 {b}/{c} | p99 {b} (ms) | p99 {c} (ms) | p99 {c}/{b} | errors | mean batch {c} | model busy |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for off, on in zip(rows[0::2], rows[1::2], strict=True):
-        ratio = on["rps"] / off["rps"] if off["rps"] else float("nan")
-        p99 = on["p99_ms"] / off["p99_ms"] if on["p99_ms"] and off["p99_ms"] else float("nan")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for base, cand in zip(rows[0::2], rows[1::2], strict=True):
+        ratio = cand["rps"] / base["rps"] if base["rps"] else float("nan")
+        p50 = base["p50_ms"] / cand["p50_ms"] if cand["p50_ms"] and base["p50_ms"] else float("nan")
+        p99 = cand["p99_ms"] / base["p99_ms"] if cand["p99_ms"] and base["p99_ms"] else float("nan")
         print(
-            f"| /{on['route']} | {on['concurrency']} | {off['rps']:.2f} | {on['rps']:.2f} | **{ratio:.2f}x** | "
-            f"{fmt(off['p99_ms'])} | {fmt(on['p99_ms'])} | {p99:.2f} | {off['errors']}/{on['errors']} | {fmt(on['mean_batch'], '.2f')} | "
-            f"{off['model_busy']:.0%}/{on['model_busy']:.0%} |"
+            f"| /{cand['route']} | {cand['concurrency']} | {base['rps']:.2f} | {cand['rps']:.2f} | **{ratio:.2f}x** | "
+            f"{fmt(base['p50_ms'])} | {fmt(cand['p50_ms'])} | **{p50:.2f}x** | {fmt(base['p99_ms'])} | "
+            f"{fmt(cand['p99_ms'])} | {p99:.2f} | {base['errors']}/{cand['errors']} | {fmt(cand['mean_batch'], '.2f')} | "
+            f"{base['model_busy']:.0%}/{cand['model_busy']:.0%} |"
         )
     print(f"\nserver exit codes after SIGTERM: {codes}")
     if args.json:

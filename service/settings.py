@@ -1,6 +1,6 @@
 """Server configuration: one typed object, filled from `BLIP2_*` environment variables and CLI flags.
 
-Each field's description is the documentation: the README's settings table is generated from it.
+Each field's description is the documentation: the settings table in docs/SETTINGS.md is generated from it.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ class Settings(BaseSettings):
 
 
 def settings_table() -> str:
-    """The Markdown settings table of the README, from the field descriptions (a test keeps them equal)."""
+    """The Markdown settings table of docs/SETTINGS.md, from the field descriptions (a test keeps them equal)."""
     rows = ["| setting | CLI flag | default | what it does |", "|---|---|---|---|"]
     for name, field in Settings.model_fields.items():
         default = field.default_factory() if field.default_factory else field.default
