@@ -3,7 +3,9 @@
 The model has the shapes of Salesforce/blip2-opt-2.7b (EVA ViT-g: 1408 wide, 39 layers, patch 14, 224 px;
 32 queries; a BERT-base Q-Former with cross-attention every 2 layers; OPT-2.7B: 2560 wide, 32 layers,
 vocab 50272), built from configs with random weights on the GPU, saved as safetensors, then loaded with
-`service.loading.load_models` twice: LLM in fp16, and LLM in 8-bit (bitsandbytes). For each, and for each
+`service.loading.load_models` once per LLM precision (`--modes`: fp16, bitsandbytes LLM.int8 with outlier
+threshold 6 and 0, torchao int8 weight-only, torchao FP8). Each mode first answers the same 16 images
+greedily (10 tokens), to compare its tokens with fp16's ("agreement with fp16"). For each mode and each
 decoder (`fast`: the server's decode loop; `transformers`: generate()), captions at batch 1, 8 and 32 go
 through `service.batching.Batcher` (B requests submitted at once form one batch): captions/s, the time per
 decode step, peak GPU memory, the ViT's share of the batch time (CUDA-synchronised hooks around it), and
@@ -142,10 +144,21 @@ async def rounds(batcher, options, batch: int, count: int, seed: int) -> tuple[f
     return time.perf_counter() - started, sum(tokens) / len(tokens)
 
 
+# --modes: how the LLM is loaded (server settings)
+MODES = {
+    "fp16": {"quantization": "none"},
+    "bnb-int8": {"quantization": "bnb-int8"},
+    "bnb-int8-t0": {"quantization": "bnb-int8", "llm_int8_threshold": 0.0},
+    "torchao-int8": {"quantization": "torchao-int8"},
+    "torchao-fp8": {"quantization": "torchao-fp8"},
+}
+WEIGHT_BYTES = {"fp16": 2.0, "bnb-int8": 1.0, "bnb-int8-t0": 1.0, "torchao-int8": 1.0, "torchao-fp8": 1.0}
+
+
 async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, save) -> None:
     from service.batching import Batcher
     from service.inference import Runner
-    from service.jobs import GenerationOptions
+    from service.jobs import GenerateJob, GenerationOptions
     from service.loading import load_models
     from service.settings import Settings
 
@@ -156,7 +169,7 @@ async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, 
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     settings = Settings(model=str(folder), device=device, dtype="float16" if cuda else "float32",
-                        load_in_8bit=mode == "8bit", max_batch_size=max(batches))  # fmt: skip
+                        max_batch_size=max(batches), **MODES[mode])  # fmt: skip
     models = load_models(settings)
     gen = models.generation.model
     entry = out.setdefault(mode, {})
@@ -169,6 +182,14 @@ async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, 
     roof = Roofline.from_config(json.loads((folder / "config.json").read_text()))
     chip = chip_of(torch.cuda.get_device_name(0)) if cuda else None
     clock = VitClock(gen.vision_model, cuda)
+    greedy = GenerationOptions(max_new_tokens=10)
+    tokens = [
+        g.text for g in Runner(models)([GenerateJob(image, "", greedy) for image in images(16, seed=7)])
+    ]
+    out.setdefault("greedy_answers", {})[mode] = tokens
+    if "fp16" in out["greedy_answers"]:
+        same = sum(a == b for a, b in zip(tokens, out["greedy_answers"]["fp16"], strict=True))
+        entry["agreement_with_fp16"] = f"{same}/16"
     options = GenerationOptions(max_new_tokens=args.tokens, min_new_tokens=args.tokens, num_beams=args.beams)
     for decoder in args.decoders.split(","):
         runner = Runner(models, decoder=decoder)
@@ -197,8 +218,7 @@ async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, 
                     "mean_new_tokens": tokens,
                 }
                 if chip is not None:
-                    weight_bytes = 1.0 if mode == "8bit" else 2.0
-                    bound = roof.captions_per_s(batch, args.beams, args.tokens, 33, *chip, weight_bytes)
+                    bound = roof.captions_per_s(batch, args.beams, args.tokens, 33, *chip, WEIGHT_BYTES[mode])
                     cell["bound_captions_per_s"] = round(bound, 1)
                     cell["percent_of_bound"] = round(100 * cell["captions_per_s"] / bound, 1)
                 if cuda:
@@ -220,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--small", action="store_true", help="tiny widths and depths, for a CPU check")
-    parser.add_argument("--modes", default="fp16,8bit")
+    parser.add_argument("--modes", default=",".join(MODES), help="LLM precisions, fp16 first (see MODES)")
     parser.add_argument("--decoders", default="fast,transformers", help="--decoder values to measure")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--tokens", type=int, default=30, help="new tokens per caption (min = max)")

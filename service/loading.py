@@ -25,6 +25,7 @@ from transformers import (
     Blip2ForImageTextRetrieval,
     InstructBlipForConditionalGeneration,
     PretrainedConfig,
+    TorchAoConfig,
 )
 
 from service.settings import Settings
@@ -150,20 +151,51 @@ def generation_class(config: PretrainedConfig) -> type:
     )
 
 
-def quantization_config(
-    settings: Settings, device: torch.device, dtype: torch.dtype
-) -> BitsAndBytesConfig | None:
-    eight_bit = settings.load_in_8bit if settings.load_in_8bit is not None else device.type == "cuda"
+def quantization_choice(settings: Settings, device: torch.device) -> str:
+    """The `quantization` setting with `auto` resolved through load_in_8bit / load_in_4bit."""
+    if settings.quantization != "auto":
+        return settings.quantization
     if settings.load_in_4bit:
+        return "bnb-nf4"
+    eight_bit = settings.load_in_8bit if settings.load_in_8bit is not None else device.type == "cuda"
+    return "bnb-int8" if eight_bit else "none"
+
+
+def quantization_config(settings: Settings, device: torch.device, dtype: torch.dtype):
+    """transformers' quantisation config for the LLM, or None; everything in SKIP_QUANTISATION stays as is."""
+    choice = quantization_choice(settings, device)
+    if choice == "bnb-int8":
+        return BitsAndBytesConfig(
+            load_in_8bit=True,
+            llm_int8_threshold=settings.llm_int8_threshold,
+            llm_int8_skip_modules=SKIP_QUANTISATION,
+        )
+    if choice == "bnb-nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=dtype,
             llm_int8_skip_modules=SKIP_QUANTISATION,
         )
-    if eight_bit:
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP_QUANTISATION)
+    if choice.startswith("torchao-"):
+        return torchao_config(choice, device)
     return None
+
+
+def torchao_config(choice: str, device: torch.device) -> TorchAoConfig:
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8WeightOnlyConfig
+    except ImportError as exc:
+        raise ModelLoadError(f"--quantization {choice} needs torchao: pip install torchao ({exc})") from exc
+    if choice == "torchao-int8":
+        return TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=SKIP_QUANTISATION)
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise ModelLoadError(
+            "--quantization torchao-fp8 needs a GPU with FP8 (compute capability 8.9+, e.g. H100)"
+        )
+    return TorchAoConfig(
+        Float8DynamicActivationFloat8WeightConfig(), modules_to_not_convert=SKIP_QUANTISATION
+    )
 
 
 def _pretrained_kwargs(settings: Settings) -> dict:
@@ -311,9 +343,8 @@ def load_models(settings: Settings) -> LoadedModels:
         loaded.generation = load_generation(generation_source, config, settings, device)
         loaded.dtype = loaded.generation.model.vision_model.dtype
         loaded.load_seconds["generation"] = time.perf_counter() - start
-        quant = getattr(loaded.generation.model.config, "quantization_config", None)
-        if quant is not None:
-            loaded.quantization = "4bit" if quant.load_in_4bit else "8bit"
+        if getattr(loaded.generation.model.config, "quantization_config", None) is not None:
+            loaded.quantization = quantization_choice(settings, device)
     if retrieval_source is not None:
         check_weights(retrieval_source, settings.allow_pickle)
         if not is_retrieval(read_config(retrieval_source)):

@@ -50,6 +50,20 @@ class Settings(BaseSettings):
         "unquantised). Unset: on when a CUDA GPU is present. Works on the CPU too.",
     )
     load_in_4bit: bool = Field(False, description="Load the LLM in 4-bit NF4 instead (bitsandbytes).")
+    quantization: Literal["auto", "none", "bnb-int8", "bnb-nf4", "torchao-int8", "torchao-fp8"] = Field(
+        "auto",
+        description="How the LLM is quantised (ViT, Q-Former, query tokens and projection never are). "
+        "`bnb-int8`: bitsandbytes LLM.int8; `bnb-nf4`: bitsandbytes 4-bit NF4; `torchao-int8`: torchao int8 "
+        "weight-only (CPU and GPU); `torchao-fp8`: torchao FP8 weights and activations (GPUs with FP8, e.g. "
+        "H100); `none`. `auto`: what load_in_8bit / load_in_4bit say (bnb-int8 on a GPU by default, none on "
+        "the CPU).",
+    )
+    llm_int8_threshold: float = Field(
+        6.0,
+        ge=0.0,
+        description="bnb-int8 only: activations above this go through an fp16 outlier path; 0 turns the "
+        "outlier decomposition (and its host sync per layer) off, faster, answers to be checked per model.",
+    )
     decoder: Literal["fast", "transformers"] = Field(
         "fast",
         description="`fast`: the server's own decode loop for OPT LLMs (one prefill per image, a preallocated "
@@ -148,6 +162,8 @@ class Settings(BaseSettings):
                 self.retrieval_model = str(DEFAULT_MODEL_DIR / "stage1")
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("choose one of load_in_8bit and load_in_4bit")
+        if self.quantization != "auto" and (self.load_in_8bit or self.load_in_4bit):
+            raise ValueError("give quantization or load_in_8bit / load_in_4bit, not both")
         return self
 
     @property

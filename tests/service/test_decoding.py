@@ -87,6 +87,18 @@ def test_eight_bit_llm_tokens_equal_generate(checkpoints, photos):
         assert answers(fast, jobs) == answers(slow, jobs)
 
 
+def test_torchao_int8_llm_tokens_equal_generate(checkpoints, photos):
+    """torchao int8 weight-only: the loop runs the model's quantised linears as generate() does."""
+    fast, slow = both(
+        load_models(settings_for(checkpoints["tiny-opt"] / "generation", quantization="torchao-int8"))
+    )
+    jobs = [
+        GenerateJob(photo, prompt, OPTIONS["beam5"])
+        for photo, prompt in zip(photos[:4], PROMPTS, strict=True)
+    ]
+    assert answers(fast, jobs) == answers(slow, jobs)
+
+
 def test_other_llm_families_and_settings_use_generate(checkpoints, tmp_path):
     """Flan-T5 has no fast path: generate() serves it. An OPT whose generation_config asks for a step the
     loop does not have (here no_repeat_ngram_size) is served by generate() too."""

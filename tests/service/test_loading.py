@@ -29,7 +29,7 @@ def test_8bit_llm_only(opt8):
     models = opt8.app.state.server.runner.models
     model = models.generation.model
     assert models.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert models.quantization == "8bit"
+    assert models.quantization == "bnb-int8"
     assert quantised(model.language_model, bnb.nn.Linear8bitLt)
     for part in (model.vision_model, model.qformer):
         assert not quantised(part, bnb.nn.Linear8bitLt)
@@ -43,11 +43,30 @@ def test_8bit_llm_only(opt8):
 def test_4bit_llm(checkpoints):
     models = load_models(settings_for(checkpoints["tiny-opt"] / "generation", load_in_4bit=True))
     model = models.generation.model
-    assert models.quantization == "4bit"
+    assert models.quantization == "bnb-nf4"
     assert quantised(model.language_model, bnb.nn.Linear4bit)
     assert not quantised(model.vision_model, bnb.nn.Linear4bit) and not quantised(
         model.qformer, bnb.nn.Linear4bit
     )
+
+
+def test_quantization_choices(checkpoints):
+    """--quantization: torchao int8 weight-only runs on the CPU (LLM only); bnb-int8 takes the outlier
+    threshold; FP8 asks for a GPU that has it; the older load_in_* flags still choose, and may not contradict."""
+    folder = checkpoints["tiny-opt"] / "generation"
+    models = load_models(settings_for(folder, quantization="torchao-int8"))
+    model = models.generation.model
+    assert models.quantization == "torchao-int8"
+    assert type(model.language_model.model.decoder.layers[0].fc1.weight).__name__ == "Int8Tensor"
+    for part in (model.vision_model, model.qformer, model.language_projection):
+        assert all(type(p) is torch.nn.Parameter for p in part.parameters())
+    threshold0 = load_models(settings_for(folder, quantization="bnb-int8", llm_int8_threshold=0.0))
+    assert threshold0.generation.model.config.quantization_config.llm_int8_threshold == 0.0
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="FP8"):
+            load_models(settings_for(folder, quantization="torchao-fp8"))
+    with pytest.raises(ValueError, match="not both"):
+        settings_for(folder, quantization="torchao-int8", load_in_4bit=True)
 
 
 def test_the_folder_decides_the_class(checkpoints):
