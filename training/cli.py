@@ -22,7 +22,6 @@ from training.settings import (
     CacheFeaturesSettings,
     CapfiltSettings,
     CocoSettings,
-    DataSourceSettings,
     EasyVqaSettings,
     EvalSettings,
     FinetuneSettings,
@@ -91,26 +90,8 @@ def run_init(s: InitSettings) -> dict:
     return written
 
 
-def _dataset(s: DataSourceSettings, vision_config, text_field: str = "text"):
-    """The training data for a vision tower already resized to `--image-size` (see `resize_vision_tower`)."""
-    from training.data import FeatureDataset, ImageTransform, ManifestDataset, WebDatasetShards
-    from training.features import check_features_fit
-
-    transform = ImageTransform(vision_config.image_size, train=True)
-    if s.features:
-        if not s.train_manifest:
-            raise SystemExit("--features needs --train-manifest (which rows to train on)")
-        check_features_fit(s.features, vision_config)
-        return FeatureDataset(s.train_manifest, s.features, text_field)
-    if s.shards:
-        return WebDatasetShards([u for u in s.shards.split(",") if u], transform, text_field)
-    if s.train_manifest:
-        return ManifestDataset(s.train_manifest, transform, text_field)
-    raise SystemExit("no training data: give --train-manifest, --shards or --features")
-
-
 def run_stage1(s: Stage1Settings) -> dict:
-    from training.data import Collator
+    from training.data import Collator, build_dataset
     from training.stages import Stage1Task, load_stage1
     from training.trainer import train
 
@@ -120,12 +101,12 @@ def run_stage1(s: Stage1Settings) -> dict:
     task = Stage1Task(
         model, processor, use_image_ids=s.use_image_ids, same_caption_positives=s.same_caption_positives
     )
-    dataset = _dataset(s, model.retrieval.vision_model.config)
+    dataset = build_dataset(s, model.retrieval.vision_model.config)
     return train(task, dataset, Collator(processor.tokenizer, s.max_text_length), s)
 
 
 def run_stage2(s: Stage2Settings) -> dict:
-    from training.data import Collator
+    from training.data import Collator, build_dataset
     from training.stages import Stage2Task, load_generation
     from training.trainer import train
 
@@ -133,16 +114,17 @@ def run_stage2(s: Stage2Settings) -> dict:
         raise SystemExit("stage2 needs --init (a generation folder, e.g. <init output>/generation)")
     model, processor = load_generation(s.init, s.stage1, s.image_size)
     task = Stage2Task(model, processor, prompt=s.prompt, max_text_length=s.max_text_length)
-    dataset = _dataset(s, model.vision_model.config)
+    dataset = build_dataset(s, model.vision_model.config)
     return train(task, dataset, Collator(None), s)
 
 
 def run_finetune(s: FinetuneSettings) -> dict:
+    from training.data import build_dataset
     from training.finetune import build_finetune
     from training.trainer import train
 
     task, collate, vision_config, text_field = build_finetune(s)
-    return train(task, _dataset(s, vision_config, text_field), collate, s)
+    return train(task, build_dataset(s, vision_config, text_field), collate, s)
 
 
 def run_eval(s: EvalSettings) -> dict:

@@ -20,11 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from transformers import PretrainedConfig
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from training import distributed
+from training.settings import DataSourceSettings
 
 log = logging.getLogger(__name__)
 # SyntaxError: how PIL's verify() (and some plugins' load) report a broken file, e.g. a bad PNG checksum.
@@ -36,6 +39,11 @@ def stable_id(text: str) -> int:
     """An integer id for a string that is the same in every process (Python's str hash is salted per
     process, so DDP ranks would disagree); 56 bits, so it fits an int64 tensor."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "big")
+
+
+def caption_ids(texts: list[str]) -> torch.Tensor:
+    """An id per caption text that is the same in every process (Python's str hash is salted per process)."""
+    return torch.tensor([stable_id(t) for t in texts])
 
 
 def text_problem(text: object) -> str | None:
@@ -224,6 +232,29 @@ class FeatureCache:
         return self._shards[shard][row]
 
 
+def cached_tokens(folder: str | Path) -> int | None:
+    """Tokens per image in a `cache-features` folder (read from a shard's header), or None when it is empty."""
+    index = json.loads((Path(folder) / "index.json").read_text())
+    if not index:
+        return None
+    shard, _ = next(iter(index.values()))
+    with safe_open(str(Path(folder) / shard), framework="pt") as handle:
+        return handle.get_slice("features").get_shape()[1]
+
+
+def check_features_fit(folder: str | Path, vision_config: PretrainedConfig) -> None:
+    """Refuse cached features that the vision tower, at its (possibly resized) image size, would not make:
+    the Q-Former would silently train on a token grid the saved model never sees again."""
+    size, patch = vision_config.image_size, vision_config.patch_size
+    tokens, expected = cached_tokens(folder), (size // patch) ** 2 + 1
+    if tokens is not None and tokens != expected:
+        raise SystemExit(
+            f"--features {folder} holds {tokens} ViT tokens per image, but the vision tower at {size} px makes "
+            f"{expected}: they were cached at another image size. Train from the images (drop --features), "
+            f"or cache features from a model at {size} px"
+        )
+
+
 class WebDatasetShards(IterableDataset):
     """Image-text pairs from WebDataset tar shards (`.jpg`/`.png` + `.txt`/`.json`), split per rank and worker.
 
@@ -287,6 +318,24 @@ def _shard_image_id(row: dict) -> int:
     return stable_id(str(image_id if image_id is not None else row["key"]))
 
 
+def build_dataset(
+    s: DataSourceSettings, vision_config: PretrainedConfig, text_field: str = "text"
+) -> Dataset:
+    """The training data the settings name, for a vision tower already at its training size (see
+    `resize_vision_tower`): cached features, WebDataset shards or a manifest's images."""
+    transform = ImageTransform(vision_config.image_size, train=True)
+    if s.features:
+        if not s.train_manifest:
+            raise SystemExit("--features needs --train-manifest (which rows to train on)")
+        check_features_fit(s.features, vision_config)
+        return FeatureDataset(s.train_manifest, s.features, text_field)
+    if s.shards:
+        return WebDatasetShards([u for u in s.shards.split(",") if u], transform, text_field)
+    if s.train_manifest:
+        return ManifestDataset(s.train_manifest, transform, text_field)
+    raise SystemExit("no training data: give --train-manifest, --shards or --features")
+
+
 def text_tokens(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
     """A padded batch of token ids for texts, tokenised as text: a caption that spells `[SEP]` or `</s>`
     gets those characters, never the control token; the tokenizer's template still adds its own."""
@@ -301,7 +350,8 @@ def text_tokens(tokenizer, texts: list[str], max_length: int) -> dict[str, torch
 
 
 class Collator:
-    """Drops unreadable samples, stacks images (or cached features) and, given a tokenizer, tokenizes texts."""
+    """Drops unreadable samples, stacks images (or cached features), gives each row its image and caption
+    ids and, given a tokenizer, tokenizes texts."""
 
     def __init__(self, tokenizer=None, max_text_length: int = 32) -> None:
         self.tokenizer, self.max_text_length = tokenizer, max_text_length
@@ -319,5 +369,6 @@ class Collator:
             batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
         batch["image_ids"] = torch.tensor([s["image_id"] for s in kept])
         batch["texts"] = [s["text"] for s in kept]
+        batch["caption_ids"] = caption_ids(batch["texts"])  # for --same-caption-positives
         batch["rows"] = [s["row"] for s in kept]
         return batch

@@ -14,13 +14,12 @@ import logging
 import sys
 from pathlib import Path
 
-from training.data import group_by_image, image_problem, read_manifest, write_jsonl
+from training.data import caption_ids, group_by_image, image_problem, read_manifest, write_jsonl
 from training.inference import generate_texts, load_generation_model, pick_device
 from training.metrics import VQA_SCORING, caption_metrics, retrieval_recall, vqa_metrics
 from training.prompts import GENERATION_DEFAULTS, resolve_prompt
 from training.scoring import retrieval_scores
 from training.settings import EvalSettings
-from training.stages import caption_ids
 
 log = logging.getLogger(__name__)
 

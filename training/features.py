@@ -14,10 +14,8 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
-from transformers import PretrainedConfig
 
 from training.assemble import load_vision_tower
 from training.data import IMAGE_ERRORS, ImageTransform, load_image, read_manifest
@@ -74,26 +72,3 @@ def cache_features(settings: CacheFeaturesSettings) -> dict:
     summary = {"images": len(index), "skipped": skipped, "output": str(output)}
     print(json.dumps({"summary": summary}))
     return summary
-
-
-def cached_tokens(folder: str | Path) -> int | None:
-    """Tokens per image in a `cache-features` folder (read from a shard's header), or None when it is empty."""
-    index = json.loads((Path(folder) / "index.json").read_text())
-    if not index:
-        return None
-    shard, _ = next(iter(index.values()))
-    with safe_open(str(Path(folder) / shard), framework="pt") as handle:
-        return handle.get_slice("features").get_shape()[1]
-
-
-def check_features_fit(folder: str | Path, vision_config: PretrainedConfig) -> None:
-    """Refuse cached features that the vision tower, at its (possibly resized) image size, would not make:
-    the Q-Former would silently train on a token grid the saved model never sees again."""
-    size, patch = vision_config.image_size, vision_config.patch_size
-    tokens, expected = cached_tokens(folder), (size // patch) ** 2 + 1
-    if tokens is not None and tokens != expected:
-        raise SystemExit(
-            f"--features {folder} holds {tokens} ViT tokens per image, but the vision tower at {size} px makes "
-            f"{expected}: they were cached at another image size. Train from the images (drop --features), "
-            f"or cache features from a model at {size} px"
-        )

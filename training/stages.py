@@ -17,7 +17,6 @@ from transformers import AutoProcessor, Blip2ForConditionalGeneration
 from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
 
 from training.assemble import copy_stage1_into_generation
-from training.data import stable_id
 from training.losses import stage1_losses
 from training.model import (
     Stage1Model,
@@ -79,9 +78,7 @@ class Stage1Task(_FrozenVisionTask):
             batch["input_ids"],
             batch["attention_mask"],
             image_ids=batch["image_ids"] if self.use_image_ids else None,
-            caption_ids=caption_ids(batch["texts"]).to(batch["input_ids"].device)
-            if self.same_caption_positives
-            else None,
+            caption_ids=batch["caption_ids"] if self.same_caption_positives else None,
         )
         return {"loss": losses.total, "itc": losses.itc, "itm": losses.itm, "itg": losses.itg}
 
@@ -113,11 +110,6 @@ def load_generation(
         copy_stage1_into_generation(Stage1Model.from_pretrained(stage1), model)
     resize_vision_tower(model.vision_model, processor.image_processor, image_size)
     return model, processor
-
-
-def caption_ids(texts: list[str]) -> torch.Tensor:
-    """An id per caption text that is the same in every process (Python's str hash is salted per process)."""
-    return torch.tensor([stable_id(t) for t in texts])
 
 
 def join_target(prompt: str, text: str) -> str:

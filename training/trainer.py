@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +82,9 @@ def _param_groups(task: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class _JsonLog:
+class JsonLog:
+    """JSON lines, each printed and appended to a file (a resumed run continues its log)."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
 
@@ -131,6 +133,126 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     }
 
 
+@dataclass
+class TrainState:
+    """How far a run has come: with the weights, the optimizer, the RNG and the data position, what a
+    checkpoint holds so that a resumed run goes on exactly as the killed one would have."""
+
+    step: int = 0
+    samples_seen: int = 0
+    skipped: int = 0
+
+
+def _resume(
+    path: Path, task: nn.Module, optimizer, scaler, sampler: ResumableSampler | None, batch_size: int
+) -> tuple[TrainState, dict]:
+    """Load a checkpoint into the task, optimizer and scaler, and put the sampler where the run stopped.
+    Returns the run's state and its RNG state, which the caller restores only once set-up is done (making
+    the DataLoader's iterator draws random numbers)."""
+    weights, saved = checkpoint.load(path)
+    missing = set(trainable_state(task)) - set(weights)
+    if missing:
+        raise ValueError(f"{path} lacks trainable weights {sorted(missing)[:3]}...: a different task?")
+    task.load_state_dict(weights, strict=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scaler.load_state_dict(saved["scaler"])
+    if sampler is not None:
+        sampler.epoch, sampler.start = saved["epoch"], saved["batches_into_epoch"] * batch_size
+    log.info("resumed from %s at step %d", path, saved["step"])
+    return TrainState(saved["step"], saved["samples_seen"], saved["skipped"]), saved["rng"]
+
+
+def _save_checkpoint(
+    folder: Path, task: nn.Module, state: TrainState, optimizer, scaler, batches: BatchStream, keep: int
+) -> None:
+    saved = {**asdict(state), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
+    saved |= {"rng": checkpoint.rng_state(), **batches.state()}
+    checkpoint.save(folder, state.step, trainable_state(task), saved, keep)
+
+
+def _accumulate(
+    model: nn.Module,
+    batches: BatchStream,
+    scaler,
+    state: TrainState,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    grad_accum: int,
+) -> tuple[dict[str, float], int]:
+    """Forward and (scaled) backward over one optimizer step's micro-batches. Returns each loss averaged
+    over them, and how many samples they held in this process (0: none could be read)."""
+    accumulated: dict[str, float] = {}
+    step_samples = 0
+    for micro in range(grad_accum):
+        batch = next(batches)
+        state.skipped += batch["skipped"]
+        step_samples += batch["size"]
+        if batch["size"] == 0:
+            continue
+        batch = _to_device(batch, device)
+        # DDP all-reduces gradients only on the last micro-batch of an accumulation.
+        last = micro == grad_accum - 1
+        no_sync = (
+            model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext()
+        )
+        autocast = torch.autocast(device.type, autocast_dtype, enabled=autocast_dtype is not None)
+        with no_sync, autocast:
+            losses = model(batch)
+            scaler.scale(losses["loss"] / grad_accum).backward()
+        for name, value in losses.items():
+            accumulated[name] = accumulated.get(name, 0.0) + value.item() / grad_accum
+        state.samples_seen += batch["size"] * distributed.world_size()
+    return accumulated, step_samples
+
+
+def _optimizer_step(task: nn.Module, optimizer, scaler, max_grad_norm: float) -> None:
+    if max_grad_norm > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainable_state(task).values(), max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class _Report:
+    """The progress bar and the JSON log: at every `log_every`-th step and the last, the losses averaged over
+    ranks and the throughput since the line before; the first and the last losses, for the summary."""
+
+    def __init__(self, settings: TrainSettings, state: TrainState, name: str, device: torch.device) -> None:
+        main = distributed.is_main_process()
+        self.settings, self.device = settings, device
+        self.json_log = JsonLog(Path(settings.output) / "log.jsonl") if main else None
+        self.bar = tqdm(
+            total=settings.steps,
+            initial=state.step,
+            disable=not (settings.progress and main),
+            file=sys.stderr,
+            desc=name,
+        )
+        self.first_losses: dict[str, float] | None = None
+        self.last_losses: dict[str, float] | None = None
+        self.window_start, self.window_samples = time.perf_counter(), state.samples_seen
+
+    def step(self, state: TrainState, losses: dict[str, float], lr: float) -> None:
+        self.bar.update(1)
+        logged = state.step % self.settings.log_every == 0 or state.step == self.settings.steps
+        # The global mean only where it is reported (and for the summary's first figure): one collective less.
+        if logged or self.first_losses is None:
+            losses = distributed.all_reduce_mean(losses, self.device)
+        self.first_losses = self.first_losses or losses
+        self.last_losses = losses  # the last step is always logged, so the summary's figure is global
+        if not logged:
+            return
+        elapsed = time.perf_counter() - self.window_start
+        throughput = (state.samples_seen - self.window_samples) / elapsed
+        record = {"step": state.step, **{k: round(v, 5) for k, v in losses.items()}, "lr": lr}
+        record |= {"samples_per_s": round(throughput, 2), "skipped": state.skipped}
+        if self.json_log:
+            self.json_log.write(record)
+            self.bar.set_postfix(loss=f"{losses.get('loss', float('nan')):.4f}")
+        self.window_start, self.window_samples = time.perf_counter(), state.samples_seen
+
+
 def train(task: nn.Module, dataset: Dataset, collate, settings: TrainSettings) -> dict:
     """Run `settings.steps` optimizer steps of `task` on `dataset`; returns the run summary."""
     device = distributed.setup(settings.device)
@@ -151,25 +273,12 @@ def train(task: nn.Module, dataset: Dataset, collate, settings: TrainSettings) -
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
 
     sampler = None if isinstance(dataset, IterableDataset) else ResumableSampler(len(dataset), settings.seed)
-    step, samples_seen, skipped = 0, 0, 0
+    state, resumed_rng = TrainState(), None
     resume_from = checkpoint.latest(ckpt_dir) if settings.resume else None
     if settings.resume and resume_from is None:
         log.info("--resume: no checkpoint in %s yet, starting at step 0", ckpt_dir)
     if resume_from is not None:
-        weights, state = checkpoint.load(resume_from)
-        missing = set(trainable_state(task)) - set(weights)
-        if missing:
-            raise ValueError(
-                f"{resume_from} lacks trainable weights {sorted(missing)[:3]}...: a different task?"
-            )
-        task.load_state_dict(weights, strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, samples_seen, skipped = state["step"], state["samples_seen"], state["skipped"]
-        if sampler is not None:
-            sampler.epoch, sampler.start = state["epoch"], state["batches_into_epoch"] * settings.batch_size
-        resumed_rng = state["rng"]
-        log.info("resumed from %s at step %d", resume_from, step)
+        state, resumed_rng = _resume(resume_from, task, optimizer, scaler, sampler, settings.batch_size)
 
     loader = DataLoader(
         dataset,
@@ -180,98 +289,41 @@ def train(task: nn.Module, dataset: Dataset, collate, settings: TrainSettings) -
         drop_last=True,
     )
     model = DistributedDataParallel(task) if distributed.is_distributed() else task
-    json_log = _JsonLog(output / "log.jsonl") if distributed.is_main_process() else None
-    bar = tqdm(
-        total=settings.steps,
-        initial=step,
-        disable=not (settings.progress and distributed.is_main_process()),
-        file=sys.stderr,
-        desc=type(task).__name__,
-    )
     batches = BatchStream(loader, sampler, settings.batch_size)
-    if resume_from is not None:
+    if resumed_rng is not None:
         checkpoint.set_rng_state(resumed_rng)  # after set-up, so the next batch draws as the killed run would
-    first_losses, last_losses = None, None
+    report = _Report(settings, state, type(task).__name__, device)
     empty_steps = 0
-    window_start, window_samples = time.perf_counter(), 0
     model.train()
-    while step < settings.steps:
-        lr = cosine_lr(step, settings)
+    while state.step < settings.steps:
+        lr = cosine_lr(state.step, settings)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        accumulated: dict[str, float] = {}
-        step_samples = 0
-        for micro in range(settings.grad_accum):
-            batch = next(batches)
-            skipped += batch["skipped"]
-            step_samples += batch["size"]
-            if batch["size"] == 0:
-                continue
-            batch = _to_device(batch, device)
-            # DDP all-reduces gradients only on the last micro-batch of an accumulation.
-            last = micro == settings.grad_accum - 1
-            no_sync = (
-                model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext()
-            )
-            autocast = torch.autocast(device.type, autocast_dtype, enabled=autocast_dtype is not None)
-            with no_sync, autocast:
-                losses = model(batch)
-                scaler.scale(losses["loss"] / settings.grad_accum).backward()
-            for name, value in losses.items():
-                accumulated[name] = accumulated.get(name, 0.0) + value.item() / settings.grad_accum
-            samples_seen += batch["size"] * distributed.world_size()
-            window_samples += batch["size"] * distributed.world_size()
+        losses, step_samples = _accumulate(
+            model, batches, scaler, state, device, autocast_dtype, settings.grad_accum
+        )
         empty_steps = 0 if step_samples else empty_steps + 1
         if empty_steps == EMPTY_STEPS_LIMIT:
             # A few unreadable files are skipped; this many in a row means the data source itself is wrong.
             raise RuntimeError(
-                f"{EMPTY_STEPS_LIMIT} steps in a row without one readable sample ({skipped} skipped in all): "
-                "check the manifest's image paths or that --features was cached from this manifest; "
+                f"{EMPTY_STEPS_LIMIT} steps in a row without one readable sample ({state.skipped} skipped in "
+                "all): check the manifest's image paths or that --features was cached from this manifest; "
                 "the warnings above name the files"
             )
-        if settings.max_grad_norm > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable_state(task).values(), settings.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        logged = step % settings.log_every == 0 or step == settings.steps
-        if logged or first_losses is None:  # the global mean only where it is reported: one collective less
-            accumulated = distributed.all_reduce_mean(accumulated, device)
-        first_losses = first_losses or accumulated
-        last_losses = accumulated  # the last step is always logged, so the summary's figure is global
-        if logged:
-            elapsed = time.perf_counter() - window_start
-            record = {"step": step, **{k: round(v, 5) for k, v in accumulated.items()}, "lr": lr}
-            record |= {"samples_per_s": round(window_samples / elapsed, 2), "skipped": skipped}
-            if json_log:
-                json_log.write(record)
-                bar.set_postfix(loss=f"{accumulated.get('loss', float('nan')):.4f}")
-            window_start, window_samples = time.perf_counter(), 0
-        if step % settings.save_every == 0 or step == settings.steps:
-            if distributed.is_main_process():
-                trainer_state = {
-                    "step": step,
-                    "samples_seen": samples_seen,
-                    "skipped": skipped,
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": checkpoint.rng_state(),
-                    **batches.state(),
-                }
-                checkpoint.save(
-                    ckpt_dir, step, trainable_state(task), trainer_state, settings.keep_checkpoints
-                )
-    bar.close()
+        _optimizer_step(task, optimizer, scaler, settings.max_grad_norm)
+        state.step += 1
+        report.step(state, losses, lr)
+        saving = state.step % settings.save_every == 0 or state.step == settings.steps
+        if saving and distributed.is_main_process():
+            _save_checkpoint(ckpt_dir, task, state, optimizer, scaler, batches, settings.keep_checkpoints)
+    report.bar.close()
 
     summary = {
-        "steps": step,
-        "samples_seen": samples_seen,
-        "skipped_samples": skipped,
-        "first_losses": first_losses,
-        "last_losses": last_losses,
+        "steps": state.step,
+        "samples_seen": state.samples_seen,
+        "skipped_samples": state.skipped,
+        "first_losses": report.first_losses,
+        "last_losses": report.last_losses,
         "model": str(output / "model"),
         "settings": asdict(settings),
     }

@@ -3,8 +3,8 @@ import sys
 
 import torch
 
+from training.data import caption_ids
 from training.losses import positive_pairs, sample_hard_negatives
-from training.stages import caption_ids
 
 TEXTS = ["a red circle", "a red circle", "a blue square", "a green triangle"]
 
@@ -28,7 +28,7 @@ def test_same_caption_rows_are_positives_and_never_itm_negatives():
 
 def test_caption_ids_are_the_same_in_every_process():
     # DDP ranks gather each other's ids: they must not depend on Python's per-process string hash salt
-    code = f"from training.stages import caption_ids; print(caption_ids({TEXTS!r}).tolist())"
+    code = f"from training.data import caption_ids; print(caption_ids({TEXTS!r}).tolist())"
     runs = {
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout
