@@ -51,33 +51,32 @@ def unsupported(llm: torch.nn.Module) -> str | None:
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for the whole answer: [rows, heads, capacity, head_dim].
-    A step writes one position and attends over exactly the filled length (a view, no copy): attending over
-    the padded capacity would change the float sums, and the logits would no longer equal the model's."""
+    """Keys and values of every layer, preallocated for the whole answer: [layers, rows, heads, capacity,
+    head_dim] each, so that reordering beams is two gathers whatever the depth. A step writes one position
+    and attends over exactly the filled length (a view, no copy): attending over the padded capacity would
+    change the float sums, and the logits would no longer equal the model's."""
 
     def __init__(self, prefilled, rows: torch.Tensor, capacity: int) -> None:
-        self.keys, self.values = [], []
-        for layer in prefilled.layers:
-            for store, filled in ((self.keys, layer.keys), (self.values, layer.values)):
-                rows_, heads, length, dim = filled.shape
-                buffer = filled.new_empty((len(rows), heads, capacity, dim))
-                buffer[:, :, :length] = filled.index_select(0, rows)
-                store.append(buffer)
-        self.length = prefilled.layers[0].keys.shape[2]
+        first = prefilled.layers[0].keys  # [rows, heads, length, head_dim]
+        _, heads, self.length, dim = first.shape
+        shape = (len(prefilled.layers), len(rows), heads, capacity, dim)
+        self.keys, self.values = first.new_empty(shape), first.new_empty(shape)
+        for index, layer in enumerate(prefilled.layers):
+            self.keys[index, :, :, : self.length] = layer.keys.index_select(0, rows)
+            self.values[index, :, :, : self.length] = layer.values.index_select(0, rows)
 
     def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's key and value ([rows, heads, 1, dim]) and return the layer's filled views."""
-        self.keys[layer][:, :, self.length] = key[:, :, 0]
-        self.values[layer][:, :, self.length] = value[:, :, 0]
+        self.keys[layer, :, :, self.length] = key[:, :, 0]
+        self.values[layer, :, :, self.length] = value[:, :, 0]
         end = self.length + 1
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Beam search: row i continues from row rows[i]."""
         end = self.length
         for store in (self.keys, self.values):
-            for buffer in store:
-                buffer[:, :, :end] = buffer[:, :, :end].index_select(0, rows)
+            store[:, :, :, :end] = store[:, :, :, :end].index_select(1, rows)
 
 
 class OptDecodeStep:
