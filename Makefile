@@ -18,8 +18,8 @@ serve: install
 	$(VENV)/bin/blip2-serve $(if $(MODEL),--model $(MODEL))
 
 lint: install
-	$(VENV)/bin/ruff check training service tests bench
-	$(VENV)/bin/ruff format --check training service tests bench
+	$(VENV)/bin/ruff check training service tests bench recipes
+	$(VENV)/bin/ruff format --check training service tests bench recipes
 
 test: lint
 	$(VENV)/bin/python -m pytest -q -x tests

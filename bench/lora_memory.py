@@ -67,10 +67,10 @@ def prepare(images: int) -> None:
 
 def child(rank: int, steps: int, batch_size: int) -> dict:
     """One fine-tuning run in this process; its peak RSS and its trainable parameter bytes."""
-    from training.cli import FinetuneSettings
     from training.data import FeatureDataset
     from training.finetune import build_finetune
     from training.lora import count_parameters
+    from training.settings import FinetuneSettings
     from training.trainer import train
 
     settings = FinetuneSettings(

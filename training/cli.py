@@ -1,7 +1,9 @@
 """`blip2-train SUBCOMMAND`: one command line, each subcommand a typed settings dataclass and a function.
 
-Every field of a settings dataclass is a `--flag` (its help text is the field's `help`); `--config
-recipe.yaml` fills fields from a YAML file first, and flags given on the command line win.
+Every field of a settings dataclass (`training/settings.py`) is a `--flag` (its help text is the field's
+`help`); `--config recipe.yaml` fills fields from a YAML file first (recipes/tiny_stage1.yaml is an
+example), and flags given on the command line win. Each command imports torch and the modules it runs only
+when it runs, so building the parser and `--help` stay light.
 """
 
 from __future__ import annotations

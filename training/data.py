@@ -58,17 +58,26 @@ def text_problem(text: object) -> str | None:
     return None
 
 
-def read_manifest(path: str | Path) -> list[dict]:
-    """Rows of a JSONL manifest with `image` made absolute; blank lines ignored, bad lines reported."""
-    path = Path(path)
-    rows = []
+def _numbered_rows(path: Path) -> Iterator[tuple[int, dict]]:
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSONL file (a log, predictions); blank lines ignored, a bad line reported."""
+    return [row for _, row in _numbered_rows(Path(path))]
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """Rows of a JSONL manifest with `image` made absolute; blank lines ignored, bad lines reported."""
+    path = Path(path)
+    rows = []
+    for number, row in _numbered_rows(path):
         if "image" not in row:
             raise ValueError(f"{path}:{number}: no 'image' field")
         row["image"] = str((path.parent / row["image"]).resolve())

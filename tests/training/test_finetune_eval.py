@@ -3,7 +3,7 @@ caption and retrieval; each fine-tuned model scores far above the same model bef
 
 BLIP-2 starts from a pretrained frozen image encoder and a pretrained frozen LLM. Here they are the
 packaged default model's (service/default_model/: a 96-wide ViT trained CLIP-style and a 2-layer OPT
-trained as a language model on easy-VQA's train split, by training/recipes/easy_vqa/unimodal.py), and the
+trained as a language model on easy-VQA's train split, by recipes/easy_vqa/unimodal.py), and the
 Q-Former is a randomly initialised BERT: everything the fine-tuned model knows about reading an image
 comes from the `finetune` command under test. Every step goes through the CLI.
 """

@@ -1,7 +1,7 @@
 """Write the model card (service/default_model/MODEL_CARD.md) and docs/RESULTS.md from a recipe run's
 results.json, so every figure on those pages is the one the run measured.
 
-`python -m training.recipes.easy_vqa.report --out runs/easy_vqa [--card PATH] [--results-md PATH]`
+`python -m recipes.easy_vqa.report --out runs/easy_vqa [--card PATH] [--results-md PATH]`
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
-RUN = "bash training/recipes/easy_vqa/run.sh runs/easy_vqa"
+RUN = "bash recipes/easy_vqa/run.sh runs/easy_vqa"
 
 
 def _qformer_params(out: Path) -> int:
@@ -117,7 +116,7 @@ Every figure comes from one run of the recipe (`{RUN}`); the commands that repro
 
 {parts}
 
-## How each part was obtained (training/recipes/easy_vqa/)
+## How each part was obtained (recipes/easy_vqa/)
 
 Everything is trained from random initialisation on the easy-VQA **train** split (4,000 images,
 38,575 questions, 3,971 derived captions); the test split is only evaluated.
@@ -191,10 +190,10 @@ and compares stage 2 from the stage-1 Q-Former with stage 2 from a fresh one. Wa
 |---|---|
 | VQA exact match, per type | `blip2-train eval --task vqa --model runs/easy_vqa/finetune/model --manifest runs/easy_vqa/data/vqa_test.jsonl --num-beams 1 --batch-size 128 --output runs/easy_vqa/eval/vqa` |
 | VQA one at a time / server defaults | the same with `--batch-size 1 --output runs/easy_vqa/eval/vqa_bs1`, and with no `--num-beams` (beam 5, length penalty -1) `--batch-size 8 --output runs/easy_vqa/eval/vqa_beam5_bs8` |
-| caption names colour and shape | `blip2-train eval --task caption --model runs/easy_vqa/finetune/model --manifest runs/easy_vqa/data/captions_test.jsonl --prompt "A short image description:" --num-beams 1 --min-new-tokens 1 --max-new-tokens 10 --no-java-metrics --output runs/easy_vqa/eval/caption`, then `python -m training.recipes.easy_vqa.tools captions --predictions runs/easy_vqa/eval/caption/predictions.jsonl --output runs/easy_vqa/eval/caption/named.json` |
+| caption names colour and shape | `blip2-train eval --task caption --model runs/easy_vqa/finetune/model --manifest runs/easy_vqa/data/captions_test.jsonl --prompt "A short image description:" --num-beams 1 --min-new-tokens 1 --max-new-tokens 10 --no-java-metrics --output runs/easy_vqa/eval/caption`, then `python -m recipes.easy_vqa.tools captions --predictions runs/easy_vqa/eval/caption/predictions.jsonl --output runs/easy_vqa/eval/caption/named.json` |
 | retrieval R@1 | `blip2-train eval --task retrieval --model runs/easy_vqa/stage1/model --manifest runs/easy_vqa/data/captions_test.jsonl --k-test 16 --output runs/easy_vqa/eval/retrieval` |
-| stage 2 from stage 1 vs fresh | `blip2-train eval --task vqa --model runs/easy_vqa/stage2/model --manifest runs/easy_vqa/data/vqa_test.jsonl --num-beams 1 --output runs/easy_vqa/eval/stage2_vqa` (and `stage2_fresh`); curves: `python -m training.recipes.easy_vqa.tools curves --run A=runs/easy_vqa/stage2 --run B=runs/easy_vqa/stage2_fresh --output docs/easy_vqa_stage2_curves.png` |
-| frozen weights | `python -m training.recipes.easy_vqa.tools identity --vision runs/easy_vqa/parts/vision --llm runs/easy_vqa/parts/llm --model finetune=runs/easy_vqa/finetune/model --output identity.json` |
+| stage 2 from stage 1 vs fresh | `blip2-train eval --task vqa --model runs/easy_vqa/stage2/model --manifest runs/easy_vqa/data/vqa_test.jsonl --num-beams 1 --output runs/easy_vqa/eval/stage2_vqa` (and `stage2_fresh`); curves: `python -m recipes.easy_vqa.tools curves --run A=runs/easy_vqa/stage2 --run B=runs/easy_vqa/stage2_fresh --output docs/easy_vqa_stage2_curves.png` |
+| frozen weights | `python -m recipes.easy_vqa.tools identity --vision runs/easy_vqa/parts/vision --llm runs/easy_vqa/parts/llm --model finetune=runs/easy_vqa/finetune/model --output identity.json` |
 | the shipped model through the server | `pytest tests/service/test_default_model.py` (500 test questions via /vqa, batched; captions) |
 
 The shipped folders are the run's `finetune/model` (as `generation/`) and `stage1/model` (as `stage1/`).
@@ -232,7 +231,7 @@ check (`unimodal.py llm-eval`: the run's version let `generate()` mask the padde
 it under-reported); `tools.py ship` (it now copies `qformer_tokenizer/`, without which the processor
 falls back to the LLM's tokenizer); the same-caption retrieval figure and the two extra VQA evaluations
 (batch 1; beam 5 in batches of 8); `tools.py results` and `report.py`. `run.sh` as committed does all of
-it in one go. A second run from nothing (`SHIP=0 bash training/recipes/easy_vqa/run.sh runs/easy_vqa_verify`,
+it in one go. A second run from nothing (`SHIP=0 bash recipes/easy_vqa/run.sh runs/easy_vqa_verify`,
 21.0 min on the same shared machine) wrote a bit-identical fine-tuned model and identical figures: the
 recipe is deterministic on CPU (fixed seeds, one thread per process).
 """
@@ -241,10 +240,11 @@ recipe is deterministic on CPU (fixed seeds, one thread per process).
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # The defaults are the repository's pages, from its root (where run.sh runs this).
     parser.add_argument("--out", default="runs/easy_vqa")
-    parser.add_argument("--shipped", default=str(ROOT / "service" / "default_model"))
-    parser.add_argument("--card", default=str(ROOT / "service" / "default_model" / "MODEL_CARD.md"))
-    parser.add_argument("--results-md", default=str(ROOT / "docs" / "RESULTS.md"))
+    parser.add_argument("--shipped", default="service/default_model")
+    parser.add_argument("--card", default="service/default_model/MODEL_CARD.md")
+    parser.add_argument("--results-md", default="docs/RESULTS.md")
     args = parser.parse_args(argv)
     card, results_md = render(Path(args.out), Path(args.shipped))
     Path(args.card).parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Helpers of the easy-VQA recipe (run.sh): the fine-tuning manifest, the frozen-weights check, the report,
 and shipping the trained folders into `service/default_model/`.
 
-`python -m training.recipes.easy_vqa.tools {manifest,identity,report,ship} ...`
+`python -m recipes.easy_vqa.tools {manifest,identity,report,ship} ...`
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from recipes.easy_vqa.unimodal import CAPTION_PROMPT, VQA_PROMPT
 from training.assemble import safetensors_state
-from training.data import write_jsonl
+from training.data import read_jsonl, write_jsonl
 from training.importers import SHAPES
-from training.recipes.easy_vqa.unimodal import CAPTION_PROMPT, VQA_PROMPT, read_jsonl
 
 COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 
@@ -198,7 +198,7 @@ def collect_results(out: Path, output: Path) -> dict:
     if unimodal["llm"] is not None and measured is not None:
         unimodal["llm"]["test_answer_acc_given_true_caption"] = measured
     results = {
-        "recipe": "training/recipes/easy_vqa/run.sh",
+        "recipe": "recipes/easy_vqa/run.sh",
         "test_split": {"images": 1000, "questions": 9673},
         "unimodal": unimodal,
         "vqa": _vqa_figures(_json(out / "eval" / "vqa" / "metrics.json")),
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("ship")
     p.add_argument("--generation", required=True)
     p.add_argument("--stage1", required=True)
-    p.add_argument("--dest", default=str(Path(__file__).resolve().parents[3] / "service" / "default_model"))
+    p.add_argument("--dest", default="service/default_model", help="from the repository root")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     args = parser.parse_args(argv)
     if args.command == "manifest":

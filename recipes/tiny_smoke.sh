@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Smoke run of the two pre-training stages on the CPU, for both tiny presets (a few minutes):
-#   bash training/recipes/tiny_smoke.sh [OUT]
-# 256 synthetic coloured-shape images captioned "a red circle"..., then init -> stage1 (300 steps) ->
-# stage2 from the stage-1 Q-Former (300 steps); each loss is logged per 25 steps in OUT/*/log.jsonl, and
-# the outputs are loaded and run in plain transformers at the end.
+#   bash recipes/tiny_smoke.sh [OUT]
+# 256 synthetic coloured-shape images captioned "a red circle"..., then init -> stage1 (300 steps, the
+# settings of tiny_stage1.yaml) -> stage2 from the stage-1 Q-Former (300 steps); each loss is logged per
+# 25 steps in OUT/*/log.jsonl, and the outputs are loaded and run in plain transformers at the end.
 set -euo pipefail
 OUT=${1:-runs/tiny_smoke}
-export OMP_NUM_THREADS=1
-python -c "from pathlib import Path; from tests.conftest import write_shapes_manifest; write_shapes_manifest(Path('$OUT/data'), 256)"
+HERE=$(cd "$(dirname "$0")" && pwd)
+export OMP_NUM_THREADS=1 PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}"
+python -m recipes.shapes "$OUT/data" 256
 F=(--batch-size 16 --warmup-steps 20 --log-every 25 --no-progress --lr 3e-4 --save-every 100)
 for p in opt t5; do
   blip2-train init --preset "tiny-$p" --output "$OUT/$p/init"
-  blip2-train stage1 --init "$OUT/$p/init/stage1" --train-manifest "$OUT/data/train.jsonl" --output "$OUT/$p/s1" --steps 300 "${F[@]}"
+  blip2-train stage1 --config "$HERE/tiny_stage1.yaml" --init "$OUT/$p/init/stage1" \
+    --train-manifest "$OUT/data/train.jsonl" --output "$OUT/$p/s1"
   blip2-train stage2 --init "$OUT/$p/init/generation" --stage1 "$OUT/$p/s1/model" \
     --train-manifest "$OUT/data/train.jsonl" --output "$OUT/$p/s2" --steps 300 "${F[@]}"
   python - "$OUT/$p" <<'PY'

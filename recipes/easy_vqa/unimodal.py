@@ -10,7 +10,7 @@
 - `bert`: a small BERT (masked language modelling on the same text) with the Q-Former's WordPiece
   tokenizer, which `blip2-train init --qformer-bert` copies into the Q-Former as BLIP-2 does with BERT-base.
 
-Run: `python -m training.recipes.easy_vqa.unimodal {vision,llm,bert} --data DATA --output FOLDER [...]`.
+Run: `python -m recipes.easy_vqa.unimodal {vision,llm,bert} --data DATA --output FOLDER [...]`.
 Each writes a transformers folder (safetensors) and `<output>/log.jsonl`.
 """
 
@@ -29,32 +29,35 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-CAPTION_PROMPT = "A short image description:"  # the server's default caption prompt for InstructBLIP
-VQA_PROMPT = "Question: {} Short answer:"
+from training.data import read_jsonl
+from training.prompts import DEFAULT_PROMPTS, INSTRUCT_CAPTION_PROMPT
+from training.trainer import JsonLog
 
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+# The prompts the server uses for an InstructBLIP model: the shipped model is trained on them.
+CAPTION_PROMPT = INSTRUCT_CAPTION_PROMPT
+VQA_PROMPT = DEFAULT_PROMPTS["vqa"]
 
 
 def cosine(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Not the trainer's `cosine_lr`: this warm-up reaches lr/warmup at step 0 (the trainer's starts at
+    warmup_lr), and the shipped parts were trained with exactly this arithmetic; the trainer's schedule would
+    no longer reproduce them bit for bit."""
     if step < warmup:
         return lr * (step + 1) / warmup
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-class Log:
+class Log(JsonLog):
+    """The trainer's JSON log, started afresh, each line with the seconds since the start."""
+
     def __init__(self, output: Path) -> None:
         output.mkdir(parents=True, exist_ok=True)
-        self.file = (output / "log.jsonl").open("w")
+        (output / "log.jsonl").unlink(missing_ok=True)
+        super().__init__(output / "log.jsonl")
         self.start = time.time()
 
     def __call__(self, **record) -> None:
-        record["elapsed_s"] = round(time.time() - self.start, 1)
-        line = json.dumps(record)
-        self.file.write(line + "\n")
-        self.file.flush()
-        print(line, flush=True)
+        self.write(record | {"elapsed_s": round(time.time() - self.start, 1)})
 
 
 # -- vision tower, CLIP-style --------------------------------------------------------------------------

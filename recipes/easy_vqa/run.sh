@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The easy-VQA recipe, from nothing to the server's default model (see MODEL_CARD.md and docs/RESULTS.md).
 #
-#   bash training/recipes/easy_vqa/run.sh [OUT]        (default OUT=runs/easy_vqa; SHIP=0 to not ship)
+#   bash recipes/easy_vqa/run.sh [OUT]        (default OUT=runs/easy_vqa; SHIP=0 to not ship)
 #
 # Steps: import easy-VQA; unimodal pretraining (vision tower CLIP-style on the train captions, OPT LLM
 # on the train text alone, a small BERT for the Q-Former); `blip2-train init` from those parts; frozen
@@ -17,7 +17,8 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 OUT=${1:-runs/easy_vqa}
 DATA=$OUT/data
 HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/../../.." && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # `python -m recipes.easy_vqa...` from any folder
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/run.log") 2>&1
 
@@ -42,8 +43,8 @@ step() {  # step NAME COMMAND...: run, time, and record
   echo "{\"step\": \"$name\", \"seconds\": $((SECONDS - start))}" >> "$OUT/timings.jsonl"
 }
 
-UNI="python -m training.recipes.easy_vqa.unimodal"
-TOOLS="python -m training.recipes.easy_vqa.tools"
+UNI="python -m recipes.easy_vqa.unimodal"
+TOOLS="python -m recipes.easy_vqa.tools"
 : > "$OUT/timings.jsonl"
 START=$(date -u +%FT%TZ)
 echo "recipe start $START on $(nproc --all) CPU cores, torch threads $(python -c 'import torch; print(torch.get_num_threads())')"
@@ -122,6 +123,7 @@ if [ "${SHIP:-1}" = 1 ]; then
   cp "$OUT/stage2_curves.png" "$ROOT/docs/easy_vqa_stage2_curves.png"
   step ship $TOOLS ship --generation "$OUT/finetune/model" --stage1 "$OUT/stage1/model" \
     --dest "$ROOT/service/default_model"
-  python -m training.recipes.easy_vqa.report --out "$OUT"  # MODEL_CARD.md and docs/RESULTS.md
+  python -m recipes.easy_vqa.report --out "$OUT" --shipped "$ROOT/service/default_model" \
+    --card "$ROOT/service/default_model/MODEL_CARD.md" --results-md "$ROOT/docs/RESULTS.md"
 fi
 echo "recipe end $(date -u +%FT%TZ); total $SECONDS s"
