@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service import chat, routes
+from service import chat, page, routes
 from service.batching import Batcher
 from service.errors import error_body, install_handlers, too_large
 from service.inference import Runner
@@ -101,7 +101,10 @@ def create_app(settings: Settings) -> FastAPI:
     install_handlers(app)
     app.include_router(routes.router)
     app.include_router(chat.router)
-    known_paths = {route.path for router in (routes.router, chat.router) for route in router.routes}
+    app.include_router(page.router)
+    known_paths = {
+        route.path for router in (routes.router, chat.router, page.router) for route in router.routes
+    }
     known_paths |= {"/docs", "/openapi.json"}
     app.add_middleware(Gatekeeper, settings=settings, app_state=state, known_paths=known_paths)
     return app
@@ -126,7 +129,8 @@ class Gatekeeper:
         path = scope["path"]
         headers = dict(scope["headers"])
         refusal = None
-        if self.expected is not None and path not in OPEN_PATHS:
+        # The page's own files are open too (service/page.py says why); the API it calls is not.
+        if self.expected is not None and path not in OPEN_PATHS and path not in page.PUBLIC_PATHS:
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):  # constant time; the key is never logged
                 message = "a valid `Authorization: Bearer <key>` header is required"

@@ -1,0 +1,389 @@
+"""The web page at `GET /` (service/page.py, service/web/).
+
+Without a browser: the page and its files are served with the Content-Security-Policy, hold no inline code,
+style or remote URL, stay open when an API key is set while the API stays closed, and ship in the wheel.
+
+With a browser (the Debian `chromium` package, driven by Playwright; skipped with the reason only where no
+browser can be had): a person's session against a real `blip2-serve` with the built-in model (caption,
+questions streamed over the chat route, the gallery, a file that is not an image), and the API's errors as
+the page shows them (API key asked for and refused, image too large, queue full with its retry time).
+Screenshots are left in a folder printed in the output (`BLIP2_TEST_ARTIFACTS` chooses it).
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import os
+import re
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from fnmatch import fnmatch
+from html.parser import HTMLParser
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from servertools import REPO, Gate, LiveServer, start_process
+
+from service import page
+from service.app import create_app
+from service.settings import DEFAULT_MODEL_DIR, Settings
+
+SERVE = Path(sys.executable).parent / "blip2-serve"
+COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+SHAPES = ("circle", "rectangle", "triangle")
+WAIT_MS = 60_000  # bound on a wait for the page, never a measured figure
+
+
+# -- without a browser -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bare():
+    """The app without its lifespan (no model loaded): the page needs none. An API key is set."""
+    return TestClient(create_app(Settings(api_key="page-test-key", model=None, retrieval_model=None)))
+
+
+class _Parsed(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.script_text = ""
+        self._in_script = False
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        self._in_script = tag == "script"
+
+    def handle_endtag(self, tag):
+        self._in_script = False
+
+    def handle_data(self, data):
+        if self._in_script:
+            self.script_text += data.strip()
+
+
+def test_page_and_its_files_are_served_with_the_policy(bare):
+    response = bare.get("/")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    policy = dict(
+        part.strip().split(" ", 1) for part in response.headers["content-security-policy"].split(";")
+    )
+    assert policy["default-src"] == "'none'"
+    assert policy["script-src"] == policy["style-src"] == policy["connect-src"] == "'self'"
+    assert policy["img-src"] == "'self' blob:"  # blob: only for previews of the person's own files
+    assert response.headers["x-content-type-options"] == "nosniff"
+    for name, kind in page.STATIC.items():
+        served = bare.get(f"/static/{name}")
+        assert served.status_code == 200 and served.headers["content-type"] == kind
+        assert served.headers["content-security-policy"] == response.headers["content-security-policy"]
+    assert bare.get("/static/../app.py").status_code in (401, 404)
+
+
+def test_page_has_no_inline_code_no_remote_url_and_labels_its_controls():
+    parsed = _Parsed()
+    parsed.feed((page.WEB / "index.html").read_text())
+    tags = parsed.tags
+    scripts = [attrs for tag, attrs in tags if tag == "script"]
+    assert scripts and all(attrs.get("src", "").startswith("/static/") for attrs in scripts)
+    assert parsed.script_text == "" and not any(tag == "style" for tag, _ in tags)
+    for tag, attrs in tags:
+        assert "style" not in attrs and not any(name.startswith("on") for name in attrs), (tag, attrs)
+    # every file the page names is one the server serves
+    named = {attrs.get("src") or attrs.get("href") for tag, attrs in tags if tag in ("script", "link")}
+    assert named == {f"/static/{name}" for name in page.STATIC}
+    # nothing from the internet: no absolute URL in any of the page's files
+    for path in page.WEB.iterdir():
+        text = path.read_text().replace('xmlns="http://www.w3.org/2000/svg"', "")  # a name, never fetched
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I), path.name
+    # every input has a label (keyboard and screen-reader users reach each one by name)
+    labelled = {attrs["for"] for tag, attrs in tags if tag == "label" and "for" in attrs}
+    inputs = [attrs for tag, attrs in tags if tag == "input" and attrs.get("type") != "checkbox"]
+    assert inputs and all(attrs["id"] in labelled for attrs in inputs), inputs
+
+
+def test_page_is_open_with_an_api_key_and_the_api_is_not(bare):
+    assert bare.get("/").status_code == 200
+    assert bare.get("/static/app.js").status_code == 200
+    refused = bare.get("/v1/models")
+    assert refused.status_code == 401 and refused.json()["error"]["type"] == "unauthorized"
+    assert bare.get("/static/other.js").status_code == 401  # only the page's own files are open
+    assert bare.get("/v1/models", headers={"Authorization": "Bearer page-test-key"}).status_code == 200
+    # the files never carry the key
+    for name in ["index.html", *page.STATIC]:
+        assert "page-test-key" not in (page.WEB / name).read_text()
+
+
+def test_unknown_file_is_a_json_404():
+    client = TestClient(create_app(Settings(model=None, retrieval_model=None)))
+    response = client.get("/static/nope.js")
+    assert response.status_code == 404 and response.json()["error"]["type"] == "not_found"
+
+
+def test_web_files_ship_in_the_package():
+    """pyproject.toml's package-data for `service` names every file of service/web/ (tomllib is 3.11+)."""
+    section = (REPO / "pyproject.toml").read_text().split("[tool.setuptools.package-data]")[1]
+    patterns = ast.literal_eval(re.search(r"^service = (\[.*\])$", section, re.M).group(1))
+    for path in page.WEB.iterdir():
+        relative = path.relative_to(REPO / "service").as_posix()
+        assert any(fnmatch(relative, pattern) for pattern in patterns), relative
+
+
+# -- in a browser ------------------------------------------------------------------------------------
+def _browser_path() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        if found := shutil.which(name):
+            return found
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="no browser: the playwright package is missing"
+    )
+    executable = _browser_path()
+    with sync_api.sync_playwright() as playwright:
+        try:
+            launched = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        except Exception as exc:  # no system browser and none downloaded by playwright
+            pytest.skip(f"no browser: no chromium on PATH and Playwright has none ({type(exc).__name__})")
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, request) -> Path:
+    folder = Path(os.environ.get("BLIP2_TEST_ARTIFACTS") or tmp_path_factory.mktemp("page"))
+    folder.mkdir(parents=True, exist_ok=True)
+    yield folder
+    shots = sorted(p.name for p in folder.glob("*.png"))
+    if shots:
+        with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+            print(f"\npage screenshots ({', '.join(shots)}) in {folder}")
+
+
+@pytest.fixture(scope="module")
+def easy_vqa_images() -> list[tuple[Path, str, str]]:
+    """Test images whose colour and shape follow from their own questions' answers: (path, colour, shape)."""
+    easy_vqa = pytest.importorskip("easy_vqa")
+    _, answers, image_ids = easy_vqa.get_test_questions()
+    paths = easy_vqa.get_test_image_paths()
+    colour, shape = {}, {}
+    for answer, image in zip(answers, image_ids, strict=True):
+        if answer in COLOURS:
+            colour[image] = answer
+        elif answer in SHAPES:
+            shape[image] = answer
+    return [(Path(paths[i]), colour[i], shape[i]) for i in sorted(colour.keys() & shape.keys())]
+
+
+needs_default_model = pytest.mark.skipif(
+    not (DEFAULT_MODEL_DIR / "generation").is_dir(), reason="no packaged default model"
+)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """`blip2-serve` with no arguments (the built-in model), in its own process, as a person starts it."""
+    env = {"BLIP2_GALLERY_DIR": str(tmp_path_factory.mktemp("gallery"))}
+    process, url = start_process([], env, entry=[str(SERVE)])
+    yield url
+    process.terminate()
+    try:
+        process.wait(60)
+    except Exception:
+        process.kill()
+        process.wait()
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+@needs_default_model
+def test_a_session_in_the_browser(browser, served, easy_vqa_images, artifacts):
+    from playwright.sync_api import expect
+
+    path, colour, shape = easy_vqa_images[0]
+    tab = browser.new_page(viewport={"width": 1200, "height": 900})
+    tab.set_default_timeout(WAIT_MS)
+    tab.goto(served + "/")
+    expect(tab.locator("#server-status")).to_contain_text("ready")
+
+    # an image, chosen with the file input: its preview and its caption
+    tab.get_by_label("Choose an image").set_input_files(path)
+    expect(tab.locator("#preview")).to_be_visible()
+    caption = tab.locator("#caption:not(.pending)")
+    expect(caption).not_to_have_text("Captioning…")
+    words = _words(caption.inner_text())
+    assert words & set(COLOURS) == {colour} and words & set(SHAPES) == {shape}, caption.inner_text()
+
+    # a question, typed and sent with the keyboard, answered over the chat route as server-sent events
+    question = tab.get_by_label("Question", exact=True)
+    question.fill("what color is the shape?")
+    with tab.expect_response("**/v1/chat/completions") as streamed:
+        question.press("Enter")
+    assert streamed.value.headers["content-type"].startswith("text/event-stream")
+    assert streamed.value.request.post_data_json["stream"] is True
+    answers = tab.locator("#conversation .answer")
+    expect(answers.nth(0)).to_have_text(colour)
+    question.fill("what shape is it?")
+    question.press("Enter")
+    expect(answers.nth(1)).to_have_text(shape)
+    expect(tab.locator("#conversation li")).to_have_count(2)
+    expect(tab.locator("#ask-error")).to_be_hidden()
+    tab.screenshot(path=artifacts / "page-desktop.png", full_page=True)
+
+    # a file that is not an image: the API's own error text
+    tab.get_by_label("Choose an image").set_input_files(
+        {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image at all"}
+    )
+    error = tab.locator("#image-error")
+    expect(error).to_contain_text("cannot decode the image: not a supported image format")
+    expect(error).to_contain_text("400 invalid_image")
+    expect(tab.locator("#caption")).to_have_text("No caption.")
+    expect(tab.locator("#conversation li")).to_have_count(0)  # a new image starts a new conversation
+    tab.screenshot(path=artifacts / "page-not-an-image.png", full_page=True)
+    tab.close()
+
+
+@needs_default_model
+def test_phone_width_and_keyboard_only(browser, served, easy_vqa_images, artifacts):
+    from playwright.sync_api import expect
+
+    path, colour, _ = easy_vqa_images[1]
+    tab = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True)
+    tab.set_default_timeout(WAIT_MS)
+    tab.goto(served + "/")
+    expect(tab.locator("#server-status")).to_contain_text("ready")
+    # focus order follows the page: the file chooser first, then the question, its option, the gallery
+    tab.keyboard.press("Tab")
+    expect(tab.locator("#file-input")).to_be_focused()
+    tab.locator("#file-input").set_input_files(path)  # the chooser itself is the system's dialog
+    expect(tab.locator("#caption:not(.pending)")).not_to_have_text("Captioning…")
+    tab.locator("#file-input").focus()
+    tab.keyboard.press("Tab")
+    expect(tab.locator("#question")).to_be_focused()
+    tab.keyboard.type("what color is the shape?")
+    tab.keyboard.press("Enter")
+    expect(tab.locator("#conversation .answer")).to_have_text(colour)
+    tab.keyboard.press("Tab")
+    tab.keyboard.press("Tab")
+    expect(tab.locator("#with-context")).to_be_focused()
+    # nothing is wider than the screen
+    for selector in ("header", "main", ".card", "#ask-form", "#drop-zone"):
+        for box in (
+            tab.locator(selector).nth(i).bounding_box() for i in range(tab.locator(selector).count())
+        ):
+            if box:
+                assert box["x"] >= 0 and box["x"] + box["width"] <= 390, (selector, box)
+    tab.screenshot(path=artifacts / "page-phone.png", full_page=True)
+    tab.close()
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    """The built-in generation model only, with an API key, a small image limit and a queue of one."""
+    settings = Settings(
+        model=str(DEFAULT_MODEL_DIR / "generation"),
+        api_key="open-sesame-42",
+        max_image_bytes=4096,
+        max_queue_size=1,
+        max_batch_size=1,
+        load_in_8bit=False,
+    )
+    with LiveServer(settings) as live:
+        yield live
+
+
+def _big_png() -> bytes:
+    from skimage import data
+
+    buffer = io.BytesIO()
+    Image.fromarray(data.astronaut()).resize((128, 128)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@needs_default_model
+def test_api_key_and_errors_in_the_browser(browser, guarded, easy_vqa_images, artifacts):
+    from playwright.sync_api import expect
+
+    path, colour, shape = easy_vqa_images[2]
+    tab = browser.new_page(viewport={"width": 1000, "height": 900})
+    tab.set_default_timeout(WAIT_MS)
+    sent_keys = []
+    tab.on(
+        "request", lambda r: sent_keys.append(r.headers.get("authorization")) if "/caption" in r.url else None
+    )
+    tab.goto(guarded.url + "/")
+
+    # the page asks for the key, focused; a wrong one is refused, the right one is sent as a bearer token
+    key = tab.get_by_label("Key", exact=True)
+    expect(key).to_be_focused()
+    expect(tab.locator("#server-status")).to_have_text("This server needs an API key.")
+    key.fill("wrong")
+    key.press("Enter")
+    expect(tab.locator("#key-message")).to_contain_text("refused")
+    key.fill("open-sesame-42")
+    key.press("Enter")
+    expect(tab.locator("#server-status")).to_contain_text("ready")
+    expect(tab.locator("#key-panel")).to_be_hidden()
+    tab.get_by_label("Choose an image").set_input_files(path)
+    expect(tab.locator("#caption:not(.pending)")).to_contain_text(colour)
+    assert sent_keys == ["Bearer open-sesame-42"]
+
+    # an image over the server's byte limit: 413 and the API's message
+    tab.get_by_label("Choose an image").set_input_files(
+        {"name": "big.png", "mimeType": "image/png", "buffer": _big_png()}
+    )
+    error = tab.locator("#image-error")
+    expect(error).to_contain_text("The image is too large for this server.")
+    expect(error).to_contain_text("is over 4096 bytes")
+
+    # the queue full: 429 and its retry time (the model thread held, one request running, one queued)
+    state = guarded.app.state.server
+    image = path.read_bytes()
+    headers = {"Authorization": "Bearer open-sesame-42"}
+    with (
+        ThreadPoolExecutor(2) as pool,
+        httpx.Client(base_url=guarded.url, headers=headers, timeout=120) as client,
+    ):
+        with Gate(guarded.app) as gate:
+            ahead = [pool.submit(client.post, "/caption", files={"image": ("a.png", image)})]
+            gate.wait_taken()
+            ahead.append(pool.submit(client.post, "/caption", files={"image": ("b.png", image)}))
+            gate.wait_queued(1)
+            tab.get_by_label("Choose an image").set_input_files(path)
+            expect(error).to_contain_text("The server is busy: its queue is full. Try again in")
+            expect(error).to_contain_text("429 overloaded")
+            retry = state.batcher.retry_after_s()
+            expect(error).to_contain_text(f"Try again in {retry} s.")
+            tab.screenshot(path=artifacts / "page-queue-full.png", full_page=True)
+        assert [f.result().status_code for f in ahead] == [200, 200]
+    tab.close()
+
+
+@pytest.fixture(scope="module")
+def retrieval_only():
+    settings = Settings(model=None, retrieval_model=str(DEFAULT_MODEL_DIR / "stage1"), load_in_8bit=False)
+    with LiveServer(settings) as live:
+        yield live
+
+
+@needs_default_model
+def test_model_not_loaded_in_the_browser(browser, retrieval_only, easy_vqa_images):
+    from playwright.sync_api import expect
+
+    tab = browser.new_page()
+    tab.set_default_timeout(WAIT_MS)
+    tab.goto(retrieval_only.url + "/")
+    expect(tab.locator("#server-status")).to_contain_text("ready")
+    tab.get_by_label("Choose an image").set_input_files(easy_vqa_images[0][0])
+    error = tab.locator("#image-error")
+    expect(error).to_contain_text("This server does not have that model loaded.")
+    expect(error).to_contain_text("this server has no generation model loaded")
+    expect(error).to_contain_text("501 model_not_loaded")
+    tab.close()
