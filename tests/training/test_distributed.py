@@ -1,6 +1,7 @@
 """Cross-rank gathers: two gloo processes under torchrun equal one process holding the whole batch."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,12 @@ def global_batch():
     return vision_hidden, input_ids, attention_mask, negatives
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
     out = tmp_path / "ddp.safetensors"
     command = [
@@ -42,7 +49,7 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29533",
+        str(free_port()),  # a fixed port collides with any other run of the suite on the machine
     ]
     command += [str(ROOT / "tests" / "training" / "ddp_worker.py"), str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
