@@ -23,9 +23,15 @@ from service.settings import Settings
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blip2-serve",
-        description="Serve BLIP-2 / InstructBLIP checkpoints over HTTP. Every flag also reads from BLIP2_<NAME>.",
+        description="Serve BLIP-2 / InstructBLIP checkpoints over HTTP. Every flag also reads from BLIP2_<NAME>. "
+        "`blip2-serve gallery --help`: the gallery's bulk indexer and re-index command.",
         argument_default=argparse.SUPPRESS,  # only flags given on the command line override the environment
     )
+    return add_settings_arguments(parser)
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """One flag per Settings field (the gallery commands take the same ones)."""
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         kinds = set(typing.get_args(field.annotation)) or {field.annotation}
@@ -69,6 +75,11 @@ class DrainingServer(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gallery"]:
+        from service.gallery_cli import main as gallery_main
+
+        return gallery_main(argv[1:])
     args = vars(build_parser().parse_args(argv))
     try:
         settings = Settings(**args)

@@ -16,9 +16,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service import chat, page, routes
+from service import chat, gallery_routes, page, routes
 from service.batching import Batcher
 from service.errors import error_body, install_handlers, too_large
+from service.gallery import GalleryError, open_gallery
 from service.inference import Runner
 from service.loading import load_models
 from service.settings import Settings
@@ -28,7 +29,7 @@ from service.vision import VisionCache
 log = logging.getLogger("service.app")
 access_log = logging.getLogger("service.access")
 OPEN_PATHS = {"/health", "/ready", "/metrics"}  # probes and scrapers carry no API key
-MULTI_IMAGE_PATHS = {"/embed", "/retrieve"}
+MULTI_IMAGE_PATHS = {"/embed", "/retrieve", "/gallery/images"}
 
 
 async def _load(app: FastAPI) -> None:
@@ -37,6 +38,7 @@ async def _load(app: FastAPI) -> None:
         models = await asyncio.to_thread(load_models, state.settings)
         for name, seconds in models.load_seconds.items():
             state.metrics.load_seconds.labels(name).set(seconds)
+        state.gallery = await asyncio.to_thread(_open_gallery, state.settings, models)
         vision_cache = VisionCache(state.settings.vision_cache_size, state.metrics.vision)
         runner = Runner(models, vision_cache, decoder=state.settings.decoder)
         batcher = Batcher(
@@ -61,6 +63,17 @@ async def _load(app: FastAPI) -> None:
         )
         if state.on_load_failure is not None:
             state.on_load_failure()
+
+
+def _open_gallery(settings: Settings, models):
+    """The gallery BLIP2_GALLERY_DIR names, checked against the retrieval model; a refusal fails the start."""
+    if settings.gallery_dir is None:
+        return None
+    if models.retrieval is None:
+        raise GalleryError(
+            "BLIP2_GALLERY_DIR is set, but the gallery needs a retrieval model (--retrieval-model)"
+        )
+    return open_gallery(settings, models.retrieval.model)
 
 
 async def drain(app: FastAPI, timeout_s: float | None = None) -> bool:
@@ -89,6 +102,8 @@ def create_app(settings: Settings) -> FastAPI:
         loading.cancel()
         if app.state.server.batcher is not None:
             await app.state.server.batcher.stop()
+        if app.state.server.gallery is not None:
+            await asyncio.to_thread(app.state.server.gallery.close)
 
     app = FastAPI(
         title="BLIP-2 inference server",
@@ -102,9 +117,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(routes.router)
     app.include_router(chat.router)
     app.include_router(page.router)
-    known_paths = {
-        route.path for router in (routes.router, chat.router, page.router) for route in router.routes
-    }
+    app.include_router(gallery_routes.router)
+    routers = (routes.router, chat.router, page.router, gallery_routes.router)
+    known_paths = {route.path for router in routers for route in router.routes}
     known_paths |= {"/docs", "/openapi.json"}
     app.add_middleware(Gatekeeper, settings=settings, app_state=state, known_paths=known_paths)
     return app

@@ -125,6 +125,35 @@ class Settings(BaseSettings):
     max_num_beams: int = Field(8, ge=1, description="Upper bound of num_beams a client may ask for.")
     max_retrieve_candidates: int = Field(128, ge=1, description="Most candidates in one /retrieve call.")
     itm_top_k: int = Field(16, ge=1, description="Default number of /retrieve candidates re-ranked with ITM.")
+    gallery_dir: str | None = Field(
+        None,
+        description="Folder of the persistent image gallery (/gallery routes): the image files, and the embedded "
+        "Milvus Lite database unless BLIP2_GALLERY_URI names a Milvus server. Embedded: one server process at a "
+        "time (a second is refused). Unset: the /gallery routes answer 501.",
+    )
+    gallery_uri: str | None = Field(
+        None,
+        description="A Milvus server holding the gallery's vectors (`http://milvus:19530`), which several "
+        "replicas may share; they must then share BLIP2_GALLERY_DIR too (the image files, for the ITM re-rank). "
+        "Unset: Milvus Lite, embedded in BLIP2_GALLERY_DIR.",
+    )
+    gallery_token: SecretStr | None = Field(
+        None, description="Token (`user:password` or an API key) for the Milvus server of BLIP2_GALLERY_URI."
+    )
+    gallery_collection: str = Field(
+        "blip2_gallery",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,200}$",
+        description="Name of the gallery in the vector database (galleries with different names can share one "
+        "Milvus).",
+    )
+    gallery_index: Literal["FLAT", "HNSW", "IVF_FLAT", "AUTOINDEX"] = Field(
+        "FLAT",
+        description="Vector index of a new gallery (inner product over every query vector). FLAT is exact; "
+        "HNSW or AUTOINDEX suit a Milvus server with millions of images.",
+    )
+    gallery_max_top_k: int = Field(
+        100, ge=1, le=1000, description="Most results one /gallery/search returns."
+    )
     caption_prompt: str | None = Field(
         None,
         description="Default /caption prompt. Unset: none for BLIP-2, a short instruction for InstructBLIP.",
@@ -163,6 +192,10 @@ class Settings(BaseSettings):
                 self.retrieval_model = str(DEFAULT_MODEL_DIR / "stage1")
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("choose one of load_in_8bit and load_in_4bit")
+        if self.gallery_uri and not self.gallery_dir:
+            raise ValueError(
+                "gallery_uri needs gallery_dir too: the folder (shared by replicas) of the image files"
+            )
         if self.quantization != "auto" and (self.load_in_8bit or self.load_in_4bit):
             raise ValueError("give quantization or load_in_8bit / load_in_4bit, not both")
         return self

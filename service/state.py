@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from service.batching import Batcher
+from service.gallery import Gallery
 from service.inference import Runner
 from service.metrics import Metrics
 from service.settings import Settings
@@ -29,5 +30,6 @@ class ServerState:
     on_load_failure: Callable[[], None] | None = None  # set by __main__: stop the process
     runner: Runner | None = None
     batcher: Batcher | None = None
+    gallery: Gallery | None = None  # the persistent image gallery, when BLIP2_GALLERY_DIR is set
     working: int = 0  # HTTP requests in flight (probes and scrapes not counted)
     started: int = field(default_factory=lambda: int(time.time()))

@@ -1,0 +1,177 @@
+"""`blip2-serve gallery add FOLDER_OR_MANIFEST` and `blip2-serve gallery reindex`: the gallery offline.
+
+`add` embeds images in batches with the retrieval model and stores them as POST /gallery/images does (same
+ids, same duplicate rules). Each batch is committed whole before the next starts and the gallery itself is the
+record of what is done, so a run that dies (Ctrl-C, kill -9, a full disk) is resumed by running it again: what
+is stored is skipped, nothing is added twice. Unreadable files are skipped and counted.
+
+Sources: a folder (every file under it, metadata `{"path": ...}`), or a JSONL manifest of
+`{"image": path relative to the manifest, "id"?: ..., "metadata"?: {...}}` (without `metadata`, a row's
+other fields are its metadata, so caption manifests work as they are).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from service.__main__ import add_settings_arguments
+from service.errors import ApiError
+from service.gallery import MAX_METADATA_BYTES, Gallery, GalleryError, NewImage, open_gallery
+from service.images import decode_image
+from service.inference import Runner
+from service.jobs import EmbedJob
+from service.loading import ModelLoadError, load_models
+from service.settings import Settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blip2-serve gallery",
+        description="The persistent gallery offline: bulk indexing and re-indexing. Takes the server's flags "
+        "(--gallery-dir, --gallery-uri, --retrieval-model...); an embedded gallery must not be open in a server.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    quiet = argparse.SUPPRESS  # only flags given on the command line override BLIP2_* variables
+    add = commands.add_parser(
+        "add", argument_default=quiet, help="index a folder or a JSONL manifest (resumable: run it again)"
+    )
+    add.add_argument("source", type=Path, help="a folder of images, or a JSONL manifest")
+    reindex = commands.add_parser(
+        "reindex", argument_default=quiet, help="re-embed every stored image with the given retrieval model"
+    )
+    for command in (add, reindex):
+        command.add_argument(
+            "--batch-size", type=int, default=32, help="images per model call and per commit"
+        )
+        command.add_argument("--no-progress", action="store_true", help="no progress bar (JSON lines only)")
+        add_settings_arguments(command.add_argument_group("server settings"))
+    return parser
+
+
+def entries(source: Path) -> list[dict]:
+    """What to index: {"path", "id", "metadata"} per image, in a stable order."""
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
+        return [
+            {"path": p, "id": None, "metadata": {"path": p.relative_to(source).as_posix()}} for p in files
+        ]
+    rows = []
+    for number, line in enumerate(source.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "image" not in row:
+            raise ValueError(f"{source}:{number}: a row needs `image`")
+        metadata = row.get("metadata", {k: v for k, v in row.items() if k not in ("image", "id")})
+        rows.append({"path": source.parent / row["image"], "id": row.get("id"), "metadata": metadata})
+    return rows
+
+
+def embed(runner: Runner, images: list) -> np.ndarray:
+    """(images, queries, dim) query vectors, as the server's embed jobs compute them."""
+    return runner([EmbedJob(images, [], query_vectors=True)])[0]["image_queries"].numpy()
+
+
+def chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Indexer:
+    def __init__(self, gallery: Gallery, runner: Runner, settings: Settings) -> None:
+        self.gallery, self.runner, self.settings = gallery, runner, settings
+        self.counts: Counter[str] = Counter()
+
+    def read(self, entry: dict) -> tuple[bytes, object] | None:
+        """The file's bytes and decoded image, or None (counted) when it cannot be an image of the gallery."""
+        try:
+            data = entry["path"].read_bytes()
+            if len(json.dumps(entry["metadata"])) > MAX_METADATA_BYTES:
+                raise ValueError("metadata too large")
+            return data, decode_image(data, self.settings)
+        except (OSError, ApiError, ValueError):
+            self.counts["unreadable"] += 1
+            return None
+
+    def add(self, batch: list[dict]) -> None:
+        """One batch: read, skip what is stored (by id or content), embed the rest, commit them in one insert."""
+        items = {}
+        for entry in batch:
+            read = self.read(entry)
+            if read is None:
+                continue
+            digest = hashlib.sha256(read[0]).hexdigest()
+            image_id = entry["id"] or digest[:32]
+            if image_id in items or digest in {i[1] for i in items.values()}:
+                self.counts["duplicate"] += 1
+                continue
+            items[image_id] = (read, digest, entry["metadata"])
+        ids, hashes = self.gallery.lookup(list(items), [i[1] for i in items.values()])
+        new = {}
+        for image_id, item in items.items():
+            if image_id in ids or item[1] in hashes:
+                self.counts["exists" if image_id in ids else "duplicate"] += 1
+            else:
+                new[image_id] = item
+        if new:
+            vectors = embed(self.runner, [read[1] for read, _, _ in new.values()])
+            fresh = [
+                NewImage(image_id, digest, read[0], metadata, v)
+                for (image_id, (read, digest, metadata)), v in zip(new.items(), vectors, strict=True)
+            ]
+            outcome = self.gallery.add(fresh)
+            self.counts.update("added" if status == "added" else "duplicate" for status in outcome.values())
+
+
+def main(argv: list[str]) -> int:
+    args = vars(build_parser().parse_args(argv))
+    command, batch_size, quiet = args.pop("command"), args.pop("batch_size"), args.pop("no_progress", False)
+    source = args.pop("source", None)
+    try:
+        settings = Settings(**args)
+    except ValidationError as exc:
+        print(f"blip2-serve gallery: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    if settings.gallery_dir is None:
+        print("blip2-serve gallery: give --gallery-dir (BLIP2_GALLERY_DIR)", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    try:
+        todo = entries(source) if command == "add" else []
+        retrieval = settings.retrieval_model or settings.model
+        models = load_models(settings.model_copy(update={"model": None, "retrieval_model": retrieval}))
+        runner = Runner(models)
+        gallery = open_gallery(settings, models.retrieval.model, other_model_ok=command == "reindex")
+    except (GalleryError, ModelLoadError, OSError, ValueError) as exc:
+        print(f"blip2-serve gallery: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if command == "reindex":
+            done = gallery.reindex(
+                lambda data: embed(runner, [decode_image(d, settings) for d in data]), batch_size
+            )
+            summary = {"reindexed": done, "model": gallery.info["model"]}
+        else:
+            indexer = Indexer(gallery, runner, settings)
+            with tqdm(total=len(todo), unit="img", disable=quiet, file=sys.stderr) as bar:
+                for number, batch in enumerate(chunks(todo, batch_size), 1):
+                    indexer.add(batch)
+                    bar.update(len(batch))
+                    print(json.dumps({"batch": number, **indexer.counts}), flush=True)
+            seconds = time.perf_counter() - started
+            summary = {**indexer.counts, "count": gallery.count(), "seconds": round(seconds, 2)}
+    finally:
+        gallery.close()
+    print(json.dumps({"summary": summary}), flush=True)
+    return 0
