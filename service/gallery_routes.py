@@ -8,13 +8,16 @@ scores are LAVIS's, as /retrieve's are. Storage calls block (gRPC, disk), so the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import io
 import json
 import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends, Path, Request, Response
+from PIL import Image
 from pydantic import BaseModel, Field
 
 from service.deps import Parsed, RetrievalRunner, SettingsDep, StateDep, body_doc, parsed
@@ -242,6 +245,31 @@ async def get_image(image_id: ImageId, gallery: GalleryDep) -> Item:
     if stored is None:
         raise not_found(image_id)
     return _item(gallery, stored)
+
+
+@router.get(
+    "/images/{image_id}/file",
+    response_class=Response,
+    responses={200: {"content": {"image/*": {}}, "description": "The image's bytes, as they were added."}},
+)
+async def get_image_file(image_id: ImageId, gallery: GalleryDep, request: Request) -> Response:
+    """The image itself, as it was added (what the web page shows as a search result's thumbnail)."""
+    stored = await asyncio.to_thread(gallery.get, image_id)
+    if stored is None:
+        raise not_found(image_id)
+    etag = f'"{stored.sha256}"'
+    headers = {"ETag": etag, "Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosniff"}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    data = await asyncio.to_thread(gallery.read_image, stored)
+    return Response(data, media_type=_image_type(data), headers=headers)
+
+
+def _image_type(data: bytes) -> str:
+    """The media type of stored bytes, from their header (they decoded as an image when added)."""
+    with contextlib.suppress(Exception), Image.open(io.BytesIO(data)) as image:
+        return Image.MIME.get(image.format or "", "application/octet-stream")
+    return "application/octet-stream"
 
 
 @router.delete("/images/{image_id}")

@@ -59,16 +59,6 @@ async function problemOf(response) {
   return new ApiProblem(response.status, type, message, response.headers.get("Retry-After"));
 }
 
-async function json(path, body, signal) {
-  const response = await api(path, {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify(body),
-    signal,
-  });
-  return response.json();
-}
-
 // A person's sentence about an API error: what happened, in words, then the API's own message.
 function explain(problem) {
   const wait = problem.retryAfter ? ` Try again in ${problem.retryAfter} s.` : " Try again shortly.";
@@ -156,6 +146,7 @@ async function connect() {
   }
 }
 
+// /ready is open (no key): 200 once the model is loaded and warm; 503 while loading or shutting down.
 async function waitUntilReady(name) {
   const status = $("server-status");
   for (;;) {
@@ -164,7 +155,9 @@ async function waitUntilReady(name) {
       status.textContent = `Serving ${name}: ready.`;
       return;
     }
-    status.textContent = `Serving ${name}: loading the model…`;
+    const problem = response ? await problemOf(response) : null;
+    const loading = !problem || problem.message.includes("loading");
+    status.textContent = `Serving ${name}: ${loading ? "loading the model…" : problem.message}`;
     await new Promise((resolve) => setTimeout(resolve, 1000));
   }
 }
@@ -192,7 +185,7 @@ function setImage(file) {
   const preview = $("preview");
   preview.hidden = true;
   preview.onload = () => {
-    preview.classList.toggle("pixelated", Math.max(preview.naturalWidth, preview.naturalHeight) < 160);
+    sharpIfSmall(preview);
     preview.hidden = false;
   };
   preview.onerror = () => {
@@ -202,8 +195,13 @@ function setImage(file) {
   preview.src = state.previewUrl;
   $("drop-hint").textContent = "Drop or paste another image, or";
   $("file-name").textContent = `${file.name || "pasted image"} (${formatBytes(file.size)})`;
-  $("add-button").disabled = !state.galleryReady;
+  enableGallery();
   caption(file, state.work.signal);
+}
+
+// Small images (easy-VQA's are 64 px) are enlarged with hard pixel edges instead of a blur.
+function sharpIfSmall(image) {
+  image.classList.toggle("pixelated", Math.max(image.naturalWidth, image.naturalHeight) < 160);
 }
 
 function formatBytes(size) {
@@ -383,30 +381,186 @@ async function ask(question) {
   }
 }
 
-// -- gallery (needs a retrieval model) --------------------------------------------------------------
+// -- gallery (needs a retrieval model and a gallery folder on the server) ---------------------------
+
+const SEARCH_TOP_K = 8;
+let thumbnails = []; // object URLs of the shown results, released when they are replaced
 
 async function checkGallery() {
   const status = $("gallery-status");
   try {
     const info = await (await api("/gallery")).json();
     state.galleryReady = true;
-    status.textContent = galleryLine(info);
+    status.textContent = galleryLine(info.count);
   } catch (error) {
     state.galleryReady = false;
     if (error.status === 404) {
       $("gallery-panel").hidden = true; // a server without gallery routes
       return;
     }
-    status.textContent = error.status === 501 ? "No gallery: this server has no retrieval model loaded." : explain(error).join(" ");
+    // 501: no retrieval model, or no gallery folder configured; the API's message says which.
+    status.textContent = error.status === 501 ? `No gallery on this server: ${error.message}.` : explain(error).join(" ");
   }
-  $("add-button").disabled = !(state.galleryReady && state.file);
-  $("search-text").disabled = !state.galleryReady;
-  $("search-button").disabled = !state.galleryReady;
+  enableGallery();
 }
 
-function galleryLine(info) {
-  const count = info.count === 1 ? "1 image" : `${info.count} images`;
-  return `The gallery holds ${count}.`;
+function enableGallery() {
+  const ready = state.galleryReady;
+  $("add-button").disabled = !(ready && state.file);
+  $("like-button").disabled = !(ready && state.file);
+  $("search-text").disabled = !ready;
+  $("search-button").disabled = !ready;
+}
+
+function galleryLine(count) {
+  return `The gallery holds ${count === 1 ? "1 image" : `${count} images`}.`;
+}
+
+async function refreshCount() {
+  const info = await (await api("/gallery")).json();
+  $("gallery-status").textContent = galleryLine(info.count);
+}
+
+$("add-button").addEventListener("click", () => addToGallery(state.file));
+
+async function addToGallery(file) {
+  const button = $("add-button");
+  const error = $("gallery-error");
+  showError(error, null);
+  button.disabled = true;
+  $("gallery-status").textContent = "Adding the image…";
+  const form = new FormData();
+  form.append("images", file, file.name || "pasted.png");
+  form.append("metadata", JSON.stringify({ name: file.name || "pasted image" }));
+  try {
+    const answer = await (await api("/gallery/images", { method: "POST", body: form })).json();
+    const added = answer.images[0];
+    await refreshCount();
+    const how = { added: "Added", exists: "Already there", duplicate: "Already there (the same image)" }[added.status];
+    $("gallery-status").textContent += ` ${how}: ${file.name || "the image"} as ${added.id}.`;
+  } catch (problem) {
+    $("gallery-status").textContent = "The image was not added.";
+    showError(error, problem, () => addToGallery(file));
+  } finally {
+    button.disabled = !(state.galleryReady && state.file);
+  }
+}
+
+$("search-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = $("search-text").value.trim();
+  if (text) search({ text }, `“${text}”`);
+});
+
+$("like-button").addEventListener("click", () => search({ file: state.file }, "images like this one"));
+
+// A text query goes as JSON; an image query as a multipart upload (the file as chosen).
+async function search(query, what) {
+  const error = $("gallery-error");
+  const results = $("results");
+  showError(error, null);
+  results.setAttribute("aria-busy", "true");
+  $("results-heading").textContent = `Searching for ${what}…`;
+  try {
+    let response;
+    if (query.file) {
+      const form = new FormData();
+      form.append("image", query.file, query.file.name || "pasted.png");
+      form.append("top_k", String(SEARCH_TOP_K));
+      response = await api("/gallery/search", { method: "POST", body: form });
+    } else {
+      response = await api("/gallery/search", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ text: query.text, top_k: SEARCH_TOP_K }),
+      });
+    }
+    const answer = await response.json();
+    showResults(answer.results, what);
+  } catch (problem) {
+    $("results-heading").textContent = "";
+    showError(error, problem, () => search(query, what));
+  } finally {
+    results.removeAttribute("aria-busy");
+  }
+}
+
+function showResults(hits, what) {
+  thumbnails.forEach((url) => URL.revokeObjectURL(url));
+  thumbnails = [];
+  const count = hits.length === 1 ? "1 match" : `${hits.length} best matches`;
+  $("results-heading").textContent = hits.length ? `${count} for ${what}` : `Nothing in the gallery matches ${what}.`;
+  $("results").replaceChildren(...hits.map((hit, index) => resultItem(hit, index + 1)));
+}
+
+function resultItem(hit, rank) {
+  const name = (hit.metadata && typeof hit.metadata.name === "string" && hit.metadata.name) || hit.id;
+  const item = document.createElement("li");
+  item.dataset.id = hit.id;
+  const image = document.createElement("img");
+  image.alt = name;
+  image.width = 128;
+  image.height = 128;
+  thumbnail(hit.id, image);
+  const title = document.createElement("p");
+  title.className = "name";
+  const strong = document.createElement("strong");
+  strong.textContent = `${rank}.`;
+  title.append(strong, ` ${name}`);
+  const scores = document.createElement("p");
+  scores.className = "scores";
+  scores.append(...scoreLines(hit));
+  const remove = document.createElement("button");
+  remove.type = "button";
+  remove.className = "quiet";
+  remove.textContent = "Remove";
+  remove.setAttribute("aria-label", `Remove ${name} from the gallery`);
+  remove.addEventListener("click", () => removeFromGallery(hit.id, item));
+  item.append(image, title, scores, remove);
+  return item;
+}
+
+// One line each: `score` (ITM logit + ITC: the ranking of re-ranked results), the ITM match probability,
+// the ITC cosine (max over the image's query vectors). An image query has ITC alone.
+function scoreLines(hit) {
+  const lines = [];
+  if (typeof hit.score === "number") lines.push(`score ${hit.score.toFixed(2)}`);
+  if (typeof hit.itm_score === "number") lines.push(`match ${Math.round(hit.itm_score * 100)}%`);
+  lines.push(`ITC ${hit.itc_score.toFixed(3)}`);
+  return lines.map((line) => {
+    const span = document.createElement("span");
+    span.textContent = line;
+    return span;
+  });
+}
+
+// The stored image through the API (with the key, so not as a plain <img src>), shown from a blob: URL.
+async function thumbnail(id, image) {
+  try {
+    const blob = await (await api(`/gallery/images/${encodeURIComponent(id)}/file`)).blob();
+    const url = URL.createObjectURL(blob);
+    thumbnails.push(url);
+    image.addEventListener("load", () => sharpIfSmall(image));
+    image.src = url;
+  } catch {
+    image.alt = `${image.alt} (no preview)`;
+  }
+}
+
+async function removeFromGallery(id, item) {
+  const error = $("gallery-error");
+  showError(error, null);
+  try {
+    await api(`/gallery/images/${encodeURIComponent(id)}`, { method: "DELETE" });
+    const next = item.nextElementSibling || item.previousElementSibling;
+    item.remove();
+    if (next) next.querySelector("button").focus();
+    else $("search-text").focus();
+    await refreshCount();
+    $("gallery-status").textContent += ` Removed ${id}.`;
+  } catch (problem) {
+    showError(error, problem);
+  }
 }
 
 connect();

@@ -203,25 +203,46 @@ def _words(text: str) -> set[str]:
     return set(re.findall(r"[a-z]+", text.lower()))
 
 
+def _distinct(images: list[tuple[Path, str, str]], count: int) -> list[tuple[Path, str, str]]:
+    """`count` images that share no colour and no shape: a text search has one right answer."""
+    chosen: list[tuple[Path, str, str]] = []
+    for image in images:
+        if all(image[1] != other[1] and image[2] != other[2] for other in chosen):
+            chosen.append(image)
+    return chosen[:count]
+
+
 @needs_default_model
 def test_a_session_in_the_browser(browser, served, easy_vqa_images, artifacts):
+    """The issue's session: caption, questions over the chat route, three images in the gallery and a text
+    search that finds the right one first, then a file that is not an image."""
     from playwright.sync_api import expect
 
-    path, colour, shape = easy_vqa_images[0]
+    (path, colour, shape), wanted, other = _distinct(easy_vqa_images, 3)
     tab = browser.new_page(viewport={"width": 1200, "height": 900})
     tab.set_default_timeout(WAIT_MS)
     tab.goto(served + "/")
     expect(tab.locator("#server-status")).to_contain_text("ready")
+    expect(tab.locator("#gallery-status")).to_have_text("The gallery holds 0 images.")
+    choose = tab.get_by_label("Choose an image")
+    add = tab.get_by_role("button", name="Add this image to the gallery")
+    status = tab.locator("#gallery-status")
 
-    # an image, chosen with the file input: its preview and its caption
-    tab.get_by_label("Choose an image").set_input_files(path)
+    # two images into the gallery, each chosen with the file input and added with the button
+    for image_path, _, _ in (wanted, other):
+        choose.set_input_files(image_path)
+        add.click()
+        expect(status).to_contain_text(f"Added: {image_path.name} as ")
+
+    # the third: its preview and its caption
+    choose.set_input_files(path)
     expect(tab.locator("#preview")).to_be_visible()
     caption = tab.locator("#caption:not(.pending)")
     expect(caption).not_to_have_text("Captioning…")
     words = _words(caption.inner_text())
     assert words & set(COLOURS) == {colour} and words & set(SHAPES) == {shape}, caption.inner_text()
 
-    # a question, typed and sent with the keyboard, answered over the chat route as server-sent events
+    # questions, typed and sent with the keyboard, answered over the chat route as server-sent events
     question = tab.get_by_label("Question", exact=True)
     question.fill("what color is the shape?")
     with tab.expect_response("**/v1/chat/completions") as streamed:
@@ -235,19 +256,69 @@ def test_a_session_in_the_browser(browser, served, easy_vqa_images, artifacts):
     expect(answers.nth(1)).to_have_text(shape)
     expect(tab.locator("#conversation li")).to_have_count(2)
     expect(tab.locator("#ask-error")).to_be_hidden()
+
+    # the third into the gallery too (twice: the second time it is already there)
+    add.click()
+    expect(status).to_contain_text(f"The gallery holds 3 images. Added: {path.name} as ")
+    add.click()
+    expect(status).to_contain_text("The gallery holds 3 images. Already there")
+
+    # a text search: the right image first, shown as a thumbnail with its scores
+    search = tab.get_by_label("Search the gallery by text")
+    search.fill(f"a {wanted[1]} {wanted[2]}")
+    search.press("Enter")
+    results = tab.locator("#results li")
+    expect(results).to_have_count(3)
+    expect(results.nth(0)).to_contain_text(f"1. {wanted[0].name}")
+    expect(results.nth(0)).to_contain_text(re.compile(r"score -?\d+\.\d\d\s*match \d+%\s*ITC -?\d\.\d{3}"))
+    thumbnail = results.nth(0).get_by_role("img", name=wanted[0].name)
+    expect(thumbnail).to_have_js_property("naturalWidth", 64)  # the stored image itself, 64 px
+    expect(tab.locator("#results-heading")).to_have_text(f"3 best matches for “a {wanted[1]} {wanted[2]}”")
+    expect(tab.locator("#gallery-error")).to_be_hidden()
     tab.screenshot(path=artifacts / "page-desktop.png", full_page=True)
 
+    # images like the chosen one (an image query): itself first; then one removed from the gallery
+    tab.get_by_role("button", name="Find images like this one").click()
+    expect(tab.locator("#results-heading")).to_have_text("3 best matches for images like this one")
+    expect(results.nth(0)).to_contain_text(f"1. {path.name}")
+    tab.get_by_role("button", name=f"Remove {other[0].name} from the gallery").click()
+    expect(results).to_have_count(2)
+    expect(status).to_contain_text("The gallery holds 2 images. Removed ")
+
     # a file that is not an image: the API's own error text
-    tab.get_by_label("Choose an image").set_input_files(
-        {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image at all"}
-    )
+    choose.set_input_files({"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image at all"})
     error = tab.locator("#image-error")
     expect(error).to_contain_text("cannot decode the image: not a supported image format")
     expect(error).to_contain_text("400 invalid_image")
     expect(tab.locator("#caption")).to_have_text("No caption.")
+    expect(tab.locator("#preview")).to_be_hidden()
     expect(tab.locator("#conversation li")).to_have_count(0)  # a new image starts a new conversation
     tab.screenshot(path=artifacts / "page-not-an-image.png", full_page=True)
     tab.close()
+
+
+@needs_default_model
+def test_gallery_file_route_serves_the_stored_bytes(served, easy_vqa_images):
+    """GET /gallery/images/{id}/file, which the page's thumbnails come from: the bytes as added, their type,
+    and an ETag a browser revalidates with."""
+    path = easy_vqa_images[5][0]
+    with httpx.Client(base_url=served, timeout=60) as client:
+        added = client.post("/gallery/images", files={"images": (path.name, path.read_bytes())})
+        assert added.status_code == 200, added.text
+        image_id = added.json()["images"][0]["id"]
+        file = client.get(f"/gallery/images/{image_id}/file")
+        assert file.status_code == 200 and file.content == path.read_bytes()
+        assert (
+            file.headers["content-type"] == "image/png"
+            and file.headers["x-content-type-options"] == "nosniff"
+        )
+        again = client.get(
+            f"/gallery/images/{image_id}/file", headers={"If-None-Match": file.headers["etag"]}
+        )
+        assert again.status_code == 304 and not again.content
+        missing = client.get("/gallery/images/no-such-image/file")
+        assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
+        assert client.delete(f"/gallery/images/{image_id}").status_code == 200
 
 
 @needs_default_model
@@ -273,6 +344,13 @@ def test_phone_width_and_keyboard_only(browser, served, easy_vqa_images, artifac
     tab.keyboard.press("Tab")
     tab.keyboard.press("Tab")
     expect(tab.locator("#with-context")).to_be_focused()
+    for control in ("#add-button", "#like-button", "#search-text", "#search-button"):
+        tab.keyboard.press("Tab")
+        expect(tab.locator(control)).to_be_focused()
+    tab.keyboard.press("Shift+Tab")
+    tab.keyboard.type(f"a {colour} circle")
+    tab.keyboard.press("Enter")
+    expect(tab.locator("#results-heading")).to_contain_text(f"best matches for “a {colour} circle”")
     # nothing is wider than the screen
     for selector in ("header", "main", ".card", "#ask-form", "#drop-zone"):
         for box in (
