@@ -131,6 +131,13 @@ def test_web_files_ship_in_the_package():
         assert any(fnmatch(relative, pattern) for pattern in patterns), relative
 
 
+def test_readme_shows_the_page():
+    shown = re.findall(r"!\[[^\]]*\]\((docs/[^)]+\.png)\)", (REPO / "README.md").read_text())
+    assert "docs/page.png" in shown
+    with Image.open(REPO / "docs" / "page.png") as screenshot:
+        assert screenshot.format == "PNG" and screenshot.width >= 1000
+
+
 # -- in a browser ------------------------------------------------------------------------------------
 def _browser_path() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
