@@ -1,4 +1,4 @@
-"""The packaged default model (service/default_model/, trained by training/recipes/easy_vqa/run.sh) through
+"""The packaged default model (service/default_model/, trained by recipes/easy_vqa/run.sh) through
 the real server app with default settings: a regression guard for every later change to training or serving.
 
 - 500 fixed easy-VQA test questions, sent concurrently to /vqa so the engine batches them: >= 95% exact match
