@@ -162,15 +162,19 @@ def test_bad_requests(gallery_app, distinct, opt8):
 
 
 def test_a_crash_mid_insert_leaves_no_half_image(tmp_path, distinct):
-    """Milvus Lite appends each insert (all rows of an add) to its log as one record batch. Cut the log at any
-    byte, as a crash mid-write would, and reopen: every image has all its vectors or none."""
+    """Milvus Lite appends each insert (all rows of an add) to its log as one record batch, then the gallery
+    flushes it into a segment (an atomic manifest switch). Stop between the two, cut the log at any byte as a
+    crash mid-write would, and reopen: every image has all its vectors or none."""
     settings = settings_for(None, None, gallery_dir=str(tmp_path / "live"))
     model = {"fingerprint": "f", "name": "m", "dim": 4, "queries": QUERIES}
     gallery = Gallery.open(settings, model)
     rng = np.random.default_rng(0)
     for n in range(3):
         vectors = rng.normal(size=(QUERIES, 4)).astype(np.float32)
-        gallery.add([NewImage(f"image-{n}", f"{n:064x}", b"x", {}, vectors)])
+        image = NewImage(f"image-{n}", f"{n:064x}", b"x", {}, vectors)
+        gallery.client.insert(
+            gallery.name, gallery._rows(image, "x", 0)
+        )  # Gallery.add's insert, not its flush
     logs = sorted((tmp_path / "live" / "milvus.db").rglob("wal/*"))
     assert logs, "Milvus Lite keeps unflushed inserts in a write-ahead log"
     size = max(p.stat().st_size for p in logs)
@@ -195,7 +199,8 @@ def test_another_model_is_refused_until_reindexed(checkpoints, tmp_path, distinc
     folder = str(tmp_path / "g")
     with running_app(settings_for(None, checkpoints["tiny-opt"] / "stage1", gallery_dir=folder)) as client:
         ids = [a["id"] for a in add(client, distinct[:2], metadata={"k": "v"})]
-    other = settings_for(None, checkpoints["tiny-t5"] / "stage1", gallery_dir=folder)
+    packaged = REPO / "service" / "default_model" / "stage1"  # trained weights: another fingerprint
+    other = settings_for(None, packaged, gallery_dir=folder)
     with pytest.raises(RuntimeError, match="indexed by the retrieval model 'tiny-opt'.*reindex"):
         with running_app(other):
             pass
@@ -205,12 +210,12 @@ def test_another_model_is_refused_until_reindexed(checkpoints, tmp_path, distinc
         "--gallery-dir",
         folder,
         "--retrieval-model",
-        str(checkpoints["tiny-t5"] / "stage1"),
+        str(packaged),
     ]
     assert serve_main([*argv, "--no-progress", "--batch-size", "1"]) == 0
     with running_app(other) as client:
         assert (
-            client.get("/gallery").json()["model"] == "tiny-t5"
+            client.get("/gallery").json()["model"] == "default_model"
             and client.get("/gallery").json()["count"] == 2
         )
         assert client.get(f"/gallery/images/{ids[1]}").json()["metadata"] == {"k": "v"}
