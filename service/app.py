@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from service import chat, gallery_routes, page, routes
 from service.batching import Batcher
 from service.errors import error_body, install_handlers, too_large
-from service.gallery import GalleryError, open_gallery
+from service.gallery import open_gallery
 from service.inference import Runner
 from service.loading import load_models
 from service.settings import Settings
@@ -69,10 +69,9 @@ def _open_gallery(settings: Settings, models):
     """The gallery BLIP2_GALLERY_DIR names, checked against the retrieval model; a refusal fails the start."""
     if settings.gallery_dir is None:
         return None
-    if models.retrieval is None:
-        raise GalleryError(
-            "BLIP2_GALLERY_DIR is set, but the gallery needs a retrieval model (--retrieval-model)"
-        )
+    if models.retrieval is None:  # the /gallery routes then answer 501 as /embed does
+        log.warning("BLIP2_GALLERY_DIR is set but no retrieval model is loaded: the gallery is off")
+        return None
     return open_gallery(settings, models.retrieval.model)
 
 

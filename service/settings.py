@@ -178,6 +178,11 @@ class Settings(BaseSettings):
             return [host.strip().lower() for host in value.split(",") if host.strip()]
         return value
 
+    @field_validator("gallery_dir", "gallery_uri", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value  # compose and .env files pass unset variables as ""
+
     @model_validator(mode="after")
     def _packaged_defaults(self) -> Settings:
         # With no model named at all, serve the packaged pair. A model the operator names never gets the
