@@ -338,14 +338,22 @@ async def _rerank(
     best: list[tuple[Stored, float]],
     hits: list[Hit],
 ) -> None:
-    """ITM over the best k, read back from disk (through the vision cache); they move first, by LAVIS's score."""
-    images = [
-        await asyncio.to_thread(decode_image, await asyncio.to_thread(gallery.read_image, stored), settings)
-        for stored, _ in best
-    ]
+    """ITM over the best k, read back from disk (through the vision cache); they move first, by LAVIS's score.
+    An image deleted meanwhile (its file gone) keeps its ITC rank and no ITM score."""
+    positions, images = [], []
+    for position, (stored, _) in enumerate(best):
+        try:
+            data = await asyncio.to_thread(gallery.read_image, stored)
+        except FileNotFoundError:
+            continue
+        positions.append(position)
+        images.append(await asyncio.to_thread(decode_image, data, settings))
+    if not images:
+        return
     ranked = await run_job(request, RetrieveJob(text, None, [], images, top_k=len(images)))
     for result in ranked:
-        hit = hits[result["index"]]
+        hit = hits[positions[result["index"]]]
         logit = result["score"] - result["itc_score"]  # the ITM logit; ITC as stored, so score = logit + itc
         hit.itm_score, hit.score = result["itm_score"], logit + hit.itc_score
-    hits[: len(best)] = sorted(hits[: len(best)], key=lambda hit: -hit.score)
+    reranked = sorted((h for h in hits[: len(best)] if h.score is not None), key=lambda hit: -hit.score)
+    hits[: len(best)] = reranked + [h for h in hits[: len(best)] if h.score is None]
