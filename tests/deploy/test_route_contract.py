@@ -13,6 +13,11 @@ API = [
     ("POST", "/embed"),
     ("POST", "/retrieve"),
     ("POST", "/v1/chat/completions"),
+    ("POST", "/gallery/images"),
+    ("POST", "/gallery/search"),
+    ("GET", "/gallery/images/cat-1"),
+    ("DELETE", "/gallery/images/cat-1"),
+    ("GET", "/gallery"),
     ("GET", "/v1/models"),
     ("GET", "/docs"),
 ]
