@@ -9,6 +9,7 @@ import io
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from servertools import REPO, b64, encode, running_app, settings_for, start_process
+from servertools import REPO, b64, encode, free_port, running_app, settings_for, start_process, wait_for
 
 from service.__main__ import main as serve_main
 from service.gallery import Gallery, NewImage, metadata_filter
@@ -288,3 +289,44 @@ def test_bulk_indexing_resumes_after_kill_9_without_duplicates(checkpoints, tmp_
     counts = gallery.vector_counts()
     gallery.close()
     assert len(counts) == 7 and set(counts.values()) == {QUERIES}
+
+
+def test_replicas_share_a_milvus_server_by_uri(checkpoints, tmp_path, distinct):
+    """BLIP2_GALLERY_URI: the same calls against a Milvus server (here Milvus Lite's own gRPC server in another
+    process, which speaks Milvus's protocol); two servers share it and the image folder, with no folder lock."""
+    port = free_port()
+    milvus = subprocess.Popen(
+        [
+            str(SERVE.parent / "milvus-lite"),
+            "server",
+            "--data-dir",
+            str(tmp_path / "milvus"),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        settings = settings_for(
+            None,
+            checkpoints["tiny-opt"] / "stage1",
+            gallery_dir=str(tmp_path / "shared"),
+            gallery_uri=f"http://127.0.0.1:{port}",
+        )
+        wait_for(lambda: _listening(port), "the Milvus server did not start")
+        with running_app(settings) as first, running_app(settings) as second:
+            ids = [a["id"] for a in add(first, distinct[:3])]
+            assert second.get("/gallery").json()["storage"]["engine"] == "milvus"
+            assert second.get(f"/gallery/images/{ids[2]}").status_code == 200
+            found = second.post("/gallery/search", json={"text": "a photo", "top_k": 3}).json()["results"]
+            assert {r["id"] for r in found} == set(ids) and found[0]["itm_score"] is not None
+            assert add(second, [distinct[0]]) == [{"id": ids[0], "status": "exists"}]
+    finally:
+        milvus.kill()
+        milvus.wait()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
