@@ -331,5 +331,6 @@ def train(task: nn.Module, dataset: Dataset, collate, settings: TrainSettings) -
         task.save_model(output / "model")
         (output / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps({"summary": {k: v for k, v in summary.items() if k != "settings"}}), flush=True)
+    del model, batches, loader  # the DDP wrapper goes before the process group (see distributed.teardown)
     distributed.teardown()
     return summary

@@ -42,6 +42,7 @@ def main(out: str) -> None:
     if rank == 0:
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         save_file({"losses": parts / world, **{"grad." + n: g.contiguous() for n, g in grads.items()}}, out)
+    del ddp, total  # the DDP wrapper goes before the process group (see distributed.teardown)
     distributed.teardown()
 
 
