@@ -70,6 +70,9 @@ def _entrypoint(where: str, tiny: Path, tmp: Path) -> tuple[list[str], dict[str,
     env["PATH"] = env["PATH"].replace("/opt/venv/bin", here).replace("$PATH", os.environ.get("PATH", ""))
     assert env["HF_HOME"].startswith("/cache/")
     env["HF_HOME"], env["HOME"] = str(tmp / "hf"), str(tmp / "home")
+    if env.get("BLIP2_GALLERY_DIR"):  # compose keeps the gallery on the /cache volume: here, a fresh folder
+        assert env["BLIP2_GALLERY_DIR"].startswith("/cache/")
+        env["BLIP2_GALLERY_DIR"] = str(tmp / "gallery")
     env["HF_HUB_OFFLINE"] = "1"  # nothing here may reach a hub
     env["BLIP2_PORT"] = str(_free_port())
     env["BLIP2_MODEL"] = str(tiny / "generation")
