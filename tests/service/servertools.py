@@ -83,6 +83,21 @@ def build_instructblip(preset_dir: Path, out: Path) -> Path:
 
 
 # -- images ------------------------------------------------------------------------------------------
+EASY_VQA_COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
+
+
+def easy_vqa_facts(answers: list[str], image_ids: list[int]) -> dict[int, tuple[str, str]]:
+    """easy-VQA images whose colour and shape follow directly from their own questions' answers."""
+    colour, shape = {}, {}
+    for answer, image in zip(answers, image_ids, strict=True):
+        if answer in EASY_VQA_COLOURS:
+            colour[image] = answer
+        elif answer in EASY_VQA_SHAPES:
+            shape[image] = answer
+    return {i: (colour[i], shape[i]) for i in sorted(colour.keys() & shape.keys())}
+
+
 def photo(name: str = "astronaut") -> Image.Image:
     """One of scikit-image's bundled real photos, as RGB."""
     array = getattr(data, name)()

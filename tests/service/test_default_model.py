@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
-from servertools import metric, running_app
+from servertools import EASY_VQA_COLOURS, EASY_VQA_SHAPES, easy_vqa_facts, metric, running_app
 
 from service.settings import DEFAULT_MODEL_DIR, Settings
 
@@ -24,8 +24,7 @@ easy_vqa = pytest.importorskip("easy_vqa")
 pytestmark = pytest.mark.skipif(
     not (DEFAULT_MODEL_DIR / "generation").is_dir(), reason="no packaged default model"
 )
-COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
-SHAPES = ("circle", "rectangle", "triangle")
+COLOURS, SHAPES = EASY_VQA_COLOURS, EASY_VQA_SHAPES
 # Test images whose questions state both colour and shape (from easy-VQA's own answers, see below).
 CAPTION_IMAGES = 8
 
@@ -75,20 +74,9 @@ def test_vqa_500_test_questions_batched(client, test_split):
     assert count and total / count > 1.5, (total, count)
 
 
-def _facts(answers, image_ids) -> dict[int, tuple[str, str]]:
-    """Images whose colour and shape follow directly from their own questions' answers."""
-    colour, shape = {}, {}
-    for answer, image in zip(answers, image_ids, strict=True):
-        if answer in COLOURS:
-            colour[image] = answer
-        elif answer in SHAPES:
-            shape[image] = answer
-    return {i: (colour[i], shape[i]) for i in sorted(colour.keys() & shape.keys())}
-
-
 def test_caption_names_colour_and_shape(client, test_split):
     questions, answers, image_ids, paths = test_split
-    facts = list(_facts(answers, image_ids).items())[:CAPTION_IMAGES]
+    facts = list(easy_vqa_facts(answers, image_ids).items())[:CAPTION_IMAGES]
     assert len(facts) == CAPTION_IMAGES
     for image, (colour, shape) in facts:
         # No options: the route's paper defaults (beam 5, at least 8 new tokens) yield to the folder's

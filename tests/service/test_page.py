@@ -27,15 +27,22 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from servertools import REPO, Gate, LiveServer, start_process
+from servertools import (
+    EASY_VQA_COLOURS,
+    EASY_VQA_SHAPES,
+    REPO,
+    Gate,
+    LiveServer,
+    easy_vqa_facts,
+    start_process,
+)
 
 from service import page
 from service.app import create_app
 from service.settings import DEFAULT_MODEL_DIR, Settings
 
 SERVE = Path(sys.executable).parent / "blip2-serve"
-COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
-SHAPES = ("circle", "rectangle", "triangle")
+COLOURS, SHAPES = EASY_VQA_COLOURS, EASY_VQA_SHAPES
 WAIT_MS = 60_000  # bound on a wait for the page, never a measured figure
 
 
@@ -178,13 +185,7 @@ def easy_vqa_images() -> list[tuple[Path, str, str]]:
     easy_vqa = pytest.importorskip("easy_vqa")
     _, answers, image_ids = easy_vqa.get_test_questions()
     paths = easy_vqa.get_test_image_paths()
-    colour, shape = {}, {}
-    for answer, image in zip(answers, image_ids, strict=True):
-        if answer in COLOURS:
-            colour[image] = answer
-        elif answer in SHAPES:
-            shape[image] = answer
-    return [(Path(paths[i]), colour[i], shape[i]) for i in sorted(colour.keys() & shape.keys())]
+    return [(Path(paths[i]), *facts) for i, facts in easy_vqa_facts(answers, image_ids).items()]
 
 
 needs_default_model = pytest.mark.skipif(
