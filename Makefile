@@ -14,8 +14,10 @@ $(VENV)/.installed: pyproject.toml
 .PHONY: install serve test lint
 install: $(VENV)/.installed
 
+# The built-in model gets a gallery in runs/gallery, so the page's gallery works out of the box; another
+# model starts without one (a gallery is tied to the retrieval model that indexed it).
 serve: install
-	$(VENV)/bin/blip2-serve $(if $(MODEL),--model $(MODEL))
+	$(VENV)/bin/blip2-serve $(if $(MODEL),--model $(MODEL),--gallery-dir runs/gallery)
 
 lint: install
 	$(VENV)/bin/ruff check training service tests bench recipes
