@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from service.deps import Parsed, RetrievalRunner, SettingsDep, StateDep, body_doc, parsed
 from service.errors import ApiError, unprocessable
 from service.gallery import ID_PATTERN, MAX_METADATA_BYTES, Gallery, NewImage, Stored, metadata_filter
-from service.images import decode_base64, decode_image, fetch_url, read_upload
+from service.images import bytes_from_string, decode_image, read_upload
 from service.jobs import EmbedJob, RetrieveJob
 from service.schemas import IMAGE_DOC, Strict
 from service.settings import Settings
@@ -151,9 +151,7 @@ async def _incoming(given: Parsed[AddRequest], settings: Settings) -> list[tuple
             )
         out = []
         for n, item in enumerate(body.images):
-            data = await (fetch_url if item.image.startswith(("http://", "https://")) else _base64)(
-                item.image, settings
-            )
+            data = await bytes_from_string(item.image, settings)
             out.append((data, item.id, _metadata(item.metadata, f"images.{n}.metadata")))
         return out
     ids = body.ids or [None] * count
@@ -167,10 +165,6 @@ async def _incoming(given: Parsed[AddRequest], settings: Settings) -> list[tuple
         (await read_upload(upload, settings), image_id, _metadata(meta, f"metadata.{n}"))
         for n, (upload, image_id, meta) in enumerate(zip(uploads, ids, metadata, strict=True))
     ]
-
-
-async def _base64(value: str, settings: Settings) -> bytes:
-    return decode_base64(value, settings)
 
 
 @router.post("/images", response_model=AddResponse, openapi_extra=body_doc(AddRequest, "files `images`"))

@@ -150,12 +150,16 @@ async def fetch_url(url: str, settings: Settings) -> bytes:
         raise ApiError(400, "url_fetch_failed", f"fetching the image failed: {type(exc).__name__}") from None
 
 
-async def image_from_string(value: str, settings: Settings) -> Image.Image:
-    """A JSON image field: data URI, base64, or (when allow-listed) an http(s) URL."""
+async def bytes_from_string(value: str, settings: Settings) -> bytes:
+    """The bytes of a JSON image field: data URI, base64, or (when allow-listed) an http(s) URL."""
     if value.startswith(("http://", "https://")):
-        data = await fetch_url(value, settings)
-    else:
-        data = decode_base64(value, settings)
+        return await fetch_url(value, settings)
+    return decode_base64(value, settings)
+
+
+async def image_from_string(value: str, settings: Settings) -> Image.Image:
+    """A JSON image field, decoded."""
+    data = await bytes_from_string(value, settings)
     return await asyncio.to_thread(decode_image, data, settings)  # decoding is CPU work: off the event loop
 
 
