@@ -97,26 +97,38 @@ class Runner:
         """One `generate` for the jobs that can run (all with the same options); a job whose input cannot
         (its own fault) gets an InvalidInput in its place, and the others their answers."""
         gen, options = self.models.generation, jobs[0].options
-        problems = [self._prompt_problem(gen, job.prompt) for job in jobs]
-        runnable = [job for job, problem in zip(jobs, problems, strict=True) if problem is None]
-        answers = iter(self._generate_batch(gen, options, runnable) if runnable else [])
+        qformer_ids = self._qformer_ids(gen, [job.prompt for job in jobs])
+        problems = [self._prompt_problem(gen, ids) for ids in qformer_ids or [None] * len(jobs)]
+        runnable = [n for n, problem in enumerate(problems) if problem is None]
+        ids = None if qformer_ids is None else [qformer_ids[n] for n in runnable]
+        answers = iter(
+            self._generate_batch(gen, options, [jobs[n] for n in runnable], ids) if runnable else []
+        )
         return [InvalidInput(problem) if problem else next(answers) for problem in problems]
 
     @staticmethod
-    def _prompt_problem(gen: GenerationModel, prompt: str) -> str | None:
-        """InstructBLIP's Q-Former reads the prompt too, within its position embeddings."""
+    def _qformer_ids(gen: GenerationModel, prompts: list[str]) -> list[list[int]] | None:
+        """InstructBLIP's Q-Former reads the prompt too, through its own (BERT) tokenizer, as text."""
         if gen.kind != "instructblip":
             return None
+        return gen.processor.qformer_tokenizer(prompts, split_special_tokens=True)["input_ids"]
+
+    @staticmethod
+    def _prompt_problem(gen: GenerationModel, qformer_ids: list[int] | None) -> str | None:
+        """The Q-Former reads the prompt within its position embeddings."""
         limit = gen.model.config.qformer_config.max_position_embeddings
-        tokens = len(gen.processor.qformer_tokenizer(prompt, split_special_tokens=True)["input_ids"])
-        if tokens > limit:
-            return f"the prompt is {tokens} tokens for the Q-Former, which reads at most {limit}"
-        return None
+        if qformer_ids is None or len(qformer_ids) <= limit:
+            return None
+        return f"the prompt is {len(qformer_ids)} tokens for the Q-Former, which reads at most {limit}"
 
     def _generate_batch(
-        self, gen: GenerationModel, options: GenerationOptions, jobs: list[GenerateJob]
+        self,
+        gen: GenerationModel,
+        options: GenerationOptions,
+        jobs: list[GenerateJob],
+        qformer_ids: list[list[int]] | None,
     ) -> list[Generated]:
-        inputs = self._encode(gen, [job.prompt for job in jobs])
+        inputs = self._encode(gen, [job.prompt for job in jobs], qformer_ids)
         pixels = gen.processor.image_processor([job.image for job in jobs], return_tensors="pt")[
             "pixel_values"
         ]
@@ -127,7 +139,9 @@ class Runner:
         return [self._decoded(gen, row, options) for row in output.cpu()]
 
     @staticmethod
-    def _encode(gen: GenerationModel, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def _encode(
+        gen: GenerationModel, prompts: list[str], qformer_ids: list[list[int]] | None
+    ) -> dict[str, torch.Tensor]:
         """The token inputs the model's processor makes (query placeholders first, then the prompt with the
         tokenizer's own bos/eos), except that a person's text is only ever text: `split_special_tokens`
         turns `<image>`, `</s>` or `[SEP]` typed into a prompt into ordinary pieces. Only this template places
@@ -140,12 +154,12 @@ class Runner:
             "input_ids": torch.cat([placeholders, text["input_ids"]], dim=1),
             "attention_mask": torch.cat([torch.ones_like(placeholders), text["attention_mask"]], dim=1),
         }
-        if gen.kind == "instructblip":
+        if qformer_ids is not None:  # InstructBLIP, tokenised once by _qformer_ids
             # InstructBlipProcessor pads the Q-Former's text on the LLM tokenizer's side (left for decoder
             # LLMs); BERT's positions are absolute, so pad it as the Q-Former was trained: on the right.
             # Otherwise an answer depends on the other prompts in its batch.
-            qformer = gen.processor.qformer_tokenizer(
-                prompts, padding=True, padding_side="right", split_special_tokens=True, return_tensors="pt"
+            qformer = gen.processor.qformer_tokenizer.pad(
+                {"input_ids": qformer_ids}, padding=True, padding_side="right", return_tensors="pt"
             )
             inputs["qformer_input_ids"] = qformer["input_ids"]
             inputs["qformer_attention_mask"] = qformer["attention_mask"]
