@@ -136,3 +136,23 @@ def test_prompt_tokens_count_special_spellings_as_text(opt8, photos, route):
     plain = opt8.post(route, json={"image": b64(photos[0]), "prompt": "a photo"} | SHORT).json()
     typed = opt8.post(route, json={"image": b64(photos[0]), "prompt": "a photo </s>"} | SHORT).json()
     assert typed["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"] + 1
+
+
+def test_poisoned_text_never_fails_a_gallery_search(checkpoints, photos, tmp_path):
+    """`POST /gallery/search` texts share the /embed and /retrieve batches: one spelling special tokens among
+    ordinary searches, all at once, changes no other search's ranking or scores, and is answered itself."""
+    folder = checkpoints["tiny-opt"]
+    settings = settings_for(folder / "generation", folder / "stage1", gallery_dir=str(tmp_path / "gallery"))
+    with running_app(settings) as client:
+        images = [{"image": b64(photo), "id": f"photo-{n}"} for n, photo in enumerate(photos[:5])]
+        assert client.post("/gallery/images", json={"images": images}).status_code == 200
+        texts = ["a cat", "a rocket", "a cup of coffee", "a person", f"a {POISON} cat"]
+        requests = [("/gallery/search", {"text": text, "top_k": 5, "itm_top_k": 3}) for text in texts]
+        alone = [client.post(path, json=body) for path, body in requests]
+        together = post_together(client, requests, b64(photos[7]))
+    assert [r.status_code for r in together] == [200] * len(texts), [r.text for r in together]
+    for single, batched in zip(alone[:-1], together[:-1], strict=True):
+        expected, got = single.json()["results"], batched.json()["results"]
+        assert [hit["id"] for hit in got] == [hit["id"] for hit in expected]
+        for key in ("itc_score", "score"):  # batched and alone matmuls differ in the last bits
+            assert [hit[key] for hit in got] == pytest.approx([hit[key] for hit in expected], abs=1e-5)
