@@ -17,7 +17,17 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from servertools import REPO, b64, encode, free_port, running_app, settings_for, start_process, wait_for
+from servertools import (
+    REPO,
+    b64,
+    encode,
+    free_port,
+    metric,
+    running_app,
+    settings_for,
+    start_process,
+    wait_for,
+)
 
 from service.__main__ import main as serve_main
 from service.gallery import Gallery, NewImage, metadata_filter
@@ -330,3 +340,27 @@ def test_replicas_share_a_milvus_server_by_uri(checkpoints, tmp_path, distinct):
 def _listening(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_gallery_routes_take_the_api_key_and_count_in_the_metrics(checkpoints, tmp_path):
+    key = "gallery-test-key"
+    settings = settings_for(None, checkpoints["tiny-opt"] / "stage1", gallery_dir=str(tmp_path), api_key=key)
+    routes = [("GET", "/gallery", "/gallery"), ("POST", "/gallery/images", "/gallery/images"),
+              ("POST", "/gallery/search", "/gallery/search"), ("GET", "/gallery/images/a", "/gallery/images/{image_id}"),
+              ("GET", "/gallery/images/a/file", "/gallery/images/{image_id}/file"),
+              ("DELETE", "/gallery/images/a", "/gallery/images/{image_id}")]  # fmt: skip
+    with running_app(settings) as client:
+        for method, path, _ in routes:
+            refused = client.request(method, path, json={"text": "a"})
+            assert refused.status_code == 401 and refused.json()["error"]["type"] == "unauthorized", path
+        bearer = {"Authorization": f"Bearer {key}"}
+        assert client.get("/gallery", headers=bearer).status_code == 200
+        missing = client.get("/gallery/images/a", headers=bearer)
+        assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
+        text = client.get("/metrics").text
+    assert metric(text, "blip2_requests_total", route="/gallery", status="200") == 1
+    assert metric(text, "blip2_requests_total", route="/gallery/images/{image_id}", status="404") == 1
+    for _, path, template in routes:  # refused before routing: a path with an id counts as "other"
+        label = template if path == template else "other"
+        assert metric(text, "blip2_requests_total", route=label, status="401") >= 1, template
+    assert metric(text, "blip2_requests_total", route="other", status="401") == 3
