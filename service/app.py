@@ -113,11 +113,9 @@ def create_app(settings: Settings) -> FastAPI:
     )
     state = app.state.server = ServerState(settings)
     install_handlers(app)
-    app.include_router(routes.router)
-    app.include_router(chat.router)
-    app.include_router(page.router)
-    app.include_router(gallery_routes.router)
     routers = (routes.router, chat.router, page.router, gallery_routes.router)
+    for router in routers:
+        app.include_router(router)
     known_paths = {route.path for router in routers for route in router.routes}
     known_paths |= {"/docs", "/openapi.json"}
     app.add_middleware(Gatekeeper, settings=settings, app_state=state, known_paths=known_paths)
