@@ -8,6 +8,9 @@ What is acknowledged is kept, whole:
 - all rows of an add go in with one insert; Milvus Lite writes an insert as one WAL record batch and its
   recovery keeps a batch whole or drops it, so after a crash an image has all its vectors or none;
 - an image file is written under a temporary name and renamed, before its rows exist;
+- Milvus Lite writes its index files (derived from the data files) in place, so a process killed while
+  writing one leaves a truncated file that fails every later load: an embedded gallery that does not load
+  drops its index files and loads again, rebuilding them from the data;
 - one process at a time opens an embedded gallery (a lock on the folder); a gallery remembers the
   fingerprint of the retrieval model that made its vectors and refuses another (`blip2-serve gallery
   reindex` re-embeds the stored images into a new collection and switches the alias at the end).
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pymilvus import DataType, MilvusClient
+from pymilvus import DataType, MilvusClient, MilvusException
 
 from service.settings import Settings
 
@@ -158,12 +161,8 @@ class Gallery:
         self.embedded = settings.gallery_uri is None
         self._lock = FolderLock(folder) if self.embedded else None
         self.location = str(folder / "milvus.db") if self.embedded else settings.gallery_uri
-        token = settings.gallery_token.get_secret_value() if settings.gallery_token else ""
-        try:
-            self.client = MilvusClient(uri=self.location, token=token)
-        except Exception as exc:
-            self.close()
-            raise GalleryError(f"cannot open the gallery's vector store at {self.location}: {exc}") from exc
+        self._token = settings.gallery_token.get_secret_value() if settings.gallery_token else ""
+        self._connect()
         self._writing = threading.Lock()  # check-then-insert is one step within this process
         self.info: dict[str, Any] = {}
 
@@ -173,13 +172,52 @@ class Gallery:
         gallery = cls(settings, model)
         try:
             gallery.info = gallery._collection_info() or gallery._create_first()
-            gallery.client.load_collection(gallery.info["collection"])  # reopened collections start released
+            gallery._load()
             if not other_model_ok:
                 gallery._check_model()
         except BaseException:
             gallery.close()
             raise
         return gallery
+
+    def _connect(self) -> None:
+        try:
+            self.client = MilvusClient(uri=self.location, token=self._token)
+        except Exception as exc:
+            self.close()
+            raise GalleryError(f"cannot open the gallery's vector store at {self.location}: {exc}") from exc
+
+    def _disconnect(self) -> None:
+        with contextlib.suppress(Exception):
+            if hasattr(self, "client"):
+                self.client.close()
+        if self.embedded:
+            # Milvus Lite serves the folder from a thread of this process until released: release it, so the
+            # folder's own lock goes too and the same process may open it again (tests, re-index).
+            from milvus_lite import server_manager_instance
+
+            server_manager_instance.release_server(self.location)
+
+    def _load(self) -> None:
+        """Load the collection for search (reopened collections start released); an embedded one whose index
+        files do not load (a process killed while writing one) loads again without them."""
+        try:
+            self.client.load_collection(self.info["collection"])
+        except MilvusException as exc:
+            index_files = sorted(Path(self.location).glob("collections/*/partitions/*/indexes/*"))
+            if not self.embedded or not index_files:
+                raise
+            log.warning(
+                "the gallery's vector store at %s did not load (%s): rebuilding its %d index files from the data",
+                self.location,
+                exc.message,
+                len(index_files),
+            )
+            self._disconnect()
+            for path in index_files:
+                path.unlink()
+            self._connect()
+            self.client.load_collection(self.info["collection"])
 
     def _physical_name(self, generation: int) -> str:
         return f"{self.name}_{generation}"
@@ -243,15 +281,7 @@ class Gallery:
         )
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            if hasattr(self, "client"):
-                self.client.close()
-        if self.embedded:
-            # Milvus Lite serves the folder from a thread of this process until released: release it, so the
-            # folder's own lock goes too and the same process may open it again (tests, re-index).
-            from milvus_lite import server_manager_instance
-
-            server_manager_instance.release_server(self.location)
+        self._disconnect()
         if self._lock is not None:
             self._lock.release()
             self._lock = None

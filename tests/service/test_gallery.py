@@ -206,6 +206,37 @@ def test_a_crash_mid_insert_leaves_no_half_image(tmp_path, distinct):
     assert survivors == {0, 1, 2, 3}  # the cuts fell before, inside and after each add
 
 
+def test_a_torn_index_file_is_rebuilt_not_fatal(tmp_path, distinct):
+    """Milvus Lite writes a segment's index files in place after a flush, so kill -9 while it writes one leaves
+    a truncated file (seen: empty, or cut inside a vector array) that fails every later load. Cut each index
+    file at a few points and reopen: the gallery loads, with every image and the same search results."""
+    settings = settings_for(None, None, gallery_dir=str(tmp_path / "live"))
+    model = {"fingerprint": "f", "name": "m", "dim": 4, "queries": QUERIES}
+    gallery = Gallery.open(settings, model)
+    rng = np.random.default_rng(0)
+    for n in range(3):
+        vectors = rng.normal(size=(QUERIES, 4)).astype(np.float32)
+        gallery.add([NewImage(f"image-{n}", f"{n:064x}", b"x", {}, vectors)])
+    query = rng.normal(size=(1, 4)).astype(np.float32)
+    expected = [(stored.image_id, score) for stored, score in gallery.search(query, 3)]
+    gallery.close()
+    index_files = sorted((tmp_path / "live" / "milvus.db").rglob("indexes/*"))
+    assert {p.name.split(".")[-2] for p in index_files} >= {"flat", "inverted"}
+    for path in index_files:
+        for keep in (0, path.stat().st_size // 2):
+            crashed = tmp_path / f"{path.name}-{keep}"
+            shutil.copytree(tmp_path / "live", crashed, ignore=shutil.ignore_patterns("LOCK"))
+            with (crashed / path.relative_to(tmp_path / "live")).open("r+b") as handle:
+                handle.truncate(keep)
+            reopened = Gallery.open(settings.model_copy(update={"gallery_dir": str(crashed)}), model)
+            found = [(stored.image_id, score) for stored, score in reopened.search(query, 3)]
+            counts = reopened.vector_counts()
+            reopened.close()
+            assert counts == {f"image-{n}": QUERIES for n in range(3)}, (path.name, keep)
+            assert [i for i, _ in found] == [i for i, _ in expected], (path.name, keep)
+            assert [s for _, s in found] == pytest.approx([s for _, s in expected]), (path.name, keep)
+
+
 def test_another_model_is_refused_until_reindexed(checkpoints, tmp_path, distinct):
     folder = str(tmp_path / "g")
     with running_app(settings_for(None, checkpoints["tiny-opt"] / "stage1", gallery_dir=folder)) as client:
@@ -291,6 +322,7 @@ def test_bulk_indexing_resumes_after_kill_9_without_duplicates(checkpoints, tmp_
     first.wait()
     assert json.loads(line)["batch"] == 1
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.splitlines()[-1])["summary"]
     assert summary["count"] == 7 and summary["unreadable"] == 1 and summary["exists"] >= 1, summary
     assert summary.get("added", 0) + summary["exists"] + summary.get("duplicate", 0) == 8
