@@ -94,18 +94,21 @@ def free_port() -> int:
 
 
 class Server:
-    """`blip2-serve` as a child process on a free loopback port; `env` holds BLIP2_* settings."""
+    """`blip2-serve` as a child process on a free loopback port; `env` holds BLIP2_* settings. `source`: a
+    checkout of the project (another revision) whose `service` package to run instead of this one's."""
 
-    def __init__(self, env: dict[str, str], log_path: Path | None = None) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path | None = None, source: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or CACHE / f"server-{self.port}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         env = os.environ | {"HF_HUB_OFFLINE": "1", "BLIP2_LOG_LEVEL": "warning"} | env
+        # `python -m service` from the checkout's folder imports that checkout's package first.
+        command = [str(SERVE)] if source is None else [sys.executable, "-m", "service"]
         self.process = subprocess.Popen(
-            [str(SERVE), "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=REPO,
+            [*command, "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=source or REPO,
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

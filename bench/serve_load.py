@@ -2,12 +2,15 @@
 
 `--compare batching` (default): one server with batching (max_batch_size=N), one without (max_batch_size=1).
 `--compare decoder`: both batching, one with `--decoder transformers` (generate()), one with `--decoder fast`.
+`--compare revision --revision REV`: both batching with their default settings, one from a checkout of REV
+(a `git worktree` under the bench cache), one from this tree: the whole server then and now.
 For each route and concurrency the cells alternate baseline -> candidate, so both see the same machine noise. A cell: `concurrency` clients, each sending its next request as soon as the last
 answer arrives, until `--requests` answers are in (bounded: at most `--cell-limit-s` per cell).
 
     python bench/serve_load.py                      # /caption /vqa /embed at 1, 8, 32
     python bench/serve_load.py --routes caption --concurrency 32 --requests 256
     python bench/serve_load.py --compare decoder --routes caption,vqa --concurrency 1,32
+    python bench/serve_load.py --compare revision --revision 2d61f49 --routes caption,vqa --concurrency 1,32
 
 Prints one row per cell (requests/s, p50/p95/p99 latency, errors, server mean batch size) and the
 on/off throughput and p99 ratios; `--json PATH` also writes the rows.
@@ -19,6 +22,7 @@ import argparse
 import asyncio
 import json
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +30,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Server, easy_vqa_set, machine, model_folder, now, percentile, photos, png_b64  # noqa: E402
+from common import CACHE, REPO, Server, easy_vqa_set, machine, model_folder, now, percentile, photos, png_b64  # noqa: E402
 
 
 def bodies(route: str, images: list[str], questions: list[str]) -> list[dict]:
@@ -101,6 +105,21 @@ async def cell(
     }
 
 
+def checkout(revision: str) -> Path:
+    """A detached worktree of `revision` under the bench cache (made once; the model folder is this tree's)."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--verify", f"{revision}^{{commit}}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    folder = CACHE / f"worktree-{commit[:12]}"
+    if not folder.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(folder), commit], cwd=REPO, check=True)
+    return folder
+
+
 def fmt(value, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -138,9 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-in-8bit", action="store_true", help="serve the LLM in 8-bit (both servers)")
     parser.add_argument(
         "--compare",
-        choices=("batching", "decoder"),
+        choices=("batching", "decoder", "revision"),
         default="batching",
         help="what the two servers differ in",
+    )
+    parser.add_argument(
+        "--revision", help="with --compare revision: the git revision to compare this tree with"
     )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
@@ -168,18 +190,23 @@ def main(argv: list[str] | None = None) -> int:
     batched = common | {"BLIP2_MAX_BATCH_SIZE": str(args.batch_size)}
     if args.compare == "batching":
         modes = {"off": common | {"BLIP2_MAX_BATCH_SIZE": "1"}, "on": batched}
-    else:
+    elif args.compare == "decoder":
         modes = {
             "transformers": batched | {"BLIP2_DECODER": "transformers"},
             "fast": batched | {"BLIP2_DECODER": "fast"},
         }
+    else:
+        if not args.revision:
+            parser.error("--compare revision needs --revision")
+        modes = {args.revision: batched, "this-tree": batched}
     baseline, candidate = modes
     print(f"# serve_load {now()} | model: {label} ({folder}) | images: {args.images} | machine: {machine()}")
     print(
         f"# {args.compare}: {baseline} vs {candidate}; max_batch_size={args.batch_size} (batching off: 1), "
         f"max_wait_ms={args.max_wait_ms}; server OMP_NUM_THREADS={args.threads or 'default'}"
     )
-    servers = {mode: Server(env) for mode, env in modes.items()}
+    sources = {args.revision: checkout(args.revision)} if args.compare == "revision" else {}
+    servers = {mode: Server(env, source=sources.get(mode)) for mode, env in modes.items()}
     rows = []
     try:
         for server in servers.values():

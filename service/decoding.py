@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 from transformers import (
-    LogitsProcessorList,
     MinNewTokensLengthLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -61,6 +60,10 @@ class KVCache:
         _, heads, self.length, dim = first.shape
         shape = (len(prefilled.layers), len(rows), heads, capacity, dim)
         self.keys, self.values = first.new_empty(shape), first.new_empty(shape)
+        self.prompt = self.length
+        # Reordering gathers into this buffer and copies back (a fresh tensor per step would be a new
+        # allocation of megabytes, page faults included, every step).
+        self._scratch = first.new_empty(shape[0] * shape[1] * heads * (capacity - self.length) * dim)
         for index, layer in enumerate(prefilled.layers):
             self.keys[index, :, :, : self.length] = layer.keys.index_select(0, rows)
             self.values[index, :, :, : self.length] = layer.values.index_select(0, rows)
@@ -73,10 +76,15 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Beam search: row i continues from row rows[i]."""
-        end = self.length
+        """Beam search: row i continues from row rows[i], a beam of the same prompt. The prompt's keys and
+        values are the same in every beam of a prompt, so only the answer's positions move."""
+        if self.length == self.prompt:
+            return
         for store in (self.keys, self.values):
-            store[:, :, :, :end] = store[:, :, :, :end].index_select(1, rows)
+            answer = store[:, :, :, self.prompt : self.length]
+            gathered = self._scratch[: answer.numel()].view(answer.shape)
+            torch.index_select(answer, 1, rows, out=gathered)
+            answer.copy_(gathered)
 
 
 class OptDecodeStep:
@@ -143,11 +151,11 @@ class FastDecoder:
     def covers(options: GenerationOptions) -> bool:
         return not (options.do_sample and options.num_beams > 1)  # beam sampling: generate()
 
-    def processors(self, options: GenerationOptions, prompt_mask: torch.Tensor) -> LogitsProcessorList:
+    def processors(self, options: GenerationOptions, prompt_mask: torch.Tensor) -> _Processors:
         """The logits processors generate() builds for these settings, in its order; `prompt_mask` is the
         attention mask of the prompt, one row per decoded row."""
         eos = self.eos.to(prompt_mask.device)
-        processors = LogitsProcessorList()
+        processors = []
         if options.repetition_penalty != 1.0:
             padding = (prompt_mask != 0).int().argmax(dim=1)  # left padding is no repetition
             processors.append(RepetitionPenaltyLogitsProcessor(options.repetition_penalty, padding))
@@ -161,7 +169,7 @@ class FastDecoder:
                 processors.append(TopKLogitsWarper(self.top_k, min_tokens_to_keep=1))
             if options.top_p < 1.0:
                 processors.append(TopPLogitsWarper(options.top_p, min_tokens_to_keep=1))
-        return processors
+        return _Processors(processors, options.min_new_tokens)
 
     @torch.inference_mode()
     def generate(
@@ -203,7 +211,7 @@ class FastDecoder:
         if streamer is not None:
             streamer.put(input_ids.cpu())
         for step in range(options.max_new_tokens):
-            scores = processors(sequences, logits.to(torch.float32))
+            scores = processors(step, sequences, logits.to(torch.float32))
             if options.do_sample:
                 tokens = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
             else:
@@ -240,7 +248,7 @@ class FastDecoder:
         length = prompt
         while True:
             log_probs = F.log_softmax(logits.to(torch.float32), dim=-1)
-            log_probs = processors(running[:, :, :length].reshape(batch * beams, length), log_probs)
+            log_probs = processors(length - prompt, running.view(batch * beams, -1)[:, :length], log_probs)
             log_probs = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, -1)
             candidate_scores, candidates = torch.topk(log_probs, k=keep)
             parents = candidates // vocab
@@ -274,6 +282,23 @@ class FastDecoder:
             run.cache.reorder((parents + row_offset).view(-1))
             logits = run(running[:, :, length - 1].reshape(-1))
         return finished_sequences[:, 0, prompt:]
+
+
+class _Processors:
+    """generate()'s logits processors of one batch, applied in its order, less what changes nothing: the
+    min-new-tokens mask once enough tokens are out (it would still copy the scores every step), and the
+    signature check LogitsProcessorList makes on every call."""
+
+    def __init__(self, processors: list, min_new_tokens: int) -> None:
+        self.early = processors
+        self.late = [p for p in processors if not isinstance(p, MinNewTokensLengthLogitsProcessor)]
+        self.min_new_tokens = min_new_tokens
+
+    def __call__(self, produced: int, sequences: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """`scores` [rows, vocab] after `produced` new tokens; `sequences` [rows, length] so far."""
+        for processor in self.early if produced < self.min_new_tokens else self.late:
+            scores = processor(sequences, scores)
+        return scores
 
 
 class _Steps:
