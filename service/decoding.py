@@ -49,21 +49,43 @@ def unsupported(llm: torch.nn.Module) -> str | None:
     return None
 
 
+class Arena:
+    """One flat buffer that every batch's cache is cut from, kept between batches (they run one at a time,
+    on the model thread): fresh megabytes per batch cost their page faults each time on the CPU."""
+
+    def __init__(self) -> None:
+        self.memory: torch.Tensor | None = None
+
+    def take(self, size: int, like: torch.Tensor) -> torch.Tensor:
+        """`size` elements of `like`'s dtype and device, uninitialised."""
+        memory = self.memory
+        if (
+            memory is None
+            or memory.numel() < size
+            or memory.dtype != like.dtype
+            or memory.device != like.device
+        ):
+            memory = self.memory = None  # the old buffer goes before the larger one is made
+            memory = self.memory = like.new_empty(size)
+        return memory[:size]
+
+
 class KVCache:
     """Keys and values of every layer, preallocated for the whole answer: [layers, rows, heads, capacity,
     head_dim] each, so that reordering beams is two gathers whatever the depth. A step writes one position
     and attends over exactly the filled length (a view, no copy): attending over the padded capacity would
     change the float sums, and the logits would no longer equal the model's."""
 
-    def __init__(self, prefilled, rows: torch.Tensor, capacity: int) -> None:
+    def __init__(self, prefilled, rows: torch.Tensor, capacity: int, arena: Arena) -> None:
         first = prefilled.layers[0].keys  # [rows, heads, length, head_dim]
         _, heads, self.length, dim = first.shape
         shape = (len(prefilled.layers), len(rows), heads, capacity, dim)
-        self.keys, self.values = first.new_empty(shape), first.new_empty(shape)
+        size = shape[0] * shape[1] * heads * capacity * dim
+        # Keys, values, and the buffer a reorder gathers into before copying back.
+        memory = arena.take(3 * size, first)
+        self.keys, self.values = memory[:size].view(shape), memory[size : 2 * size].view(shape)
+        self._scratch = memory[2 * size :]
         self.prompt = self.length
-        # Reordering gathers into this buffer and copies back (a fresh tensor per step would be a new
-        # allocation of megabytes, page faults included, every step).
-        self._scratch = first.new_empty(shape[0] * shape[1] * heads * (capacity - self.length) * dim)
         for index, layer in enumerate(prefilled.layers):
             self.keys[index, :, :, : self.length] = layer.keys.index_select(0, rows)
             self.values[index, :, :, : self.length] = layer.values.index_select(0, rows)
@@ -140,7 +162,7 @@ class FastDecoder:
     """`generate()` for one batch of prompts given as embeddings (image queries already in place)."""
 
     def __init__(self, llm: torch.nn.Module) -> None:
-        self.llm, self.step = llm, OptDecodeStep(llm)
+        self.llm, self.step, self.arena = llm, OptDecodeStep(llm), Arena()
         config = llm.generation_config
         eos = config.eos_token_id
         self.eos = torch.tensor(eos if isinstance(eos, list) else [eos])
@@ -187,7 +209,7 @@ class FastDecoder:
         beams = options.num_beams
         rows = torch.arange(input_ids.shape[0], device=input_ids.device).repeat_interleave(beams)
         capacity = input_ids.shape[1] + options.max_new_tokens
-        cache = KVCache(prefill.cache, rows, capacity)
+        cache = KVCache(prefill.cache, rows, capacity, self.arena)
         del prefill
         # The mask of every position a step may attend: the prompt's (left padding is False), then each answer.
         mask = torch.ones((len(rows), capacity), dtype=torch.bool, device=input_ids.device)

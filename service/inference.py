@@ -8,6 +8,7 @@ feeds the same ViT states to ITC and to the ITM re-rank.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from typing import Any
 
@@ -68,6 +69,8 @@ class Runner:
         self.models = models
         self.vision = vision_cache or VisionCache(0)
         self._event_loop_tokenizer = None  # prompt_tokens and decode run on the event loop: its own copy
+        # Every /caption sends the same prompt, and the event loop's time is taken from the model thread's (GIL).
+        self.prompt_tokens = functools.lru_cache(maxsize=4096)(self._prompt_tokens)
         self.fast_decoder = self._fast_decoder(models.generation) if decoder == "fast" else None
 
     @staticmethod
@@ -221,7 +224,7 @@ class Runner:
         text = tokenizer.decode(ids, skip_special_tokens=True).strip()
         return Generated(text, len(ids), "stop" if stopped or len(ids) < options.max_new_tokens else "length")
 
-    def prompt_tokens(self, prompt: str) -> int:
+    def _prompt_tokens(self, prompt: str) -> int:
         """Tokens the LLM sees for a prompt: the text plus the query tokens.
 
         Called on the event loop while the model thread may be padding a batch: a fast tokenizer keeps its
