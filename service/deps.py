@@ -25,10 +25,16 @@ def get_state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-StateDep = Annotated[ServerState, Depends(get_state)]
+# Dependencies are `async def` although they never wait: FastAPI runs a plain `def` one in its thread pool,
+# a thread hop per dependency per request, paid on the same GIL as the model thread.
+async def _state(request: Request) -> ServerState:
+    return get_state(request)
 
 
-def get_settings(state: StateDep) -> Settings:
+StateDep = Annotated[ServerState, Depends(_state)]
+
+
+async def get_settings(state: StateDep) -> Settings:
     return state.settings
 
 
@@ -44,14 +50,14 @@ def _ready_runner(state: ServerState) -> Runner:
     return state.runner
 
 
-def generation_runner(state: StateDep) -> Runner:
+async def generation_runner(state: StateDep) -> Runner:
     runner = _ready_runner(state)
     if runner.models.generation is None:
         raise model_not_loaded("generation model", "--model (BLIP2_MODEL)")
     return runner
 
 
-def retrieval_runner(state: StateDep) -> Runner:
+async def retrieval_runner(state: StateDep) -> Runner:
     runner = _ready_runner(state)
     if runner.models.retrieval is None:
         raise model_not_loaded("retrieval model", "--retrieval-model (BLIP2_RETRIEVAL_MODEL)")

@@ -104,7 +104,7 @@ class SearchResponse(BaseModel):
 
 
 # -- dependencies ------------------------------------------------------------------------------------
-def get_gallery(state: StateDep, runner: RetrievalRunner) -> Gallery:
+async def get_gallery(state: StateDep, runner: RetrievalRunner) -> Gallery:
     if state.gallery is None:
         raise ApiError(
             501,
