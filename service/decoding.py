@@ -204,7 +204,11 @@ class FastDecoder:
     ) -> torch.Tensor:
         """New tokens [batch, n] (rows that stop early are padded), as generate() would return them after
         the prompt."""
-        prefill = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=True)
+        # Logits of the last position only, as generate() asks (over the whole prompt they would be a
+        # [batch, prompt, vocab] product thrown away: 50k-wide for OPT-2.7B).
+        prefill = self.llm(
+            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=True, logits_to_keep=1
+        )
         logits = prefill.logits[:, -1]
         beams = options.num_beams
         rows = torch.arange(input_ids.shape[0], device=input_ids.device).repeat_interleave(beams)
