@@ -172,32 +172,43 @@ def test_bad_requests(gallery_app, distinct, opt8):
     assert opt8.get("/gallery").json()["error"]["type"] == "gallery_not_configured"
 
 
-def test_a_crash_mid_insert_leaves_no_half_image(tmp_path, distinct):
+SMALL_MODEL = {"fingerprint": "f", "name": "m", "dim": 4, "queries": QUERIES}
+
+
+def small_gallery(folder: Path) -> tuple[Gallery, list[NewImage]]:
+    """An embedded gallery of 4-wide vectors in `folder`, and three images for it."""
+    rng = np.random.default_rng(0)
+    images = [
+        NewImage(f"image-{n}", f"{n:064x}", b"x", {}, rng.normal(size=(QUERIES, 4)).astype(np.float32))
+        for n in range(3)
+    ]
+    return Gallery.open(settings_for(None, None, gallery_dir=str(folder)), SMALL_MODEL), images
+
+
+def reopen_cut(live: Path, crashed: Path, files: list[Path], size: int) -> tuple[Gallery, dict[str, int]]:
+    """A copy of a closed gallery's folder whose `files` (relative to it) are cut to `size` bytes, as a crash
+    mid-write leaves them, reopened: the gallery and its vectors per image."""
+    shutil.copytree(live, crashed, ignore=shutil.ignore_patterns("LOCK"))
+    for name in files:
+        with (crashed / name).open("r+b") as handle:
+            handle.truncate(min(size, (crashed / name).stat().st_size))
+    gallery = Gallery.open(settings_for(None, None, gallery_dir=str(crashed)), SMALL_MODEL)
+    return gallery, gallery.vector_counts()
+
+
+def test_a_crash_mid_insert_leaves_no_half_image(tmp_path):
     """Milvus Lite appends each insert (all rows of an add) to its log as one record batch, then the gallery
     flushes it into a segment (an atomic manifest switch). Stop between the two, cut the log at any byte as a
     crash mid-write would, and reopen: every image has all its vectors or none."""
-    settings = settings_for(None, None, gallery_dir=str(tmp_path / "live"))
-    model = {"fingerprint": "f", "name": "m", "dim": 4, "queries": QUERIES}
-    gallery = Gallery.open(settings, model)
-    rng = np.random.default_rng(0)
-    for n in range(3):
-        vectors = rng.normal(size=(QUERIES, 4)).astype(np.float32)
-        image = NewImage(f"image-{n}", f"{n:064x}", b"x", {}, vectors)
-        gallery.client.insert(
-            gallery.name, gallery._rows(image, "x", 0)
-        )  # Gallery.add's insert, not its flush
-    logs = sorted((tmp_path / "live" / "milvus.db").rglob("wal/*"))
+    gallery, images = small_gallery(tmp_path / "live")
+    for image in images:  # Gallery.add's insert, not its flush
+        gallery.client.insert(gallery.name, gallery._rows(image, "x", 0))
+    logs = sorted(p.relative_to(tmp_path / "live") for p in (tmp_path / "live" / "milvus.db").rglob("wal/*"))
     assert logs, "Milvus Lite keeps unflushed inserts in a write-ahead log"
-    size = max(p.stat().st_size for p in logs)
+    size = max((tmp_path / "live" / p).stat().st_size for p in logs)
     survivors = set()
     for cut in [*range(0, size, max(1, size // 9)), size]:
-        crashed = tmp_path / f"cut{cut}"
-        shutil.copytree(tmp_path / "live", crashed, ignore=shutil.ignore_patterns("LOCK"))
-        for path in crashed.rglob("wal/*"):
-            with path.open("r+b") as handle:
-                handle.truncate(min(cut, path.stat().st_size))
-        reopened = Gallery.open(settings.model_copy(update={"gallery_dir": str(crashed)}), model)
-        counts = reopened.vector_counts()
+        reopened, counts = reopen_cut(tmp_path / "live", tmp_path / f"cut{cut}", logs, cut)
         reopened.close()
         assert set(counts.values()) <= {QUERIES}, (cut, counts)
         assert sorted(counts) == [f"image-{n}" for n in range(len(counts))]  # a prefix of the adds
@@ -206,31 +217,23 @@ def test_a_crash_mid_insert_leaves_no_half_image(tmp_path, distinct):
     assert survivors == {0, 1, 2, 3}  # the cuts fell before, inside and after each add
 
 
-def test_a_torn_index_file_is_rebuilt_not_fatal(tmp_path, distinct):
+def test_a_torn_index_file_is_rebuilt_not_fatal(tmp_path):
     """Milvus Lite writes a segment's index files in place after a flush, so kill -9 while it writes one leaves
     a truncated file (seen: empty, or cut inside a vector array) that fails every later load. Cut each index
     file at a few points and reopen: the gallery loads, with every image and the same search results."""
-    settings = settings_for(None, None, gallery_dir=str(tmp_path / "live"))
-    model = {"fingerprint": "f", "name": "m", "dim": 4, "queries": QUERIES}
-    gallery = Gallery.open(settings, model)
-    rng = np.random.default_rng(0)
-    for n in range(3):
-        vectors = rng.normal(size=(QUERIES, 4)).astype(np.float32)
-        gallery.add([NewImage(f"image-{n}", f"{n:064x}", b"x", {}, vectors)])
-    query = rng.normal(size=(1, 4)).astype(np.float32)
+    gallery, images = small_gallery(tmp_path / "live")
+    for image in images:
+        gallery.add([image])
+    query = np.random.default_rng(1).normal(size=(1, 4)).astype(np.float32)
     expected = [(stored.image_id, score) for stored, score in gallery.search(query, 3)]
     gallery.close()
     index_files = sorted((tmp_path / "live" / "milvus.db").rglob("indexes/*"))
     assert {p.name.split(".")[-2] for p in index_files} >= {"flat", "inverted"}
     for path in index_files:
+        inside = path.relative_to(tmp_path / "live")
         for keep in (0, path.stat().st_size // 2):
-            crashed = tmp_path / f"{path.name}-{keep}"
-            shutil.copytree(tmp_path / "live", crashed, ignore=shutil.ignore_patterns("LOCK"))
-            with (crashed / path.relative_to(tmp_path / "live")).open("r+b") as handle:
-                handle.truncate(keep)
-            reopened = Gallery.open(settings.model_copy(update={"gallery_dir": str(crashed)}), model)
+            reopened, counts = reopen_cut(tmp_path / "live", tmp_path / f"{path.name}-{keep}", [inside], keep)
             found = [(stored.image_id, score) for stored, score in reopened.search(query, 3)]
-            counts = reopened.vector_counts()
             reopened.close()
             assert counts == {f"image-{n}": QUERIES for n in range(3)}, (path.name, keep)
             assert [i for i, _ in found] == [i for i, _ in expected], (path.name, keep)
