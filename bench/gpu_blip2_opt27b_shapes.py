@@ -13,7 +13,8 @@ decode step, peak GPU memory, the ViT's share of the batch time (CUDA-synchronis
 
 Captions use the paper's beam width 5 with a fixed length of 30 new tokens (min = max = 30): random
 weights would otherwise stop at random lengths. Every request carries a different random image, so the
-server's ViT cache never helps. Results go to `--out` (default $OUT or /tmp) as JSON after every cell, and
+server's ViT cache never helps. For the first mode, one batch of 8 per decoder also runs under torch.profiler:
+CUDA kernels per decode step and the share of the time the GPU is busy. Results go to `--out` (default $OUT or /tmp) as JSON after every cell, and
 the run stops starting new cells after `--budget-s` seconds, so it ends inside a 5-minute slot.
 
     python bench/gpu_blip2_opt27b_shapes.py                 # on one H100 / H200
@@ -144,6 +145,34 @@ async def rounds(batcher, options, batch: int, count: int, seed: int) -> tuple[f
     return time.perf_counter() - started, sum(tokens) / len(tokens)
 
 
+def profile_batch(runner, options, batch: int, cuda: bool) -> dict:
+    """One batch under torch.profiler (its overhead included): the CUDA kernels, or on the CPU the top-level
+    operators, per decode step, and on a GPU the share of the wall time its kernels kept the device busy.
+    Many launches per step with the device mostly idle is the overhead CUDA graphs remove."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from service.jobs import GenerateJob
+
+    jobs = [GenerateJob(image, "", options) for image in images(batch, seed=99)]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as trace:
+        started = time.perf_counter()
+        runner(jobs)
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    events = trace.events()
+    cell = {"batch": batch, "wall_s": round(wall, 4)}
+    if cuda:
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        cell["kernels_per_decode_step"] = round(len(kernels) / options.max_new_tokens, 1)
+        cell["device_busy_share"] = round(sum(e.device_time for e in kernels) / 1e6 / wall, 3)
+    else:
+        operators = [e for e in events if e.cpu_parent is None and e.name.startswith("aten::")]
+        cell["operators_per_decode_step"] = round(len(operators) / options.max_new_tokens, 1)
+    return cell
+
+
 # --modes: how the LLM is loaded (server settings)
 MODES = {
     "fp16": {"quantization": "none"},
@@ -226,6 +255,11 @@ async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, 
                     cell["peak_gpu_bytes_per_row"] = cell["peak_gpu_bytes"] // (batch * args.beams)
                 entry[f"{decoder}/batch_{batch}"] = cell
                 log(f"{mode} {decoder} batch {batch}: {cell}")
+                save()
+            if mode == args.modes.split(",")[0] and time.perf_counter() - T0 < args.budget_s:
+                batch = min(8, max(batches))
+                entry[f"{decoder}/profile"] = cell = profile_batch(runner, options, batch, cuda)
+                log(f"{mode} {decoder} profile: {cell}")
                 save()
         finally:
             await batcher.stop()
