@@ -81,8 +81,9 @@ class KVCache:
         _, heads, self.length, dim = first.shape
         shape = (len(prefilled.layers), len(rows), heads, capacity, dim)
         size = shape[0] * shape[1] * heads * capacity * dim
-        # Keys, values, and the buffer a reorder gathers into before copying back.
-        memory = arena.take(3 * size, first)
+        answer = size // capacity * (capacity - self.length)
+        # Keys, values, and the buffer a reorder gathers the answer's part into before copying it back.
+        memory = arena.take(2 * size + answer, first)
         self.keys, self.values = memory[:size].view(shape), memory[size : 2 * size].view(shape)
         self._scratch = memory[2 * size :]
         self.prompt = self.length
