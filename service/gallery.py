@@ -50,6 +50,17 @@ MAX_LIMIT = 16384  # Milvus's bound on a search's limit
 FIELDS = ["image_id", "sha256", "file", "added_at", "meta"]
 
 
+def content_key(data: bytes, image_id: str | None) -> tuple[str, str]:
+    """(sha256 of the bytes, the image's id): an image given no id is named by its content, so adding the
+    same bytes again, by the API or by `blip2-serve gallery add`, finds it."""
+    digest = hashlib.sha256(data).hexdigest()
+    return digest, image_id or digest[:32]
+
+
+def metadata_fits(metadata: Any) -> bool:
+    return len(json.dumps(metadata)) <= MAX_METADATA_BYTES
+
+
 class GalleryError(RuntimeError):
     """The gallery cannot be opened as asked; the message says why and what to do."""
 

@@ -13,7 +13,6 @@ other fields are its metadata, so caption manifests work as they are).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from service.__main__ import add_settings_arguments
 from service.errors import ApiError
-from service.gallery import MAX_METADATA_BYTES, Gallery, GalleryError, NewImage, open_gallery
+from service.gallery import Gallery, GalleryError, NewImage, content_key, metadata_fits, open_gallery
 from service.images import decode_image
 from service.inference import Runner
 from service.jobs import EmbedJob
@@ -97,7 +96,7 @@ class Indexer:
         """The file's bytes and decoded image, or None (counted) when it cannot be an image of the gallery."""
         try:
             data = entry["path"].read_bytes()
-            if len(json.dumps(entry["metadata"])) > MAX_METADATA_BYTES:
+            if not metadata_fits(entry["metadata"]):
                 raise ValueError("metadata too large")
             return data, decode_image(data, self.settings)
         except (OSError, ApiError, ValueError):
@@ -111,8 +110,7 @@ class Indexer:
             read = self.read(entry)
             if read is None:
                 continue
-            digest = hashlib.sha256(read[0]).hexdigest()
-            image_id = entry["id"] or digest[:32]
+            digest, image_id = content_key(read[0], entry["id"])
             if image_id in items or digest in {i[1] for i in items.values()}:
                 self.counts["duplicate"] += 1
                 continue

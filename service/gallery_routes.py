@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import io
 import json
 import re
@@ -22,7 +21,16 @@ from pydantic import BaseModel, Field
 
 from service.deps import Parsed, RetrievalRunner, SettingsDep, StateDep, body_doc, parsed
 from service.errors import ApiError, unprocessable
-from service.gallery import ID_PATTERN, MAX_METADATA_BYTES, Gallery, NewImage, Stored, metadata_filter
+from service.gallery import (
+    ID_PATTERN,
+    MAX_METADATA_BYTES,
+    Gallery,
+    NewImage,
+    Stored,
+    content_key,
+    metadata_filter,
+    metadata_fits,
+)
 from service.images import bytes_from_string, decode_image, read_upload
 from service.jobs import EmbedJob, RetrieveJob
 from service.schemas import IMAGE_DOC, Strict
@@ -131,7 +139,7 @@ def _metadata(value: dict[str, Any] | str, where: str) -> dict[str, Any]:
             raise unprocessable(f"{where}: not valid JSON") from None
     if not isinstance(value, dict):
         raise unprocessable(f"{where}: must be a JSON object")
-    if len(json.dumps(value)) > MAX_METADATA_BYTES:
+    if not metadata_fits(value):
         raise unprocessable(f"{where}: at most {MAX_METADATA_BYTES} bytes of JSON")
     return value
 
@@ -180,9 +188,8 @@ async def add_images(
     wanted: dict[str, tuple[bytes, dict]] = {}  # id -> (bytes, metadata), first of each id
     order, first_with = [], {}  # requested ids in order; content hash -> first id holding it here
     for data, image_id, metadata in items:
-        digest = hashlib.sha256(data).hexdigest()
-        image_id = image_id or digest[:32]
-        if image_id in wanted and hashlib.sha256(wanted[image_id][0]).hexdigest() != digest:
+        digest, image_id = content_key(data, image_id)
+        if image_id in wanted and content_key(wanted[image_id][0], image_id)[0] != digest:
             raise unprocessable(f"id {image_id!r} is given to two different images")
         wanted.setdefault(image_id, (data, metadata))
         first_with.setdefault(digest, image_id)
