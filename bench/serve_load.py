@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -60,37 +63,106 @@ def batch_stats(metrics_text: str) -> tuple[float, float, float]:
     return total, count, busy
 
 
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection that sends ready-made requests and reads `Content-Length` answers.
+
+    The load generator shares the machine's CPUs with the server it measures: httpx spent ~1.2 ms of CPU on
+    each request (as much as the fast decoder's model thread per request at concurrency 32), so its cost
+    decided the server's figures. This client does only what the benchmark needs (~0.1 ms)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, request: bytes) -> int:
+        """Sends `request` (a whole HTTP/1.1 request) and returns the answer's status; the body is read and
+        dropped. Reconnects when the server closed the connection (or answers `Connection: close`)."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+        if "content-length" not in headers:
+            raise RuntimeError(f"an answer without Content-Length: {lines[0]!r}")
+        await self.reader.readexactly(int(headers["content-length"]))
+        if headers.get("connection") == "close":
+            await self.close()
+        return status
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+        self.reader = self.writer = None
+
+
+def http_request(url: str, route: str, body: dict) -> bytes:
+    host = urlsplit(url).netloc
+    data = json.dumps(body).encode()
+    return (
+        f"POST /{route} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    ).encode() + data
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(CPU seconds of a process's main thread, of all its other threads), user + system, from /proc. The
+    server's main thread runs the event loop (HTTP, JSON, routing); the model thread is among the others."""
+    main = other = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            seconds = (int(fields[11]) + int(fields[12])) / TICKS
+            if task.name == str(pid):
+                main += seconds
+            else:
+                other += seconds
+    return main, other
+
+
 async def cell(
-    url: str, route: str, payloads: list[dict], concurrency: int, requests: int, limit_s: float
+    url: str, route: str, payloads: list[dict], concurrency: int, requests: int, limit_s: float, pid: int
 ) -> dict:
     latencies, statuses = [], {}
     issued = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
-        before = batch_stats((await client.get("/metrics")).text)
+    ready = [http_request(url, route, body) for body in payloads]
+    async with httpx.AsyncClient(base_url=url, timeout=300) as scraper:
+        before = batch_stats((await scraper.get("/metrics")).text)
+        cpu_before, client_before = cpu_seconds(pid), time.process_time()
         started = time.perf_counter()
         stop_at = started + limit_s
 
         async def worker() -> None:
             nonlocal issued
+            connection = Connection(*urlsplit(url).netloc.split(":"))
             while issued < requests and time.perf_counter() < stop_at:
-                body = payloads[issued % len(payloads)]
+                request = ready[issued % len(ready)]
                 issued += 1
                 t0 = time.perf_counter()
                 try:
-                    response = await client.post("/" + route, json=body)
-                    status = str(response.status_code)
-                except httpx.HTTPError as exc:
+                    status = str(await connection.post(request))
+                except (OSError, asyncio.IncompleteReadError) as exc:
                     status = type(exc).__name__
+                    await connection.close()
                 latency = time.perf_counter() - t0
                 statuses[status] = statuses.get(status, 0) + 1
                 if status == "200":
                     latencies.append(latency)
+            await connection.close()
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
-        after = batch_stats((await client.get("/metrics")).text)
+        cpu_after, client_after = cpu_seconds(pid), time.process_time()
+        after = batch_stats((await scraper.get("/metrics")).text)
     batches = after[1] - before[1]
+    answered = sum(statuses.values()) or 1
     return {
         "ok": len(latencies),
         "errors": sum(v for k, v in statuses.items() if k != "200"),
@@ -102,6 +174,11 @@ async def cell(
         "p99_ms": 1000 * percentile(latencies, 99) if latencies else None,
         "mean_batch": (after[0] - before[0]) / batches if batches else None,
         "model_busy": (after[2] - before[2]) / wall,
+        # CPU milliseconds per answer: the server's event loop, its other threads (the model's among them),
+        # and this load generator, which shares the CPUs.
+        "cpu_ms_loop": 1000 * (cpu_after[0] - cpu_before[0]) / answered,
+        "cpu_ms_threads": 1000 * (cpu_after[1] - cpu_before[1]) / answered,
+        "cpu_ms_client": 1000 * (client_after - client_before) / answered,
     }
 
 
@@ -216,18 +293,22 @@ def main(argv: list[str] | None = None) -> int:
             for concurrency in [int(c) for c in args.concurrency.split(",")]:
                 requests = args.requests or max(32, 6 * concurrency)
                 for mode in modes:
-                    url = servers[mode].url
+                    url, pid = servers[mode].url, servers[mode].process.pid
                     asyncio.run(
-                        cell(url, route, payloads, concurrency, concurrency, args.cell_limit_s)
+                        cell(url, route, payloads, concurrency, concurrency, args.cell_limit_s, pid)
                     )  # warm-up round
-                    result = asyncio.run(cell(url, route, payloads, concurrency, requests, args.cell_limit_s))
+                    result = asyncio.run(
+                        cell(url, route, payloads, concurrency, requests, args.cell_limit_s, pid)
+                    )
                     result |= {"route": route, "concurrency": concurrency, args.compare: mode}
                     rows.append(result)
                     print(
                         f"/{route:<7} c={concurrency:<3} {args.compare} {mode:<12} {result['rps']:8.2f} req/s  "
                         f"p50 {fmt(result['p50_ms']):>8} ms  p95 {fmt(result['p95_ms']):>8} ms  "
                         f"p99 {fmt(result['p99_ms']):>8} ms  errors {result['errors']} {result['statuses']}  "
-                        f"mean batch {fmt(result['mean_batch'], '.2f')}  model busy {result['model_busy']:.0%}",
+                        f"mean batch {fmt(result['mean_batch'], '.2f')}  model busy {result['model_busy']:.0%}  "
+                        f"CPU ms/answer: loop {result['cpu_ms_loop']:.2f} threads {result['cpu_ms_threads']:.2f} "
+                        f"client {result['cpu_ms_client']:.2f}",
                         flush=True,
                     )
     finally:
