@@ -1,16 +1,20 @@
 """The work a route hands the batcher: typed jobs that know their batch key, and what generation returns.
 
 Requests share a model call only when their batch keys are equal: same task and, for generation, the same
-settings (beam width or sampling belong to the whole call).
+settings (beam width or sampling belong to the whole call). A job's images become `pixels` (resized and
+normalised for the model that reads them) before the model thread takes it: `Runner.prepare`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class GenerateJob:
     # including, its end of sequence). Greedy and sampled decoding only: transformers streams no beams.
     on_token: Callable[[int], None] | None = None
     streamed: list[int] = field(default_factory=list)  # the tokens on_token has had
+    pixels: torch.Tensor | None = field(default=None, repr=False)  # (1, 3, H, W): Runner.prepare
     task: ClassVar[str] = "generate"
 
     @property
@@ -61,6 +66,7 @@ class EmbedJob:
     images: list[Image.Image]
     texts: list[str]
     query_vectors: bool = False
+    pixels: torch.Tensor | None = field(default=None, repr=False)  # (images, 3, H, W): Runner.prepare
     task: ClassVar[str] = "embed"
     batch_key: ClassVar[Hashable] = "embed"
 
@@ -72,5 +78,7 @@ class RetrieveJob:
     candidate_texts: list[str]
     candidate_images: list[Image.Image]
     top_k: int
+    # (1, 3, H, W) of the query image or (candidates, 3, H, W): Runner.prepare
+    pixels: torch.Tensor | None = field(default=None, repr=False)
     task: ClassVar[str] = "retrieve"
     batch_key: ClassVar[Hashable] = "retrieve"

@@ -4,6 +4,7 @@ settings, and queueing a job on the batcher (dropped if the client hangs up firs
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from fastapi import Request
@@ -15,6 +16,9 @@ from service.errors import ApiError, unprocessable
 from service.inference import Runner
 from service.jobs import Generated, GenerateJob, GenerationOptions
 from service.settings import Settings
+from service.state import ServerState
+
+log = logging.getLogger("service.submit")
 
 
 def check_text(settings: Settings, name: str, text: str) -> str:
@@ -66,11 +70,22 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
+async def _prepared_and_queued(state: ServerState, job: Any, meta: dict) -> Any:
+    # The job's images are resized and normalised here, on a worker thread, while the model thread runs
+    # other batches (on the model thread, real-size photos would cost it milliseconds per image).
+    try:
+        await asyncio.to_thread(state.runner.prepare, job)
+    except Exception:
+        log.exception("preparing a request's images failed")
+        raise
+    return await state.batcher.submit(job, state.settings.request_timeout_s, meta)
+
+
 async def run_job(request: Request, job: Any) -> Any:
-    """Queue a job and wait for it, dropping it from the queue if the client hangs up first."""
+    """Prepare a job's images, queue it and wait for it, dropping it if the client hangs up first."""
     state = get_state(request)
     meta = request.scope.setdefault("state", {})  # the access log reads batch_size from here
-    work = asyncio.ensure_future(state.batcher.submit(job, state.settings.request_timeout_s, meta))
+    work = asyncio.ensure_future(_prepared_and_queued(state, job, meta))
     gone = asyncio.ensure_future(_client_gone(request))
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)

@@ -8,7 +8,17 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from servertools import Gate, LiveServer, b64, metric, post_together, running_app, settings_for, wait_for
+from servertools import (
+    PRIMER,
+    Gate,
+    LiveServer,
+    b64,
+    metric,
+    post_together,
+    running_app,
+    settings_for,
+    wait_for,
+)
 
 QUESTIONS = ["what is this?", "what colour is it?", "is there a cat?", "how many people are there?",
              "where is it?", "what is on the table in the picture?"]  # fmt: skip
@@ -128,6 +138,40 @@ def test_client_that_hangs_up_is_dropped_before_compute(checkpoints, photos):
         assert metric(text, "blip2_dropped_requests_total", reason="disconnected") == 1
         assert metric(text, "blip2_batch_size_count", task="generate") == 1  # only the primer was computed
         assert metric(text, "blip2_requests_total", route="/caption", status="499") == 1
+
+
+def test_images_are_prepared_at_intake_while_the_model_thread_is_busy(opt8, photos):
+    """Resizing and normalising happen on the request's way in, not on the model thread: a request queued
+    behind a busy model already holds its pixels, the same tensors the processor makes for a whole batch."""
+    import torch
+
+    state = opt8.app.state.server
+    requests = [
+        ("/caption", {"image": b64(photos[2]), "max_new_tokens": 4}),
+        ("/embed", {"images": [b64(photos[3]), b64(photos[4])]}),
+        ("/retrieve", {"text": "a cat", "images": [b64(photos[5]), b64(photos[6])]}),
+    ]
+    with ThreadPoolExecutor(len(requests) + 1) as pool:
+        with Gate(opt8.app) as gate:
+            primer = pool.submit(opt8.post, "/caption", json={"image": b64(photos[0])} | PRIMER)
+            gate.wait_taken()
+            futures = [pool.submit(opt8.post, path, json=body) for path, body in requests]
+            gate.wait_queued(len(requests))
+            queued = {type(item.job).__name__: item.job for item in state.batcher._queue}
+            expected = {
+                "GenerateJob": [queued["GenerateJob"].image],
+                "EmbedJob": queued["EmbedJob"].images,
+                "RetrieveJob": queued["RetrieveJob"].candidate_images,
+            }
+            for name, images in expected.items():
+                processor = (
+                    state.runner.models.generation if name == "GenerateJob" else state.runner.models.retrieval
+                ).processor
+                batch = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+                assert queued[name].pixels is not None, name
+                assert torch.equal(queued[name].pixels, batch), name
+        assert primer.result().status_code == 200
+        assert all(future.result().status_code == 200 for future in futures)
 
 
 def test_loaded_models_are_left_out_of_the_cyclic_gc(checkpoints):
