@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import threading
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -60,6 +62,15 @@ class RowStreamer(BaseStreamer):
         self.ended = [True] * len(self.jobs)
 
 
+@dataclass(frozen=True)
+class PromptIds:
+    """A prompt's token ids: the LLM's (with its tokenizer's own bos/eos) and, for InstructBLIP, the
+    Q-Former's (its BERT tokenizer's)."""
+
+    llm: tuple[int, ...]
+    qformer: tuple[int, ...] | None
+
+
 class Runner:
     """Runs one batch of same-key jobs; called by the batcher on its worker thread."""
 
@@ -68,9 +79,13 @@ class Runner:
     ) -> None:
         self.models = models
         self.vision = vision_cache or VisionCache(0)
-        self._event_loop_tokenizer = None  # prompt_tokens and decode run on the event loop: its own copy
-        # Every /caption sends the same prompt, and the event loop's time is taken from the model thread's (GIL).
-        self.prompt_tokens = functools.lru_cache(maxsize=4096)(self._prompt_tokens)
+        # Tokenizer copies for prompt_ids and decode, which run on the event loop and on the model thread
+        # (see _prompt_ids), used under this lock; the model thread pads batches with the models' own.
+        self._private_tokenizers: tuple[Any, Any] | None = None
+        self._private_lock = threading.Lock()
+        # Once per distinct prompt, by whichever thread asks first (every /caption sends the same prompt):
+        # the event loop counts a request's tokens with it, then its batch reuses the ids.
+        self.prompt_ids = functools.lru_cache(maxsize=4096)(self._prompt_ids)
         self.fast_decoder = self._fast_decoder(models.generation) if decoder == "fast" else None
 
     @staticmethod
@@ -120,24 +135,18 @@ class Runner:
         """One `generate` for the jobs that can run (all with the same options); a job whose input cannot
         (its own fault) gets an InvalidInput in its place, and the others their answers."""
         gen, options = self.models.generation, jobs[0].options
-        qformer_ids = self._qformer_ids(gen, [job.prompt for job in jobs])
-        problems = [self._prompt_problem(gen, ids) for ids in qformer_ids or [None] * len(jobs)]
+        prompts = [self.prompt_ids(job.prompt) for job in jobs]
+        problems = [self._prompt_problem(gen, prompt.qformer) for prompt in prompts]
         runnable = [n for n, problem in enumerate(problems) if problem is None]
-        ids = None if qformer_ids is None else [qformer_ids[n] for n in runnable]
         answers = iter(
-            self._generate_batch(gen, options, [jobs[n] for n in runnable], ids) if runnable else []
+            self._generate_batch(gen, options, [jobs[n] for n in runnable], [prompts[n] for n in runnable])
+            if runnable
+            else []
         )
         return [InvalidInput(problem) if problem else next(answers) for problem in problems]
 
     @staticmethod
-    def _qformer_ids(gen: GenerationModel, prompts: list[str]) -> list[list[int]] | None:
-        """InstructBLIP's Q-Former reads the prompt too, through its own (BERT) tokenizer, as text."""
-        if gen.kind != "instructblip":
-            return None
-        return gen.processor.qformer_tokenizer(prompts, split_special_tokens=True)["input_ids"]
-
-    @staticmethod
-    def _prompt_problem(gen: GenerationModel, qformer_ids: list[int] | None) -> str | None:
+    def _prompt_problem(gen: GenerationModel, qformer_ids: tuple[int, ...] | None) -> str | None:
         """The Q-Former reads the prompt within its position embeddings."""
         limit = gen.model.config.qformer_config.max_position_embeddings
         if qformer_ids is None or len(qformer_ids) <= limit:
@@ -149,9 +158,9 @@ class Runner:
         gen: GenerationModel,
         options: GenerationOptions,
         jobs: list[GenerateJob],
-        qformer_ids: list[list[int]] | None,
+        prompts: list[PromptIds],
     ) -> list[Generated]:
-        inputs = self._encode(gen, [job.prompt for job in jobs], qformer_ids)
+        inputs = self._encode(gen, prompts)
         pixels = torch.cat([job.pixels for job in jobs])
         inputs = {k: v.to(self.models.device) for k, v in inputs.items()}
         states = self.vision.states(gen.model.vision_model, pixels, self.models.device, self.models.dtype)
@@ -160,14 +169,12 @@ class Runner:
         return [self._decoded(gen, row, options) for row in output.cpu()]
 
     @staticmethod
-    def _encode(
-        gen: GenerationModel, prompts: list[str], qformer_ids: list[list[int]] | None
-    ) -> dict[str, torch.Tensor]:
+    def _encode(gen: GenerationModel, prompts: list[PromptIds]) -> dict[str, torch.Tensor]:
         """The token inputs the model's processor makes (query placeholders first, then the prompt with the
-        tokenizer's own bos/eos), except that a person's text is only ever text: `split_special_tokens`
-        turns `<image>`, `</s>` or `[SEP]` typed into a prompt into ordinary pieces. Only this template places
-        control tokens (a typed `<image>` would otherwise add a placeholder and break the batch)."""
-        text = gen.processor.tokenizer(prompts, padding=True, split_special_tokens=True, return_tensors="pt")
+        tokenizer's own bos/eos), padded as its tokenizers pad a batch; the prompts' ids are `prompt_ids`'."""
+        text = gen.processor.tokenizer.pad(
+            {"input_ids": [list(prompt.llm) for prompt in prompts]}, padding=True, return_tensors="pt"
+        )
         placeholders = torch.full(
             (len(prompts), gen.model.config.num_query_tokens), gen.model.config.image_token_id
         )
@@ -175,12 +182,15 @@ class Runner:
             "input_ids": torch.cat([placeholders, text["input_ids"]], dim=1),
             "attention_mask": torch.cat([torch.ones_like(placeholders), text["attention_mask"]], dim=1),
         }
-        if qformer_ids is not None:  # InstructBLIP, tokenised once by _qformer_ids
+        if prompts[0].qformer is not None:  # InstructBLIP
             # InstructBlipProcessor pads the Q-Former's text on the LLM tokenizer's side (left for decoder
             # LLMs); BERT's positions are absolute, so pad it as the Q-Former was trained: on the right.
             # Otherwise an answer depends on the other prompts in its batch.
             qformer = gen.processor.qformer_tokenizer.pad(
-                {"input_ids": qformer_ids}, padding=True, padding_side="right", return_tensors="pt"
+                {"input_ids": [list(prompt.qformer) for prompt in prompts]},
+                padding=True,
+                padding_side="right",
+                return_tensors="pt",
             )
             inputs["qformer_input_ids"] = qformer["input_ids"]
             inputs["qformer_attention_mask"] = qformer["attention_mask"]
@@ -242,24 +252,36 @@ class Runner:
         text = tokenizer.decode(ids, skip_special_tokens=True).strip()
         return Generated(text, len(ids), "stop" if stopped or len(ids) < options.max_new_tokens else "length")
 
-    def _prompt_tokens(self, prompt: str) -> int:
-        """Tokens the LLM sees for a prompt: the text plus the query tokens.
+    def _prompt_ids(self, prompt: str) -> PromptIds:
+        """A prompt's ids, its text only ever text: `split_special_tokens` turns `<image>`, `</s>` or
+        `[SEP]` typed into a prompt into ordinary pieces (only `_encode`'s template places control tokens: a
+        typed `<image>` would otherwise add a placeholder and break the batch). InstructBLIP's Q-Former reads
+        the prompt too, through its own tokenizer.
 
-        Called on the event loop while the model thread may be padding a batch: a fast tokenizer keeps its
-        padding setting on the shared Rust object, so counting uses a private copy (sharing one turned
-        batches ragged under load: 500s)."""
-        gen = self.models.generation
-        tokens = self._loop_tokenizer()(prompt, split_special_tokens=True)["input_ids"]
-        return len(tokens) + gen.model.config.num_query_tokens
+        Tokenised with private copies, under a lock: the event loop asks while the model thread may be
+        padding a batch, and a fast tokenizer keeps its padding setting on its shared Rust object (sharing
+        one turned batches ragged under load: 500s)."""
+        with self._private_lock:
+            llm, qformer = self._tokenizer_copies()
+            ids = llm(prompt, split_special_tokens=True)["input_ids"]
+            qformer_ids = None if qformer is None else qformer(prompt, split_special_tokens=True)["input_ids"]
+        return PromptIds(tuple(ids), None if qformer_ids is None else tuple(qformer_ids))
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """Tokens the LLM sees for a prompt: the text plus the query tokens."""
+        return len(self.prompt_ids(prompt).llm) + self.models.generation.model.config.num_query_tokens
 
     def decode(self, token_ids: list[int]) -> str:
         """Text of generated tokens, on the event loop (streaming), as `Generated.text` is made."""
-        return self._loop_tokenizer().decode(token_ids, skip_special_tokens=True).strip()
+        with self._private_lock:
+            return self._tokenizer_copies()[0].decode(token_ids, skip_special_tokens=True).strip()
 
-    def _loop_tokenizer(self):
-        if self._event_loop_tokenizer is None:
-            self._event_loop_tokenizer = copy.deepcopy(self.models.generation.processor.tokenizer)
-        return self._event_loop_tokenizer
+    def _tokenizer_copies(self) -> tuple[Any, Any]:
+        if self._private_tokenizers is None:
+            gen = self.models.generation
+            qformer = gen.processor.qformer_tokenizer if gen.kind == "instructblip" else None
+            self._private_tokenizers = (copy.deepcopy(gen.processor.tokenizer), copy.deepcopy(qformer))
+        return self._private_tokenizers
 
     # -- retrieval model ----------------------------------------------------------------------------
     def _retrieval(self) -> RetrievalModel:

@@ -266,10 +266,16 @@ def test_counting_prompt_tokens_leaves_the_batch_tokenizer_alone(opt8):
     model thread padded a batch with it; a fast tokenizer keeps its padding setting on the shared Rust
     object, so the count switched padding off mid-batch and mixed-length VQA batches failed (500) under load.
     Here the model thread's state is set by hand: counting must neither read nor reset it."""
+    import copy
+
     runner = opt8.app.state.server.runner
-    backend = runner.models.generation.processor.tokenizer._tokenizer
-    prompt = "Question: what colour is the shape? Answer:"
-    expected = runner.prompt_tokens(prompt)
+    gen = runner.models.generation
+    backend = gen.processor.tokenizer._tokenizer
+    prompt = "Question: which colour is the shape, counted mid-batch? Answer:"  # never counted before
+    unpadded = copy.deepcopy(gen.processor.tokenizer)
+    expected = (
+        len(unpadded(prompt, split_special_tokens=True)["input_ids"]) + gen.model.config.num_query_tokens
+    )
     backend.enable_padding(length=48, pad_id=1, pad_token="<pad>", direction="left")  # mid-batch state
     try:
         assert runner.prompt_tokens(prompt) == expected  # not padded to 48

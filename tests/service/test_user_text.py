@@ -89,7 +89,7 @@ def family_models(tmp_path_factory) -> dict[str, Runner]:
 
 def text_ids(runner: Runner, prompt: str) -> tuple[list[int], torch.Tensor]:
     gen = runner.models.generation
-    ids = Runner._encode(gen, [prompt], Runner._qformer_ids(gen, [prompt]))["input_ids"][0]
+    ids = Runner._encode(gen, [runner.prompt_ids(prompt)])["input_ids"][0]
     placeholders = int((ids == gen.model.config.image_token_id).sum())
     return ids[gen.model.config.num_query_tokens :].tolist(), placeholders
 
@@ -137,9 +137,7 @@ def test_retrieval_and_instructblip_qformer_texts(checkpoints):
 
     instruct = Runner(load_models(settings_for(checkpoints["instructblip"])))
     gen = instruct.models.generation
-    qformer_ids = Runner._encode(gen, [PROMPT], Runner._qformer_ids(gen, [PROMPT]))["qformer_input_ids"][
-        0
-    ].tolist()
+    qformer_ids = Runner._encode(gen, [instruct.prompt_ids(PROMPT)])["qformer_input_ids"][0].tolist()
     special = set(gen.processor.qformer_tokenizer.all_special_ids)
     assert qformer_ids[0] == gen.processor.qformer_tokenizer.cls_token_id
     assert not special & set(qformer_ids[1:-1])
