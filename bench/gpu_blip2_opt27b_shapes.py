@@ -6,7 +6,8 @@ vocab 50272), built from configs with random weights on the GPU, saved as safete
 `service.loading.load_models` once per LLM precision (`--modes`: fp16, bitsandbytes LLM.int8 with outlier
 threshold 6 and 0, torchao int8 weight-only, torchao FP8). Each mode first answers the same 16 images
 greedily (10 tokens), to compare its tokens with fp16's ("agreement with fp16"). For each mode and each
-decoder (`fast`: the server's decode loop; `transformers`: generate()), captions at batch 1, 8 and 32 go
+decoder (`fast`: the server's decode loop; `fast-graphs`: the same with `--cuda-graphs`, each step a CUDA
+graph replay; `transformers`: generate()), captions at batch 1, 8 and 32 go
 through `service.batching.Batcher` (B requests submitted at once form one batch): captions/s, the time per
 decode step, peak GPU memory, the ViT's share of the batch time (CUDA-synchronised hooks around it), and
 "% of bound": the captions/s that memory bandwidth and peak FLOPs allow (bench/roofline.py), on a known chip.
@@ -226,7 +227,8 @@ async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, 
         entry["agreement_with_fp16"] = f"{same}/16"
     options = GenerationOptions(max_new_tokens=args.tokens, min_new_tokens=args.tokens, num_beams=args.beams)
     for decoder in args.decoders.split(","):
-        runner = Runner(models, decoder=decoder)
+        # `fast-graphs`: the fast decoder with --cuda-graphs (fixed-shape steps replayed as CUDA graphs)
+        runner = Runner(models, decoder=decoder.removesuffix("-graphs"), cuda_graphs=decoder == "fast-graphs")
         batcher = Batcher(runner, max_batch_size=max(batches), max_wait_s=0.05, max_queue_size=256)
         batcher.start()
         try:
@@ -282,7 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--small", action="store_true", help="tiny widths and depths, for a CPU check")
     parser.add_argument("--modes", default=",".join(MODES), help="LLM precisions, fp16 first (see MODES)")
-    parser.add_argument("--decoders", default="fast,transformers", help="--decoder values to measure")
+    parser.add_argument(
+        "--decoders",
+        default="fast,fast-graphs,transformers",
+        help="--decoder values to measure; `fast-graphs`: `fast` with --cuda-graphs",
+    )
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--tokens", type=int, default=30, help="new tokens per caption (min = max)")
     parser.add_argument("--beams", type=int, default=5)

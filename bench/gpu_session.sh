@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU slot's measurements for issue 13, in the order they matter, inside a ~10-minute command:
-#   1. bench/gpu_blip2_opt27b_shapes.py: both decoders x every LLM precision at blip2-opt-2.7b's shapes
-#      (captions/s, ms per decode step, % of bound, peak memory, 8-bit answers against fp16's);
+#   1. bench/gpu_blip2_opt27b_shapes.py: the decoders (fast, fast with --cuda-graphs, generate()) x every LLM
+#      precision at blip2-opt-2.7b's shapes (captions/s, ms per decode step, % of bound, peak memory, 8-bit
+#      answers against fp16's);
 #   2. bench/gpu_compiled_decode.py: generate()'s dynamic cache vs a static cache compiled with CUDA graphs,
 #      ms per decode step at 5/40/160 rows (how far graph capture takes a step), in the time left.
 # Everything goes to $OUT (JSON after every cell, logs beside), so a run cut short still reports.
@@ -16,6 +17,9 @@ PY="${PYTHON:-python}"
 small=()
 [ -n "${SMALL:-}" ] && small=(--small)
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+# The GPU-only tests first (CUDA-graph steps against generate()): a minute at most.
+timeout 120 "$PY" -m pytest -q -m gpu tests/service/test_decoding.py > "$OUT/gpu_tests.log" 2>&1
+echo "gpu tests: exit $?" | tee -a "$OUT/session.txt"
 # Each step has its own budget (new cells stop starting) and a hard limit, so both get their turn.
 timeout 330 "$PY" bench/gpu_blip2_opt27b_shapes.py "${small[@]}" --rounds 2 --budget-s 190 --out "$OUT" \
     > "$OUT/shapes.log" 2>&1

@@ -8,10 +8,18 @@ the same order, so the logits are bit for bit those of the model's forward on th
 beam search follow `generate()`'s own algorithms step for step, with transformers' logits processors, so the
 tokens are the ones `generate()` gives (tests/service/test_decoding.py checks it).
 
+With `cuda_graphs` the steps take fixed shapes instead (rows padded to a power of two, a capacity rounded
+up to 64 positions, attention over the whole capacity under a mask, the new key and value written at a
+tensor index), so that on a GPU each step is one CUDA graph replay instead of hundreds of kernel launches.
+Those logits are no longer bit for bit the model's (the sums run over masked positions too); the tests
+check that the tokens still equal `generate()`'s on the CPU, where the same fixed-shape steps run eagerly.
+
 A model or a setting this loop does not cover is served by `generate()` (`Runner` asks `unsupported`).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch.nn import functional as F
@@ -24,6 +32,8 @@ from transformers import (
 )
 
 from service.jobs import GenerationOptions
+
+log = logging.getLogger("service.decoding")
 
 # generation_config fields whose non-default values make generate() add a step this loop does not have.
 _UNSUPPORTED_DEFAULTS = {
@@ -76,10 +86,14 @@ class KVCache:
     and attends over exactly the filled length (a view, no copy): attending over the padded capacity would
     change the float sums, and the logits would no longer equal the model's."""
 
-    def __init__(self, prefilled, rows: torch.Tensor, capacity: int, arena: Arena) -> None:
+    def __init__(
+        self, prefilled, rows: torch.Tensor, capacity: int, arena: Arena, padded_rows: int | None = None
+    ) -> None:
+        """`padded_rows` (fixed shapes): room for that many rows, of which the first len(rows) are used."""
         first = prefilled.layers[0].keys  # [rows, heads, length, head_dim]
         _, heads, self.length, dim = first.shape
-        shape = (len(prefilled.layers), len(rows), heads, capacity, dim)
+        self.rows = len(rows)
+        shape = (len(prefilled.layers), padded_rows or self.rows, heads, capacity, dim)
         size = shape[0] * shape[1] * heads * capacity * dim
         answer = size // capacity * (capacity - self.length)
         # Keys, values, and the buffer a reorder gathers the answer's part into before copying it back.
@@ -88,8 +102,14 @@ class KVCache:
         self._scratch = memory[2 * size :]
         self.prompt = self.length
         for index, layer in enumerate(prefilled.layers):
-            self.keys[index, :, :, : self.length] = layer.keys.index_select(0, rows)
-            self.values[index, :, :, : self.length] = layer.values.index_select(0, rows)
+            self.keys[index, : self.rows, :, : self.length] = layer.keys.index_select(0, rows)
+            self.values[index, : self.rows, :, : self.length] = layer.values.index_select(0, rows)
+        if padded_rows is not None:
+            # Fixed-shape steps attend over every position, masked or not, and the arena's memory is
+            # whatever it held: a NaN there would reach the answer (a masked score of NaN stays NaN).
+            for store in (self.keys, self.values):
+                store[:, :, :, self.length :].zero_()
+                store[:, self.rows :].zero_()
 
     def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's key and value ([rows, heads, 1, dim]) and return the layer's filled views."""
@@ -104,7 +124,7 @@ class KVCache:
         if self.length == self.prompt:
             return
         for store in (self.keys, self.values):
-            answer = store[:, :, :, self.prompt : self.length]
+            answer = store[:, : self.rows, :, self.prompt : self.length]
             gathered = self._scratch[: answer.numel()].view(answer.shape)
             torch.index_select(answer, 1, rows, out=gathered)
             answer.copy_(gathered)
@@ -122,9 +142,16 @@ class OptDecodeStep:
         self.heads, self.head_dim = attention.num_heads, attention.head_dim
 
     def __call__(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, mask: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        mask: torch.Tensor,
+        write_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [rows, vocab] for `tokens` [rows] at `positions` [rows]; `mask` [rows, 1, 1, length+1]."""
+        """Logits [rows, vocab] for `tokens` [rows] at `positions` [rows]; `mask` [rows, 1, 1, length+1].
+        With `write_at` (fixed shapes: a one-element index, the cache's length) the step writes there, attends
+        over the cache's whole capacity (`mask` [rows, 1, 1, capacity]) and leaves `cache.length` to the caller."""
         decoder, rows = self.decoder, tokens.shape[0]
         hidden = decoder.embed_tokens(tokens[:, None])
         if decoder.project_in is not None:
@@ -138,7 +165,12 @@ class OptDecodeStep:
             query = (attention.q_proj(hidden) * attention.scaling).view(rows, 1, self.heads, self.head_dim)
             key = attention.k_proj(hidden).view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
             value = attention.v_proj(hidden).view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
-            keys, values = cache.append(index, key, value)
+            if write_at is None:
+                keys, values = cache.append(index, key, value)
+            else:
+                keys, values = cache.keys[index], cache.values[index]
+                keys.index_copy_(2, write_at, key)
+                values.index_copy_(2, write_at, value)
             out = F.scaled_dot_product_attention(
                 query.transpose(1, 2), keys, values, attn_mask=mask, scale=1.0
             )
@@ -151,7 +183,8 @@ class OptDecodeStep:
             hidden = residual + layer.fc2(layer.activation_fn(layer.fc1(hidden)))
             if not layer.do_layer_norm_before:
                 hidden = layer.final_layer_norm(hidden)
-        cache.length += 1
+        if write_at is None:
+            cache.length += 1
         if decoder.final_layer_norm is not None:
             hidden = decoder.final_layer_norm(hidden)
         if decoder.project_out is not None:
@@ -159,11 +192,22 @@ class OptDecodeStep:
         return self.llm.lm_head(hidden)[:, 0]
 
 
-class FastDecoder:
-    """`generate()` for one batch of prompts given as embeddings (image queries already in place)."""
+def graph_blocker(llm: torch.nn.Module) -> str | None:
+    """Why this LLM's decode steps cannot be captured in CUDA graphs, or None."""
+    if any(type(module).__module__.startswith("bitsandbytes") for module in llm.modules()):
+        # LLM.int8 reads its outlier columns back to the host in every layer: no capture.
+        return "bitsandbytes layers synchronise with the host"
+    return None
 
-    def __init__(self, llm: torch.nn.Module) -> None:
+
+class FastDecoder:
+    """`generate()` for one batch of prompts given as embeddings (image queries already in place).
+    `fixed_shapes`: the steps take fixed shapes (module docstring), captured as CUDA graphs on a GPU."""
+
+    def __init__(self, llm: torch.nn.Module, fixed_shapes: bool = False) -> None:
         self.llm, self.step, self.arena = llm, OptDecodeStep(llm), Arena()
+        self.fixed_shapes = fixed_shapes
+        self.graphs: dict[tuple, _FixedShapeBuffers] = {}  # per (padded rows, capacity, device)
         config = llm.generation_config
         eos = config.eos_token_id
         self.eos = torch.tensor(eos if isinstance(eos, list) else [eos])
@@ -214,13 +258,19 @@ class FastDecoder:
         beams = options.num_beams
         rows = torch.arange(input_ids.shape[0], device=input_ids.device).repeat_interleave(beams)
         capacity = input_ids.shape[1] + options.max_new_tokens
-        cache = KVCache(prefill.cache, rows, capacity, self.arena)
+        padded = None
+        if self.fixed_shapes:
+            padded, capacity = 1 << (len(rows) - 1).bit_length(), -(-capacity // 64) * 64
+        cache = KVCache(prefill.cache, rows, capacity, self.arena, padded)
         del prefill
         # The mask of every position a step may attend: the prompt's (left padding is False), then each answer.
         mask = torch.ones((len(rows), capacity), dtype=torch.bool, device=input_ids.device)
         mask[:, : input_ids.shape[1]] = attention_mask.bool().index_select(0, rows)
         positions = attention_mask.sum(dim=1).index_select(0, rows) - 1  # OPT: positions count real tokens
-        run = _Steps(self.step, cache, mask, positions)
+        if self.fixed_shapes:
+            run = _FixedShapeSteps(self, cache, mask[:, : input_ids.shape[1]], positions)
+        else:
+            run = _Steps(self.step, cache, mask, positions)
         processors = self.processors(options, mask[:, : input_ids.shape[1]])
         if beams == 1:
             return self._sample(run, logits, input_ids, options, processors, streamer)
@@ -340,3 +390,78 @@ class _Steps:
         self.positions = self.positions + 1
         mask = self.mask[:, None, None, : self.cache.length + 1]
         return self.step(tokens, self.positions, self.cache, mask)
+
+
+class _FixedShapeBuffers:
+    """The inputs and output of one (padded rows, capacity) step shape, kept between batches: a CUDA graph
+    replays on the addresses it was captured with."""
+
+    def __init__(self, rows: int, capacity: int, device: torch.device) -> None:
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
+        self.positions = torch.zeros(rows, dtype=torch.long, device=device)
+        self.write_at = torch.zeros(1, dtype=torch.long, device=device)
+        self.mask = torch.zeros((rows, 1, 1, capacity), dtype=torch.bool, device=device)
+        self.logits: torch.Tensor | None = None
+        self.graph = None
+        self.cache_address = 0  # where the captured graph's cache lives: a grown arena means a new capture
+
+
+class _FixedShapeSteps:
+    """The decode steps of one batch at fixed shapes; on a GPU each step is a replay of a CUDA graph that is
+    captured the first time its shape comes."""
+
+    def __init__(
+        self, decoder: FastDecoder, cache: KVCache, prompt_mask: torch.Tensor, positions: torch.Tensor
+    ):
+        self.decoder, self.step, self.cache, self.positions = decoder, decoder.step, cache, positions
+        self.eager = False  # set when capturing failed: this batch's steps then run without a graph
+        padded, capacity, device = cache.keys.shape[1], cache.keys.shape[3], positions.device
+        key = (padded, capacity, device)
+        if key not in decoder.graphs:
+            decoder.graphs[key] = _FixedShapeBuffers(padded, capacity, device)
+        self.buffers = buffers = decoder.graphs[key]
+        rows, prompt = prompt_mask.shape
+        buffers.mask.zero_()
+        buffers.mask[:rows, 0, 0, :prompt] = prompt_mask
+        buffers.mask[rows:, 0, 0, 0] = True  # padding rows attend to something: no NaN from an empty softmax
+        if buffers.graph is not None and buffers.cache_address != cache.keys.data_ptr():
+            buffers.graph = None
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        buffers, cache, rows = self.buffers, self.cache, tokens.shape[0]
+        self.positions = self.positions + 1
+        buffers.tokens[:rows] = tokens
+        buffers.positions[:rows] = self.positions
+        buffers.write_at.fill_(cache.length)
+        buffers.mask[:, 0, 0, cache.length] = True
+        if buffers.graph is None and tokens.is_cuda and not self.eager:
+            self._capture()
+        if buffers.graph is None:
+            logits = self._forward()
+        else:
+            buffers.graph.replay()
+            logits = buffers.logits
+        cache.length += 1
+        return logits[:rows].clone()  # the next replay overwrites the graph's output
+
+    def _forward(self) -> torch.Tensor:
+        buffers = self.buffers
+        return self.step(buffers.tokens, buffers.positions, self.cache, buffers.mask, buffers.write_at)
+
+    def _capture(self) -> None:
+        buffers = self.buffers
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up runs before a capture, as torch.cuda.graph asks
+            for _ in range(2):
+                self._forward()  # writes this step's key and value, as the replay will again
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                buffers.logits = self._forward()
+        except RuntimeError as exc:  # e.g. a layer that reads a value back to the host
+            log.warning("capturing a decode step in a CUDA graph failed (%s): decoding without graphs", exc)
+            self.eager, self.decoder.fixed_shapes = True, False
+            return
+        buffers.graph, buffers.cache_address = graph, self.cache.keys.data_ptr()

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from transformers.generation.streamers import BaseStreamer
 
 from service.batching import InvalidInput
-from service.decoding import FastDecoder, unsupported
+from service.decoding import FastDecoder, graph_blocker, unsupported
 from service.jobs import EmbedJob, Generated, GenerateJob, GenerationOptions, RetrieveJob
 from service.loading import GenerationModel, LoadedModels, RetrievalModel
 from service.vision import VisionCache
@@ -75,7 +75,11 @@ class Runner:
     """Runs one batch of same-key jobs; called by the batcher on its worker thread."""
 
     def __init__(
-        self, models: LoadedModels, vision_cache: VisionCache | None = None, decoder: str = "fast"
+        self,
+        models: LoadedModels,
+        vision_cache: VisionCache | None = None,
+        decoder: str = "fast",
+        cuda_graphs: bool = False,
     ) -> None:
         self.models = models
         self.vision = vision_cache or VisionCache(0)
@@ -86,17 +90,23 @@ class Runner:
         # Once per distinct prompt, by whichever thread asks first (every /caption sends the same prompt):
         # the event loop counts a request's tokens with it, then its batch reuses the ids.
         self.prompt_ids = functools.lru_cache(maxsize=4096)(self._prompt_ids)
-        self.fast_decoder = self._fast_decoder(models.generation) if decoder == "fast" else None
+        self.fast_decoder = self._fast_decoder(models.generation, cuda_graphs) if decoder == "fast" else None
 
     @staticmethod
-    def _fast_decoder(gen: GenerationModel | None) -> FastDecoder | None:
+    def _fast_decoder(gen: GenerationModel | None, cuda_graphs: bool) -> FastDecoder | None:
         if gen is None or gen.is_encoder_decoder:
             return None
-        reason = unsupported(gen.model.language_model)
+        llm = gen.model.language_model
+        reason = unsupported(llm)
         if reason is not None:
             log.info("generation uses transformers' generate(): %s", reason)
             return None
-        return FastDecoder(gen.model.language_model)
+        if cuda_graphs and (blocker := graph_blocker(llm)) is not None:
+            log.warning("decode steps are not captured in CUDA graphs: %s", blocker)
+            cuda_graphs = False
+        if cuda_graphs and llm.device.type != "cuda":
+            log.warning("--cuda-graphs on %s: fixed-shape decode steps without graphs (slower)", llm.device)
+        return FastDecoder(llm, fixed_shapes=cuda_graphs)
 
     def prepare(self, job: GenerateJob | EmbedJob | RetrieveJob) -> None:
         """A job's images -> `job.pixels`, as the processor of the model that reads them makes them (each

@@ -70,6 +70,13 @@ class Settings(BaseSettings):
         "cache, the decoder's modules run directly; tokens equal transformers' `generate()`). `transformers`: "
         "`generate()` itself. Flan-T5 and other LLM families always use `generate()`.",
     )
+    cuda_graphs: bool = Field(
+        False,
+        description="Experimental, GPU: the fast decoder's steps take fixed shapes and each is replayed as a "
+        "CUDA graph (one launch per step instead of hundreds). Not with bitsandbytes LLMs (they synchronise "
+        "with the host). Tokens equal `generate()`'s in the CPU tests; off by default until measured on a "
+        "GPU (`bash bench/gpu_session.sh`).",
+    )
     allow_pickle: bool = Field(
         False, description="Allow pickle-based weight files (.bin/.pth). Off: only safetensors are loaded."
     )

@@ -54,6 +54,40 @@ def test_tiny_opt_tokens_equal_generate(tiny_runners, photos, name):
     assert answers(fast, jobs) == answers(slow, jobs)
 
 
+@pytest.mark.parametrize("name", OPTIONS)
+def test_fixed_shape_steps_tokens_equal_generate(tiny_runners, photos, name):
+    """`--cuda-graphs` steps (rows padded to a power of two, attention over the whole rounded-up capacity
+    under a mask, writes at a tensor index), run eagerly on the CPU: the tokens are still generate()'s, for
+    every setting, with padding rows beside the batch's (8 prompts: 40 beam rows in 64)."""
+    fixed, slow = Runner(tiny_runners[0].models, decoder="fast", cuda_graphs=True), tiny_runners[1]
+    assert fixed.fast_decoder.fixed_shapes
+    jobs = [
+        GenerateJob(photo, prompt, OPTIONS[name]) for photo, prompt in zip(photos, PROMPTS * 2, strict=True)
+    ]
+    assert answers(fixed, jobs) == answers(slow, jobs)
+    assert answers(fixed, jobs[:3]) == answers(slow, jobs[:3])  # another shape after the first, same buffers
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graph_steps_give_generate_tokens(checkpoints, photos):
+    """On a GPU (fp32): each fixed-shape step is captured once per shape (not fallen back to eager steps) and
+    replayed by the next batch of that shape, with generate()'s tokens."""
+    models = load_models(settings_for(checkpoints["tiny-opt"] / "generation", device="cuda", dtype="float32"))
+    graphs, slow = Runner(models, decoder="fast", cuda_graphs=True), Runner(models, decoder="transformers")
+    for name in ("greedy", "beam5"):
+        jobs = [
+            GenerateJob(photo, prompt, OPTIONS[name])
+            for photo, prompt in zip(photos, PROMPTS * 2, strict=True)
+        ]
+        expected = answers(slow, jobs)
+        assert answers(graphs, jobs) == expected
+        captured = {key: buffers.graph for key, buffers in graphs.fast_decoder.graphs.items()}
+        assert graphs.fast_decoder.fixed_shapes and captured and None not in captured.values()
+        assert answers(graphs, jobs) == expected
+        assert {key: buffers.graph for key, buffers in graphs.fast_decoder.graphs.items()} == captured
+
+
 def test_sampling_draws_the_same_tokens_from_the_same_seed(tiny_runners, photos):
     fast, slow = tiny_runners
     options = GenerationOptions(max_new_tokens=10, do_sample=True, temperature=0.8, top_p=0.9)
@@ -78,8 +112,11 @@ def test_streamed_tokens_are_the_answer(tiny_runners, photos):
 
 
 def test_eight_bit_llm_tokens_equal_generate(checkpoints, photos):
-    """bitsandbytes LLM.int8 on the CPU: the loop calls the model's own 8-bit linear layers."""
-    fast, slow = both(load_models(settings_for(checkpoints["tiny-opt"] / "generation", load_in_8bit=True)))
+    """bitsandbytes LLM.int8 on the CPU: the loop calls the model's own 8-bit linear layers. Its steps are
+    never captured in CUDA graphs (a host sync in every layer)."""
+    models = load_models(settings_for(checkpoints["tiny-opt"] / "generation", load_in_8bit=True))
+    assert not Runner(models, decoder="fast", cuda_graphs=True).fast_decoder.fixed_shapes
+    fast, slow = both(models)
     for options in (OPTIONS["greedy"], OPTIONS["beam5"]):
         jobs = [
             GenerateJob(photo, prompt, options) for photo, prompt in zip(photos[:4], PROMPTS, strict=True)
@@ -88,15 +125,17 @@ def test_eight_bit_llm_tokens_equal_generate(checkpoints, photos):
 
 
 def test_torchao_int8_llm_tokens_equal_generate(checkpoints, photos):
-    """torchao int8 weight-only: the loop runs the model's quantised linears as generate() does."""
-    fast, slow = both(
-        load_models(settings_for(checkpoints["tiny-opt"] / "generation", quantization="torchao-int8"))
-    )
+    """torchao int8 weight-only: the loop runs the model's quantised linears as generate() does, also at
+    fixed shapes (torchao's layers, unlike bitsandbytes', can be captured in CUDA graphs)."""
+    models = load_models(settings_for(checkpoints["tiny-opt"] / "generation", quantization="torchao-int8"))
+    fast, slow = both(models)
+    fixed = Runner(models, decoder="fast", cuda_graphs=True)
+    assert fixed.fast_decoder.fixed_shapes
     jobs = [
         GenerateJob(photo, prompt, OPTIONS["beam5"])
         for photo, prompt in zip(photos[:4], PROMPTS, strict=True)
     ]
-    assert answers(fast, jobs) == answers(slow, jobs)
+    assert answers(fast, jobs) == answers(slow, jobs) == answers(fixed, jobs)
 
 
 def test_other_llm_families_and_settings_use_generate(checkpoints, tmp_path):
@@ -116,7 +155,7 @@ def test_other_llm_families_and_settings_use_generate(checkpoints, tmp_path):
 @pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "generation").is_dir(), reason="no packaged default model")
 def test_default_model_1000_questions_and_200_captions_equal_generate():
     """The built-in model (InstructBLIP, OPT LLM): 1,000 easy-VQA test questions and 200 captions, greedy and
-    beam 5 with the routes' settings, in batches of 16."""
+    beam 5 with the routes' settings, in batches of 16; also with the fixed-shape (`--cuda-graphs`) steps."""
     import easy_vqa
     from PIL import Image
 
@@ -124,6 +163,7 @@ def test_default_model_1000_questions_and_200_captions_equal_generate():
 
     models = load_models(settings_for(DEFAULT_MODEL_DIR / "generation"))
     fast, slow = both(models)
+    fixed = Runner(models, decoder="fast", cuda_graphs=True)
     questions, _, image_ids = easy_vqa.get_test_questions()
     paths = easy_vqa.get_test_image_paths()
     folder = models.generation.generation_defaults
@@ -137,4 +177,6 @@ def test_default_model_1000_questions_and_200_captions_equal_generate():
                     GenerateJob(Image.open(paths[image]).convert("RGB"), prompt, options)
                     for image, prompt in work[start : start + 16]
                 ]
-                assert answers(fast, jobs) == answers(slow, jobs), (options, start)
+                expected = answers(slow, jobs)
+                assert answers(fast, jobs) == expected, (options, start)
+                assert answers(fixed, jobs) == expected, ("fixed shapes", options, start)
