@@ -85,6 +85,20 @@ class NewImage:
     vectors: np.ndarray  # (queries, dim), L2-normalised
 
 
+@dataclass
+class Planned:
+    """Where one image of an add stands before the insert (`Gallery.plan`)."""
+
+    image_id: str  # the id asked for, or the content-named one
+    sha256: str
+    # "new": to embed and insert; "repeat": the same id and bytes came earlier in this add; "exists": the
+    # id holds these bytes; "conflict": the id holds other bytes; "duplicate": these bytes are stored, or
+    # come earlier in this add, under `holder`; "reused_id": an earlier image of this add has this id and
+    # other bytes.
+    status: str
+    holder: str  # the id that holds, or will hold, these bytes
+
+
 def model_fingerprint(source: str) -> str:
     """sha256 over a checkpoint folder's weights, configs and tokenizer files (names and bytes): equal for
     the same checkpoint on any device or dtype, different after any training step."""
@@ -316,6 +330,34 @@ class Gallery:
         where = f"query == 0 and (image_id in {json.dumps(ids)} or sha256 in {json.dumps(hashes)})"
         rows = self._query(where)
         return {r["image_id"]: r["sha256"] for r in rows}, {r["sha256"]: r["image_id"] for r in rows}
+
+    def plan(self, items: list[tuple[bytes, str | None]]) -> list[Planned]:
+        """What adding these (bytes, id or None) would do, image by image, in order: one lookup for all.
+        POST /gallery/images and `blip2-serve gallery add` both act on it, each in its own way (answers and
+        errors, or counters)."""
+        keyed = [content_key(data, image_id) for data, image_id in items]
+        first_digest: dict[str, str] = {}  # id -> the bytes of its first image in this add
+        first_with: dict[str, str] = {}  # bytes -> the first id they come under in this add
+        for digest, image_id in keyed:
+            first_digest.setdefault(image_id, digest)
+            first_with.setdefault(digest, image_id)
+        stored_ids, stored_hashes = self.lookup(list(first_digest), list(first_with))
+        plans, seen = [], set()
+        for digest, image_id in keyed:
+            if first_digest[image_id] != digest:
+                status, holder = "reused_id", image_id
+            elif image_id in stored_ids:
+                status = "exists" if stored_ids[image_id] == digest else "conflict"
+                holder = image_id
+            elif digest in stored_hashes:
+                status, holder = "duplicate", stored_hashes[digest]
+            elif first_with[digest] != image_id:
+                status, holder = "duplicate", first_with[digest]
+            else:
+                status, holder = ("repeat" if image_id in seen else "new"), image_id
+                seen.add(image_id)
+            plans.append(Planned(image_id, digest, status, holder))
+        return plans
 
     def count(self) -> int:
         rows = self.client.query(self.name, filter="query == 0", output_fields=["count(*)"])

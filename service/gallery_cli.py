@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from service.__main__ import add_settings_arguments
 from service.errors import ApiError
-from service.gallery import Gallery, GalleryError, NewImage, content_key, metadata_fits, open_gallery
+from service.gallery import Gallery, GalleryError, NewImage, metadata_fits, open_gallery
 from service.images import decode_image
 from service.inference import Runner
 from service.jobs import EmbedJob
@@ -105,28 +105,19 @@ class Indexer:
 
     def add(self, batch: list[dict]) -> None:
         """One batch: read, skip what is stored (by id or content), embed the rest, commit them in one insert."""
-        items = {}
-        for entry in batch:
-            read = self.read(entry)
-            if read is None:
-                continue
-            digest, image_id = content_key(read[0], entry["id"])
-            if image_id in items or digest in {i[1] for i in items.values()}:
-                self.counts["duplicate"] += 1
-                continue
-            items[image_id] = (read, digest, entry["metadata"])
-        ids, hashes = self.gallery.lookup(list(items), [i[1] for i in items.values()])
-        new = {}
-        for image_id, item in items.items():
-            if image_id in ids or item[1] in hashes:
-                self.counts["exists" if image_id in ids else "duplicate"] += 1
-            else:
-                new[image_id] = item
+        readable = [(entry, read) for entry in batch if (read := self.read(entry)) is not None]
+        plans = self.gallery.plan([(read[0], entry["id"]) for entry, read in readable])
+        new = []
+        for plan, (entry, read) in zip(plans, readable, strict=True):
+            if plan.status == "new":
+                new.append((plan, read, entry["metadata"]))
+            else:  # a conflicting id is left as it is, like an existing one
+                self.counts["exists" if plan.status in ("exists", "conflict") else "duplicate"] += 1
         if new:
-            vectors = embed(self.runner, [read[1] for read, _, _ in new.values()])
+            vectors = embed(self.runner, [read[1] for _, read, _ in new])
             fresh = [
-                NewImage(image_id, digest, read[0], metadata, v)
-                for (image_id, (read, digest, metadata)), v in zip(new.items(), vectors, strict=True)
+                NewImage(plan.image_id, plan.sha256, read[0], metadata, v)
+                for (plan, read, metadata), v in zip(new, vectors, strict=True)
             ]
             outcome = self.gallery.add(fresh)
             self.counts.update("added" if status == "added" else "duplicate" for status in outcome.values())

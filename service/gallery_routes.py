@@ -27,7 +27,6 @@ from service.gallery import (
     Gallery,
     NewImage,
     Stored,
-    content_key,
     metadata_filter,
     metadata_fits,
 )
@@ -185,46 +184,36 @@ async def add_images(
 ) -> AddResponse:
     """Add images (idempotent on id; identical bytes are stored once), embedded in batches by the engine."""
     items = await _incoming(given, settings)
-    wanted: dict[str, tuple[bytes, dict]] = {}  # id -> (bytes, metadata), first of each id
-    order, first_with = [], {}  # requested ids in order; content hash -> first id holding it here
-    for data, image_id, metadata in items:
-        digest, image_id = content_key(data, image_id)
-        if image_id in wanted and content_key(wanted[image_id][0], image_id)[0] != digest:
-            raise unprocessable(f"id {image_id!r} is given to two different images")
-        wanted.setdefault(image_id, (data, metadata))
-        first_with.setdefault(digest, image_id)
-        order.append((image_id, digest))
-    stored_ids, stored_hashes = await asyncio.to_thread(
-        gallery.lookup, list(wanted), [digest for _, digest in order]
-    )
-    for image_id, digest in order:
-        if image_id in stored_ids and stored_ids[image_id] != digest:
-            raise ApiError(409, "conflict", f"id {image_id!r} holds another image; delete it first")
+    plans = await asyncio.to_thread(gallery.plan, [(data, image_id) for data, image_id, _ in items])
+    for plan in plans:
+        if plan.status == "reused_id":
+            raise unprocessable(f"id {plan.image_id!r} is given to two different images")
+    for plan in plans:
+        if plan.status == "conflict":
+            raise ApiError(409, "conflict", f"id {plan.image_id!r} holds another image; delete it first")
     new = [
-        (image_id, digest)
-        for image_id, digest in dict.fromkeys(order)
-        if image_id not in stored_ids and digest not in stored_hashes and first_with[digest] == image_id
+        (plan, data, metadata)
+        for plan, (data, _, metadata) in zip(plans, items, strict=True)
+        if plan.status == "new"
     ]
     outcome: dict[str, str] = {}
     if new:
-        decoded = [await asyncio.to_thread(decode_image, wanted[i][0], settings) for i, _ in new]
+        decoded = [await asyncio.to_thread(decode_image, data, settings) for _, data, _ in new]
         vectors = (await run_job(request, EmbedJob(decoded, [], query_vectors=True)))["image_queries"]
         fresh = [
-            NewImage(image_id, digest, wanted[image_id][0], wanted[image_id][1], v.numpy())
-            for (image_id, digest), v in zip(new, vectors, strict=True)
+            NewImage(plan.image_id, plan.sha256, data, metadata, v.numpy())
+            for (plan, data, metadata), v in zip(new, vectors, strict=True)
         ]
         outcome = await asyncio.to_thread(gallery.add, fresh)
     answers = []
-    for image_id, digest in order:
-        if image_id in stored_ids:
-            answers.append(Added(id=image_id, status="exists"))
-        elif digest in stored_hashes or first_with[digest] != image_id:
-            answers.append(Added(id=stored_hashes.get(digest, first_with[digest]), status="duplicate"))
-        elif outcome.get(image_id) == "added":
-            answers.append(Added(id=image_id, status="added"))
-        else:  # another request stored it between the check and the insert
-            holder = outcome[image_id]
-            answers.append(Added(id=holder, status="exists" if holder == image_id else "duplicate"))
+    for plan in plans:
+        if plan.status in ("exists", "duplicate"):
+            answers.append(Added(id=plan.holder, status=plan.status))
+        elif outcome[plan.image_id] == "added":
+            answers.append(Added(id=plan.image_id, status="added"))
+        else:  # another request stored it between the plan and the insert
+            holder = outcome[plan.image_id]
+            answers.append(Added(id=holder, status="exists" if holder == plan.image_id else "duplicate"))
     return AddResponse(model=gallery.info["model"], images=answers)
 
 

@@ -30,7 +30,7 @@ from servertools import (
 )
 
 from service.__main__ import main as serve_main
-from service.gallery import Gallery, NewImage, metadata_filter
+from service.gallery import Gallery, NewImage, content_key, metadata_filter
 
 SERVE = Path(sys.executable).parent / "blip2-serve"
 QUERIES = 8  # the tiny presets' query tokens
@@ -98,6 +98,13 @@ def test_idempotent_on_id_and_identical_bytes_stored_once(gallery_app, distinct)
         "/gallery/images", json={"images": [{"image": b64(distinct[4]), "id": "coffee-1"}]}
     )
     assert conflict.status_code == 409 and conflict.json()["error"]["type"] == "conflict"
+    one_id_two_images = [
+        {"image": b64(distinct[5]), "id": "twice"},
+        {"image": b64(distinct[6]), "id": "twice"},
+    ]
+    reused = client.post("/gallery/images", json={"images": one_id_two_images})
+    assert reused.status_code == 422 and "two different images" in reused.json()["error"]["message"]
+    assert client.get("/gallery/images/twice").status_code == 404  # nothing of that add was stored
 
 
 def test_text_search_is_itc_over_every_query_vector_then_itm(gallery_app, distinct):
@@ -194,6 +201,39 @@ def reopen_cut(live: Path, crashed: Path, files: list[Path], size: int) -> tuple
             handle.truncate(min(size, (crashed / name).stat().st_size))
     gallery = Gallery.open(settings_for(None, None, gallery_dir=str(crashed)), SMALL_MODEL)
     return gallery, gallery.vector_counts()
+
+
+def test_one_plan_for_every_kind_of_add(tmp_path):
+    """`Gallery.plan`, which the add route and `blip2-serve gallery add` both act on: each image's status
+    against what is stored and what came earlier in the same add."""
+    gallery, _ = small_gallery(tmp_path / "g")
+    vectors = np.ones((QUERIES, 4), dtype=np.float32)
+    stored = {"kept": b"kept bytes", "other": b"other bytes"}
+    for image_id, data in stored.items():
+        gallery.add([NewImage(image_id, content_key(data, image_id)[0], data, {}, vectors)])
+    plans = gallery.plan(
+        [
+            (b"fresh", "a"),  # new
+            (b"fresh", "a"),  # the same image again
+            (b"fresh", "b"),  # the same bytes under another id: a duplicate of a
+            (b"changed", "a"),  # a's id for other bytes
+            (b"kept bytes", "kept"),  # stored as it is
+            (b"kept bytes", "copy"),  # stored bytes under a new id: a duplicate of kept
+            (b"new bytes", "other"),  # a stored id for other bytes
+            (b"no id", None),  # named by its content
+        ]
+    )
+    gallery.close()
+    assert [(p.status, p.holder) for p in plans] == [
+        ("new", "a"),
+        ("repeat", "a"),
+        ("duplicate", "a"),
+        ("reused_id", "a"),
+        ("exists", "kept"),
+        ("duplicate", "kept"),
+        ("conflict", "other"),
+        ("new", content_key(b"no id", None)[1]),
+    ]
 
 
 def test_a_crash_mid_insert_leaves_no_half_image(tmp_path):
