@@ -450,15 +450,18 @@ class _FixedShapeSteps:
 
     def _capture(self) -> None:
         buffers = self.buffers
+        # Warm-up runs before a capture, as torch.cuda.graph asks, on the stream that captures: libraries
+        # create their per-stream handles then, not mid-capture.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up runs before a capture, as torch.cuda.graph asks
+        with torch.cuda.stream(side):
             for _ in range(2):
                 self._forward()  # writes this step's key and value, as the replay will again
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: the event loop's thread (reading memory for /metrics) must not abort a capture
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                 buffers.logits = self._forward()
         except RuntimeError as exc:  # e.g. a layer that reads a value back to the host
             log.warning("capturing a decode step in a CUDA graph failed (%s): decoding without graphs", exc)
