@@ -263,15 +263,10 @@ class FastDecoder:
             padded, capacity = 1 << (len(rows) - 1).bit_length(), -(-capacity // 64) * 64
         cache = KVCache(prefill.cache, rows, capacity, self.arena, padded)
         del prefill
-        # The mask of every position a step may attend: the prompt's (left padding is False), then each answer.
-        mask = torch.ones((len(rows), capacity), dtype=torch.bool, device=input_ids.device)
-        mask[:, : input_ids.shape[1]] = attention_mask.bool().index_select(0, rows)
+        prompt_mask = attention_mask.bool().index_select(0, rows)  # left padding is False
         positions = attention_mask.sum(dim=1).index_select(0, rows) - 1  # OPT: positions count real tokens
-        if self.fixed_shapes:
-            run = _FixedShapeSteps(self, cache, mask[:, : input_ids.shape[1]], positions)
-        else:
-            run = _Steps(self.step, cache, mask, positions)
-        processors = self.processors(options, mask[:, : input_ids.shape[1]])
+        run = (_FixedShapeSteps if self.fixed_shapes else _Steps)(self, cache, prompt_mask, positions)
+        processors = self.processors(options, prompt_mask)
         if beams == 1:
             return self._sample(run, logits, input_ids, options, processors, streamer)
         if streamer is not None:
@@ -382,9 +377,13 @@ class _Steps:
     """The decode steps of one batch: each call feeds one token per row and returns the next logits."""
 
     def __init__(
-        self, step: OptDecodeStep, cache: KVCache, mask: torch.Tensor, positions: torch.Tensor
+        self, decoder: FastDecoder, cache: KVCache, prompt_mask: torch.Tensor, positions: torch.Tensor
     ) -> None:
-        self.step, self.cache, self.mask, self.positions = step, cache, mask, positions
+        self.step, self.cache, self.positions = decoder.step, cache, positions
+        # Every position a step may attend: the prompt's, then each answer's.
+        rows, prompt = prompt_mask.shape
+        self.mask = prompt_mask.new_ones((rows, cache.keys.shape[3]))
+        self.mask[:, :prompt] = prompt_mask
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         self.positions = self.positions + 1
@@ -414,7 +413,6 @@ class _FixedShapeSteps:
         self, decoder: FastDecoder, cache: KVCache, prompt_mask: torch.Tensor, positions: torch.Tensor
     ):
         self.decoder, self.step, self.cache, self.positions = decoder, decoder.step, cache, positions
-        self.eager = False  # set when capturing failed: this batch's steps then run without a graph
         padded, capacity, device = cache.keys.shape[1], cache.keys.shape[3], positions.device
         key = (padded, capacity, device)
         if key not in decoder.graphs:
@@ -434,15 +432,16 @@ class _FixedShapeSteps:
         buffers.positions[:rows] = self.positions
         buffers.write_at.fill_(cache.length)
         buffers.mask[:, 0, 0, cache.length] = True
-        if buffers.graph is None and tokens.is_cuda and not self.eager:
+        # A failed capture turned the decoder's fixed shapes off: this batch's steps then run without a graph.
+        if buffers.graph is None and tokens.is_cuda and self.decoder.fixed_shapes:
             self._capture()
         if buffers.graph is None:
-            logits = self._forward()
+            logits = self._forward()[:rows]
         else:
             buffers.graph.replay()
-            logits = buffers.logits
+            logits = buffers.logits[:rows].clone()  # the next replay overwrites the graph's output
         cache.length += 1
-        return logits[:rows].clone()  # the next replay overwrites the graph's output
+        return logits
 
     def _forward(self) -> torch.Tensor:
         buffers = self.buffers
@@ -465,6 +464,6 @@ class _FixedShapeSteps:
                 buffers.logits = self._forward()
         except RuntimeError as exc:  # e.g. a layer that reads a value back to the host
             log.warning("capturing a decode step in a CUDA graph failed (%s): decoding without graphs", exc)
-            self.eager, self.decoder.fixed_shapes = True, False
+            self.decoder.fixed_shapes = False
             return
         buffers.graph, buffers.cache_address = graph, self.cache.keys.data_ptr()
