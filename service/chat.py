@@ -19,7 +19,7 @@ from service.deps import GenerationRunner, SettingsDep
 from service.errors import unprocessable
 from service.images import image_from_string
 from service.jobs import GenerationOptions
-from service.prompts import family_prompt
+from service.prompts import Prompt, family_prompt
 from service.submit import check_text, generate_text
 
 router = APIRouter()
@@ -42,17 +42,21 @@ def _image_urls(messages: list[schemas.ChatMessage]) -> list[str]:
     ]
 
 
-def fold_conversation(messages: list[schemas.ChatMessage], template: str) -> str:
-    """System text first, then each user turn through the VQA template and each assistant turn after it."""
+def fold_conversation(messages: list[schemas.ChatMessage], template: str) -> Prompt:
+    """System text first, then each user turn through the VQA template (as a question) and each assistant
+    turn after it; every text of the conversation is the client's, only the template the server's."""
     system = " ".join(_text_of(m) for m in messages if m.role in ("system", "developer")).strip()
     turns = [m for m in messages if m.role in ("user", "assistant")]
     if not turns or turns[-1].role != "user":
         raise unprocessable("messages: the last turn must come from the user")
-    pieces = [system] if system else []
+    pieces = [Prompt.person(system)] if system else []
     for message in turns:
         text = _text_of(message)
-        pieces.append(template.replace("{}", text) if message.role == "user" else text)
-    return " ".join(p for p in pieces if p)
+        if message.role == "user":
+            pieces.append(Prompt.question(template, text))
+        elif text:
+            pieces.append(Prompt.person(text))
+    return Prompt.joined(pieces)
 
 
 def _options(body: schemas.ChatRequest, max_tokens_limit: int) -> GenerationOptions:
@@ -90,8 +94,8 @@ async def chat_completions(
             f"messages: BLIP-2 needs exactly one image_url part per conversation, got {len(urls)}"
         )
     options = _options(body, settings.max_new_tokens_limit)  # cheap checks before decoding the image
-    folded = fold_conversation(body.messages, family_prompt(runner.models.generation, settings)[1])
-    prompt = check_text(settings, "messages", folded)
+    prompt = fold_conversation(body.messages, family_prompt(runner.models.generation, settings)[1])
+    check_text(settings, "messages", prompt.text())
     image = await image_from_string(urls[0], settings)
     header = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
     markers = _stop_markers(body.stop)
@@ -109,7 +113,9 @@ async def chat_completions(
     )
 
 
-async def _streamed(request: Request, runner, image, prompt: str, options, markers: list[str], header: dict):
+async def _streamed(
+    request: Request, runner, image, prompt: Prompt, options, markers: list[str], header: dict
+):
     """`stream: true`: server-sent events with the answer's text as the model produces it.
 
     The request joins a batch like any other; the model thread hands its tokens over one by one. The

@@ -23,6 +23,7 @@ from service.batching import InvalidInput
 from service.decoding import FastDecoder, graph_blocker, unsupported
 from service.jobs import EmbedJob, Generated, GenerateJob, GenerationOptions, RetrieveJob
 from service.loading import GenerationModel, LoadedModels, RetrievalModel
+from service.prompts import Prompt
 from service.vision import VisionCache
 
 log = logging.getLogger("service.inference")
@@ -262,7 +263,14 @@ class Runner:
         text = tokenizer.decode(ids, skip_special_tokens=True).strip()
         return Generated(text, len(ids), "stop" if stopped or len(ids) < options.max_new_tokens else "length")
 
-    def _prompt_ids(self, prompt: str) -> PromptIds:
+    def prompt_text(self, prompt: str | Prompt) -> str:
+        """The prompt as the LLM reads it: a person's texts in it through the model's text processing (a
+        plain string is the server's own text, as it is)."""
+        if isinstance(prompt, str):
+            return prompt
+        return prompt.text(self.models.generation.text_processing)
+
+    def _prompt_ids(self, prompt: str | Prompt) -> PromptIds:
         """A prompt's ids, its text only ever text: `split_special_tokens` turns `<image>`, `</s>` or
         `[SEP]` typed into a prompt into ordinary pieces (only `_encode`'s template places control tokens: a
         typed `<image>` would otherwise add a placeholder and break the batch). InstructBLIP's Q-Former reads
@@ -271,13 +279,14 @@ class Runner:
         Tokenised with private copies, under a lock: the event loop asks while the model thread may be
         padding a batch, and a fast tokenizer keeps its padding setting on its shared Rust object (sharing
         one turned batches ragged under load: 500s)."""
+        prompt = self.prompt_text(prompt)
         with self._private_lock:
             llm, qformer = self._tokenizer_copies()
             ids = llm(prompt, split_special_tokens=True)["input_ids"]
             qformer_ids = None if qformer is None else qformer(prompt, split_special_tokens=True)["input_ids"]
         return PromptIds(tuple(ids), None if qformer_ids is None else tuple(qformer_ids))
 
-    def prompt_tokens(self, prompt: str) -> int:
+    def prompt_tokens(self, prompt: str | Prompt) -> int:
         """Tokens the LLM sees for a prompt: the text plus the query tokens."""
         return len(self.prompt_ids(prompt).llm) + self.models.generation.model.config.num_query_tokens
 
@@ -313,7 +322,11 @@ class Runner:
         return F.normalize(model.vision_projection(hidden).float(), dim=-1)
 
     def _tokens(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids of search texts (/embed, /retrieve, the gallery's search): the one place they enter the
+        retrieval model, so the one place they go through its text processing (as its captions did)."""
         ret = self._retrieval()
+        if ret.text_processing is not None:
+            texts = [ret.text_processing.caption(text) for text in texts]
         limit = ret.model.config.qformer_config.max_position_embeddings
         # A person's text is text: `[SEP]` or `[DEC]` typed into a search stays words (see `_encode`).
         tokens = ret.processor.tokenizer(

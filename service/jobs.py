@@ -16,6 +16,8 @@ from PIL import Image
 if TYPE_CHECKING:
     import torch
 
+    from service.prompts import Prompt
+
 
 @dataclass(frozen=True)
 class GenerationOptions:
@@ -47,7 +49,7 @@ class Generated:
 @dataclass(eq=False)
 class GenerateJob:
     image: Image.Image
-    prompt: str
+    prompt: str | Prompt  # a Prompt holds a person's text, which the runner processes (service.prompts)
     options: GenerationOptions
     # Streaming: called on the model thread with each token of this answer as it is generated (up to, not
     # including, its end of sequence). Greedy and sampled decoding only: transformers streams no beams.

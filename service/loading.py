@@ -28,6 +28,7 @@ from transformers import (
     TorchAoConfig,
 )
 
+from blip2.text import TextProcessing, load_text_processing, resolve_text_processing
 from service.settings import Settings
 
 log = logging.getLogger("service.loading")
@@ -72,12 +73,15 @@ class GenerationModel:
     eos_token_ids: set[int]  # where an answer ends
     # What the folder's generation_config.json sets of the routes' options: the model author's defaults
     generation_defaults: dict = field(default_factory=dict)
+    # What a person's text goes through before it is tokenised (None: as it comes); see blip2.text
+    text_processing: TextProcessing | None = None
 
 
 @dataclass
 class RetrievalModel:
     model: Blip2ForImageTextRetrieval
     processor: object
+    text_processing: TextProcessing | None = None  # what search texts go through (None: as they come)
 
 
 @dataclass
@@ -89,6 +93,15 @@ class LoadedModels:
     quantization: str | None = None
     shared_vision: bool = False
     load_seconds: dict[str, float] = field(default_factory=dict)
+
+    def text_processing_summary(self) -> str:
+        """Which models process a person's text (`generation=on retrieval=off`), for the start-up log."""
+        loaded = {"generation": self.generation, "retrieval": self.retrieval}
+        return " ".join(
+            f"{name}={'off' if model.text_processing is None else 'on'}"
+            for name, model in loaded.items()
+            if model is not None
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -249,6 +262,16 @@ def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos])
 
 
+def text_processing(source: str, settings: Settings) -> TextProcessing | None:
+    """The processing of a person's text for the model in `source`: its folder's record, as
+    `--text-processing` resolves it (a hub id has no local folder, so no record)."""
+    try:
+        recorded = load_text_processing(source) if Path(source).is_dir() else None
+    except ValueError as error:
+        raise ModelLoadError(f"{error}: fix or delete the file (it says how the model reads text)") from None
+    return resolve_text_processing(settings.text_processing, recorded)
+
+
 def load_generation(
     source: str, config: PretrainedConfig, settings: Settings, device: torch.device
 ) -> GenerationModel:
@@ -291,6 +314,7 @@ def load_generation(
         generation_defaults={
             k: v for k, v in model.generation_config.to_diff_dict().items() if k in ROUTE_GENERATION_OPTIONS
         },
+        text_processing=text_processing(source, settings),
     )
 
 
@@ -302,7 +326,7 @@ def load_retrieval(
     processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
     unreachable_special_pieces(processor.tokenizer)
     check_vocabulary(source, "Q-Former", processor.tokenizer, model.embeddings.word_embeddings)
-    return RetrievalModel(model=model, processor=processor)
+    return RetrievalModel(model=model, processor=processor, text_processing=text_processing(source, settings))
 
 
 def share_vision_tower(generation: torch.nn.Module, retrieval: torch.nn.Module) -> bool:
@@ -357,7 +381,9 @@ def load_models(settings: Settings) -> LoadedModels:
     if loaded.generation is not None and loaded.retrieval is not None:
         loaded.shared_vision = share_vision_tower(loaded.generation.model, loaded.retrieval.model)
     log.info(
-        "models loaded: generation=%s retrieval=%s device=%s dtype=%s quantization=%s shared_vision=%s",
+        "models loaded: generation=%s retrieval=%s device=%s dtype=%s quantization=%s shared_vision=%s "
+        "text_processing=%s",
         generation_source, retrieval_source, device, loaded.dtype, loaded.quantization, loaded.shared_vision,
+        loaded.text_processing_summary(),
     )  # fmt: skip
     return loaded

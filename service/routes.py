@@ -21,7 +21,7 @@ from service.deps import (
 )
 from service.errors import unavailable, unprocessable
 from service.jobs import EmbedJob, RetrieveJob
-from service.prompts import CAPTION_DEFAULTS, GENERATE_DEFAULTS, VQA_DEFAULTS, family_prompt
+from service.prompts import CAPTION_DEFAULTS, GENERATE_DEFAULTS, VQA_DEFAULTS, Prompt, family_prompt
 from service.state import Phase
 from service.submit import check_text, generate_text, make_options, model_defaults, run_job
 
@@ -41,8 +41,12 @@ async def caption(
     body = given.body
     # cheap checks before decoding the image
     options = make_options(body, model_defaults(runner, CAPTION_DEFAULTS), settings)
-    default_prompt = family_prompt(runner.models.generation, settings)[0]
-    prompt = check_text(settings, "prompt", body.prompt if body.prompt is not None else default_prompt)
+    # the client's prompt is a person's text (processed as the model was trained); the default is the server's
+    prompt = (
+        Prompt.person(check_text(settings, "prompt", body.prompt))
+        if body.prompt is not None
+        else family_prompt(runner.models.generation, settings)[0]
+    )
     result, usage = await generate_text(request, runner, await given.image(), prompt, options)
     return schemas.CaptionResponse(model=settings.model_name, caption=result.text, usage=usage)
 
@@ -59,7 +63,8 @@ async def vqa(
     template = body.prompt_template or family_prompt(runner.models.generation, settings)[1]
     if template.count("{}") != 1:
         raise unprocessable("prompt_template: must hold exactly one `{}` for the question")
-    prompt = check_text(settings, "question", template.replace("{}", body.question))
+    prompt = Prompt.question(template, body.question)
+    check_text(settings, "question", prompt.text())
     result, usage = await generate_text(request, runner, await given.image(), prompt, options)
     return schemas.VqaResponse(model=settings.model_name, answer=result.text, usage=usage)
 
@@ -75,7 +80,7 @@ async def generate(
     """Image + free prompt + generation options -> text."""
     body = given.body
     options = make_options(body, model_defaults(runner, GENERATE_DEFAULTS), settings)
-    prompt = check_text(settings, "prompt", body.prompt)
+    prompt = Prompt.person(check_text(settings, "prompt", body.prompt))
     result, usage = await generate_text(request, runner, await given.image(), prompt, options)
     return schemas.GenerateResponse(
         model=settings.model_name, text=result.text, finish_reason=result.finish_reason, usage=usage

@@ -170,6 +170,16 @@ class Settings(BaseSettings):
         description="Default /vqa template with `{}` for the question. Unset: `Question: {} Answer:` for OPT, "
         "`Question: {} Short answer:` for Flan-T5 and InstructBLIP.",
     )
+    text_processing: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="A person's text as the model was trained to read it: VQA questions (/vqa, chat), "
+        "/caption and /generate prompts and search texts go through LAVIS's text processing before they are "
+        "tokenised (lower case, LAVIS's punctuation `.!\"()*#:;~` removed, spaces collapsed, at most 50 words; "
+        "a question ends with one `?`); the server's own templates never do. `auto`: what each model folder "
+        "records in `text_processing.json` (written by `blip2-train`; the built-in model: on); a folder "
+        "without one, e.g. a released Salesforce checkpoint, reads text as it comes. `on`: the record, or "
+        "LAVIS's processing where there is none. `off`: text as it comes.",
+    )
     log_prompts: bool = Field(False, description="Put prompts in the request log lines (never image bytes).")
     log_level: str = Field("info", description="Python logging level.")
 

@@ -15,6 +15,7 @@ from service.deps import get_state
 from service.errors import ApiError, unprocessable
 from service.inference import Runner
 from service.jobs import Generated, GenerateJob, GenerationOptions
+from service.prompts import Prompt
 from service.settings import Settings
 from service.state import ServerState
 
@@ -52,7 +53,7 @@ def make_options(params: schemas.GenerationParams, defaults: dict, settings: Set
     )
 
 
-def check_length(runner: Runner, prompt: str, options: GenerationOptions) -> int:
+def check_length(runner: Runner, prompt: str | Prompt, options: GenerationOptions) -> int:
     """Refuse (422) what would run past the LLM's positions instead of failing inside the model."""
     tokens = runner.prompt_tokens(prompt)
     limit = runner.models.generation.max_positions
@@ -109,8 +110,10 @@ async def run_job(request: Request, job: Any) -> Any:
 
 
 async def generate_text(
-    request: Request, runner: Runner, image, prompt: str, options: GenerationOptions, on_token=None
+    request: Request, runner: Runner, image, prompt: str | Prompt, options: GenerationOptions, on_token=None
 ) -> tuple[Generated, schemas.Usage]:
+    """Generate from a prompt: the server's own text (a string) or one holding a person's texts (a
+    `Prompt`, which the runner processes as the model was trained where it tokenises it)."""
     prompt_tokens = check_length(runner, prompt, options)
     result = await run_job(request, GenerateJob(image, prompt, options, on_token))
     state = get_state(request)
@@ -121,5 +124,5 @@ async def generate_text(
         total_tokens=prompt_tokens + result.tokens,
     )
     if state.settings.log_prompts:
-        request.scope.setdefault("state", {})["prompt"] = prompt
+        request.scope.setdefault("state", {})["prompt"] = runner.prompt_text(prompt)  # as the model read it
     return result, usage

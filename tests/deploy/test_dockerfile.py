@@ -61,7 +61,7 @@ def test_server_image_installs_the_serve_extra_and_no_training_code(variant):
     image = image_config(variant)
     assert _project_installs(image) == ["serve"], image["Runs"]
     copied = [source.rstrip("/") for source in image["Copies"]]
-    assert "service" in copied
+    assert "service" in copied and "blip2" in copied  # the core package the server imports
     assert not any(source.split("/")[0] in ("training", "recipes", ".") for source in copied), copied
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     serving = {re.split(r"[<>=\[ ;]", requirement)[0].lower() for requirement in extras["serve"]}
@@ -74,7 +74,7 @@ def test_training_image_installs_the_train_extra_and_no_server(variant):
     assert image["Chain"] == [f"base-{variant}", "common", "train"]
     assert _project_installs(image) == ["train"], image["Runs"]
     copied = [source.rstrip("/") for source in image["Copies"]]
-    assert "training" in copied and "service" not in copied, copied
+    assert "training" in copied and "blip2" in copied and "service" not in copied, copied
     assert image["User"] == image_config(variant)["User"], "the same non-root uid as the server"
 
 
@@ -147,3 +147,28 @@ def test_build_context_ignore_file_keeps_what_copy_needs():
     for source in sources:
         source = source.rstrip("*").rstrip("/")
         assert any(line.lstrip("!").rstrip("*/") == source for line in ignore if line.startswith("!")), source
+
+
+def _first_party_imports(package: str) -> set[str]:
+    """The repository's own top-level packages that `package`'s modules import."""
+    import ast
+
+    found = set()
+    for path in (REPO / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            found |= {name.split(".")[0] for name in names} & {"blip2", "service", "training"}
+    return found
+
+
+@pytest.mark.parametrize(("target", "package"), [(None, "service"), ("train", "training")])
+def test_each_image_holds_the_packages_its_code_imports(target, package):
+    """The server imports the core package (blip2/) as training does: an image without it fails at start."""
+    image = image_config("cpu", **({"target": target} if target else {}))
+    copied = {source.rstrip("/").split("/")[0] for source in image["Copies"]}
+    assert _first_party_imports(package) <= copied, (package, copied)
+    ignore = (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+    assert all(f"!{name}/" in ignore for name in _first_party_imports(package)), (
+        "the build context keeps them"
+    )

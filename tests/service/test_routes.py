@@ -258,6 +258,7 @@ def test_chat_completions_shape(opt8, photos):
 
 
 def test_conversation_folded_into_the_vqa_format():
+    from blip2.text import TextProcessing
     from service.chat import fold_conversation
     from service.schemas import ChatMessage
 
@@ -269,7 +270,10 @@ def test_conversation_folded_into_the_vqa_format():
         ChatMessage(role="user", content="What colour?"),
     ]  # fmt: skip
     folded = fold_conversation(messages, "Question: {} Answer:")
-    assert folded == "Answer briefly. Question: What is this? Answer: a person Question: What colour? Answer:"
+    assert folded.text() == "Answer briefly. Question: What is this? Answer: a person Question: What colour? Answer:"
+    # the conversation's texts are the client's (processed as the model was trained), the template the server's
+    processed = "answer briefly Question: what is this? Answer: a person Question: what colour? Answer:"
+    assert folded.text(TextProcessing()) == processed
 
 
 def test_one_log_line_per_request_without_prompts_or_images(checkpoints, photos, caplog):
