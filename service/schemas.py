@@ -44,7 +44,9 @@ class VqaRequest(GenerationParams):
 class GenerateRequest(GenerationParams):
     image: str | None = Field(None, description=IMAGE_DOC + " In multipart: the file part `image`.")
     prompt: str = Field(
-        "", description="The free prompt, passed to the LLM as is after the image's query tokens."
+        "",
+        description="The free prompt, passed to the LLM after the image's query tokens (through the model's "
+        "text processing, see BLIP2_TEXT_PROCESSING).",
     )
 
 
