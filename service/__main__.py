@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import importlib
 import signal
 import sys
-import typing
 
 import uvicorn
-from pydantic import SecretStr, ValidationError
+from pydantic import ValidationError
 
-from service.app import create_app, drain
+from blip2.logs import quiet_third_party_logs
+from service.cli import add_settings_arguments, configure_logging
 from service.settings import Settings
+
+# `blip2-serve COMMAND ...`: a first word naming a command runs that module's `main(argv)`; anything else is
+# the server's own flags. Each command has its own parser, so its --help lists its own settings only.
+COMMANDS = {"gallery": "service.gallery_cli"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,23 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,  # only flags given on the command line override the environment
     )
     return add_settings_arguments(parser)
-
-
-def add_settings_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """One flag per Settings field (the gallery commands take the same ones)."""
-    for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        kinds = set(typing.get_args(field.annotation)) or {field.annotation}
-        help_text = (field.description or "").replace("%", "%%")
-        if bool in kinds:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-        elif SecretStr in kinds:
-            parser.add_argument(
-                flag, help=help_text + " (prefer the environment variable: flags show in `ps`)"
-            )
-        else:
-            parser.add_argument(flag, help=help_text)
-    return parser
 
 
 class DrainingServer(uvicorn.Server):
@@ -66,6 +53,8 @@ class DrainingServer(uvicorn.Server):
         self.force_exit = self.force_exit or self.draining  # a second signal while draining: now
 
     async def _drain_then_exit(self) -> None:
+        from service.app import drain
+
         await drain(self.config.app)
         self.should_exit = True
 
@@ -76,19 +65,20 @@ class DrainingServer(uvicorn.Server):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["gallery"]:
-        from service.gallery_cli import main as gallery_main
+    quiet_third_party_logs()  # before transformers is imported: torchao logs while it is
+    if argv[:1] and argv[0] in COMMANDS:
+        return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    return serve(argv)
 
-        return gallery_main(argv[1:])
+
+def serve(argv: list[str]) -> int:
     args = vars(build_parser().parse_args(argv))
     try:
         settings = Settings(**args)
     except ValidationError as exc:
         print(f"blip2-serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    configure_logging(settings.log_level)
     if settings.model is None and settings.retrieval_model is None:
         print(
             "blip2-serve: no model given. Pass --model PATH_OR_HUB_ID (a folder written by `blip2-train`, or e.g. "
@@ -96,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    from service.app import create_app  # the model stack: imported once the logs are set up
+
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
     server = DrainingServer(config)

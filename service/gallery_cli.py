@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from service.__main__ import add_settings_arguments
+from service.cli import add_settings_arguments, configure_logging
 from service.errors import ApiError
 from service.gallery import Gallery, GalleryError, NewImage, metadata_fits, open_gallery
 from service.images import decode_image
@@ -33,12 +33,28 @@ from service.jobs import EmbedJob
 from service.loading import ModelLoadError, load_models
 from service.settings import Settings
 
+# The server settings an offline run reads: where the gallery is, the model that embeds, how images are read.
+INDEXER_SETTINGS = (
+    "gallery_dir",
+    "gallery_uri",
+    "gallery_token",
+    "gallery_collection",
+    "gallery_index",
+    "retrieval_model",
+    "model",
+    "device",
+    "dtype",
+    "allow_pickle",
+    "max_image_bytes",
+    "max_image_pixels",
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blip2-serve gallery",
-        description="The persistent gallery offline: bulk indexing and re-indexing. Takes the server's flags "
-        "(--gallery-dir, --gallery-uri, --retrieval-model...); an embedded gallery must not be open in a server.",
+        description="The persistent gallery offline: bulk indexing and re-indexing. Each flag also reads from "
+        "BLIP2_<NAME>, as the server's do; an embedded gallery must not be open in a server.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     quiet = argparse.SUPPRESS  # only flags given on the command line override BLIP2_* variables
@@ -54,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--batch-size", type=int, default=32, help="images per model call and per commit"
         )
         command.add_argument("--no-progress", action="store_true", help="no progress bar (JSON lines only)")
-        add_settings_arguments(command.add_argument_group("server settings"))
+        command.add_argument("--log-level", default="warning", help="Python logging level (default: warning)")
+        add_settings_arguments(command.add_argument_group("gallery and model"), INDEXER_SETTINGS)
     return parser
 
 
@@ -126,7 +143,7 @@ class Indexer:
 def main(argv: list[str]) -> int:
     args = vars(build_parser().parse_args(argv))
     command, batch_size, quiet = args.pop("command"), args.pop("batch_size"), args.pop("no_progress", False)
-    source = args.pop("source", None)
+    source, log_level = args.pop("source", None), args.pop("log_level", "warning")
     try:
         settings = Settings(**args)
     except ValidationError as exc:
@@ -135,6 +152,7 @@ def main(argv: list[str]) -> int:
     if settings.gallery_dir is None:
         print("blip2-serve gallery: give --gallery-dir (BLIP2_GALLERY_DIR)", file=sys.stderr)
         return 2
+    configure_logging(log_level)
     started = time.perf_counter()
     try:
         todo = entries(source) if command == "add" else []

@@ -7,6 +7,7 @@ Nothing here touches a network: tiny models are built from configs and saved wit
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,17 @@ def tiny_opt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory) -> Path:
     return _saved_preset(tmp_path_factory, "tiny-t5")
+
+
+# A line of a command's output that a new user reads as trouble: a traceback, an error (`uvicorn.error` is
+# only a logger's name) or an exception's name, a warning or deprecation in any case, a library that failed or
+# could not load, or a progress bar drawn into a log.
+ALARMING = re.compile(
+    r"Traceback|ERROR|[A-Z]\w*Error\b|(?i:warning|deprecat)|Failed to load|Could not load|\d+it/s\]"
+)
+
+
+@pytest.fixture(scope="session")
+def alarming_lines():
+    """The lines of a command's output that match ALARMING."""
+    return lambda output: [line for line in output.splitlines() if ALARMING.search(line)]

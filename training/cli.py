@@ -20,6 +20,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from blip2.logs import quiet_third_party_logs, quiet_transformers_progress_bars
+from training.errors import InputError, check_readable
 from training.settings import (
     CacheFeaturesSettings,
     CapfiltSettings,
@@ -33,6 +35,9 @@ from training.settings import (
     Stage2Settings,
     Vqav2Settings,
 )
+
+# The settings that name a manifest a command reads (every other path a command writes or is a model).
+INPUT_MANIFESTS = ("train_manifest", "manifest")
 
 
 def _unwrap_optional(kind: Any) -> Any:
@@ -62,6 +67,7 @@ def _settings_from(args: argparse.Namespace, settings_class: type):
     values: dict[str, Any] = {}
     names = {f.name for f in dataclasses.fields(settings_class)}
     if getattr(args, "config", None):
+        check_readable(args.config, "config file")
         loaded = yaml.safe_load(Path(args.config).read_text()) or {}
         unknown = set(loaded) - names
         if unknown:
@@ -229,11 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    quiet_third_party_logs()  # before a command imports transformers: torchao logs while it is imported
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     args = build_parser().parse_args(argv)
-    args.function(_settings_from(args, args.settings_class))
+    quiet_transformers_progress_bars()  # the commands draw their own
+    try:
+        settings = _settings_from(args, args.settings_class)
+        for name in INPUT_MANIFESTS:  # checked before a model loads, which may take minutes
+            if getattr(settings, name, ""):
+                check_readable(getattr(settings, name))
+        args.function(settings)
+    except InputError as exc:
+        print(f"blip2-train: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

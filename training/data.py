@@ -27,6 +27,7 @@ from transformers import PretrainedConfig
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from training import distributed
+from training.errors import InputError
 from training.settings import DataSourceSettings
 
 log = logging.getLogger(__name__)
@@ -59,13 +60,18 @@ def text_problem(text: object) -> str | None:
 
 
 def _numbered_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise InputError(f"cannot read {path}: {reason}") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             yield number, json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+            raise InputError(f"{path}:{number}: not JSON ({error.msg})") from None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -79,7 +85,7 @@ def read_manifest(path: str | Path) -> list[dict]:
     rows = []
     for number, row in _numbered_rows(path):
         if "image" not in row:
-            raise ValueError(f"{path}:{number}: no 'image' field")
+            raise InputError(f"{path}:{number}: no 'image' field")
         row["image"] = str((path.parent / row["image"]).resolve())
         rows.append(row)
     return rows

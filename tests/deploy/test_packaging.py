@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import functools
 import re
+import subprocess
 import sys
 from importlib import metadata
 
@@ -35,7 +36,7 @@ def _imports(package: str) -> set[str]:
                 found |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 found.add(node.module.split(".")[0])
-    return found - set(sys.stdlib_module_names) - {"service", "training", "__future__"}
+    return found - set(sys.stdlib_module_names) - {"blip2", "service", "training", "__future__"}
 
 
 @functools.cache
@@ -89,3 +90,29 @@ def test_test_extra_sets_up_everything():
     assert any(_name(r) == "blip2-stack" and Requirement(r).extras == {"serve", "train"} for r in test), (
         "make installs .[test]: it must bring the server and the trainer"
     )
+
+
+def test_metadata_builds_without_a_license_deprecation(tmp_path):
+    """`project.license` is an SPDX expression: the table form makes every install warn (setuptools >= 77)
+    that builds will fail from 2027-02-18. The metadata is built here with the installed setuptools."""
+    assert isinstance(PROJECT["license"], str)
+    build = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]
+    assert any(
+        Requirement(r).name == "setuptools" and Requirement(r).specifier.contains("77")
+        for r in build["requires"]
+    )
+    for name in ("pyproject.toml", "README.md"):
+        (tmp_path / name).write_text((REPO / name).read_text())
+    script = (
+        "import warnings\n"
+        "from setuptools import build_meta\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    build_meta.prepare_metadata_for_build_wheel('.')\n"
+        "print('\\n'.join(str(w.message) for w in caught))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "license" not in (done.stdout + done.stderr).lower(), done.stdout + done.stderr
+    (info,) = tmp_path.glob("*.dist-info")
+    assert "License-Expression: Apache-2.0" in (info / "METADATA").read_text()
