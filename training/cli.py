@@ -99,7 +99,7 @@ def run_init(s: InitSettings) -> dict:
 
 
 def run_stage1(s: Stage1Settings) -> dict:
-    from training.data import Collator, build_dataset
+    from training.data import Collator, build_dataset, training_text_processing
     from training.stages import Stage1Task, load_stage1
     from training.trainer import train
 
@@ -109,12 +109,13 @@ def run_stage1(s: Stage1Settings) -> dict:
     task = Stage1Task(
         model, processor, use_image_ids=s.use_image_ids, same_caption_positives=s.same_caption_positives
     )
+    task.text_processing = training_text_processing(s)
     dataset = build_dataset(s, model.retrieval.vision_model.config)
-    return train(task, dataset, Collator(processor.tokenizer, s.max_text_length), s)
+    return train(task, dataset, Collator(processor.tokenizer, s.max_text_length, task.text_processing), s)
 
 
 def run_stage2(s: Stage2Settings) -> dict:
-    from training.data import Collator, build_dataset
+    from training.data import Collator, build_dataset, training_text_processing
     from training.stages import Stage2Task, load_generation
     from training.trainer import train
 
@@ -122,8 +123,9 @@ def run_stage2(s: Stage2Settings) -> dict:
         raise SystemExit("stage2 needs --init (a generation folder, e.g. <init output>/generation)")
     model, processor = load_generation(s.init, s.stage1, s.image_size)
     task = Stage2Task(model, processor, prompt=s.prompt, max_text_length=s.max_text_length)
+    task.text_processing = training_text_processing(s)
     dataset = build_dataset(s, model.vision_model.config)
-    return train(task, dataset, Collator(None), s)
+    return train(task, dataset, Collator(None, text_processing=task.text_processing), s)
 
 
 def run_finetune(s: FinetuneSettings) -> dict:

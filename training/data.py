@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from transformers import PretrainedConfig
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from blip2.text import TextProcessing
 from training import distributed
 from training.errors import InputError
 from training.settings import DataSourceSettings
@@ -351,6 +352,11 @@ def build_dataset(
     raise SystemExit("no training data: give --train-manifest, --shards or --features")
 
 
+def training_text_processing(s: DataSourceSettings) -> TextProcessing | None:
+    """The text processing a training run applies to its captions and questions (and records)."""
+    return TextProcessing() if s.text_processing else None
+
+
 def text_tokens(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
     """A padded batch of token ids for texts, tokenised as text: a caption that spells `[SEP]` or `</s>`
     gets those characters, never the control token; the tokenizer's template still adds its own."""
@@ -366,10 +372,14 @@ def text_tokens(tokenizer, texts: list[str], max_length: int) -> dict[str, torch
 
 class Collator:
     """Drops unreadable samples, stacks images (or cached features), gives each row its image and caption
-    ids and, given a tokenizer, tokenizes texts."""
+    ids and, given a tokenizer, tokenizes texts. Given a `TextProcessing`, the texts are captions and go
+    through it first (as LAVIS's datasets pass captions through their text processor)."""
 
-    def __init__(self, tokenizer=None, max_text_length: int = 32) -> None:
+    def __init__(
+        self, tokenizer=None, max_text_length: int = 32, text_processing: TextProcessing | None = None
+    ) -> None:
         self.tokenizer, self.max_text_length = tokenizer, max_text_length
+        self.text_processing = text_processing
 
     def __call__(self, samples: list[dict | None]) -> dict:
         kept = [s for s in samples if s is not None]
@@ -379,11 +389,14 @@ class Collator:
         for key in ("pixel_values", "vision_hidden"):
             if key in kept[0]:
                 batch[key] = torch.stack([s[key] for s in kept])
+        texts = [s["text"] for s in kept]
+        if self.text_processing is not None:
+            texts = [self.text_processing.caption(text) for text in texts]
         if self.tokenizer is not None:
-            tokens = text_tokens(self.tokenizer, [s["text"] for s in kept], self.max_text_length)
+            tokens = text_tokens(self.tokenizer, texts, self.max_text_length)
             batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
         batch["image_ids"] = torch.tensor([s["image_id"] for s in kept])
-        batch["texts"] = [s["text"] for s in kept]
+        batch["texts"] = texts
         batch["caption_ids"] = caption_ids(batch["texts"])  # for --same-caption-positives
         batch["rows"] = [s["row"] for s in kept]
         return batch

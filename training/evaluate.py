@@ -14,6 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
+from blip2.text import MODES as TEXT_PROCESSING_MODES
+from blip2.text import TextProcessing, load_text_processing, resolve_text_processing
 from training.data import caption_ids, group_by_image, image_problem, read_manifest, write_jsonl
 from training.inference import generate_texts, load_generation_model, pick_device
 from training.metrics import VQA_SCORING, caption_metrics, retrieval_recall, vqa_metrics
@@ -34,6 +36,14 @@ def _generate(s: EvalSettings, model, processor, paths, prompts, options) -> lis
     return generate_texts(model, processor, paths, prompts, s.batch_size, s.progress, **options)
 
 
+def _text_processing(s: EvalSettings) -> TextProcessing | None:
+    """What questions and texts go through: the model folder's record, as `--text-processing` resolves it."""
+    try:
+        return resolve_text_processing(s.text_processing, load_text_processing(s.model))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+
+
 def _rows(s: EvalSettings) -> list[dict]:
     rows = read_manifest(s.manifest)
     return rows[: s.limit] if s.limit > 0 else rows
@@ -42,11 +52,16 @@ def _rows(s: EvalSettings) -> list[dict]:
 def evaluate_vqa(s: EvalSettings, rows: list[dict]) -> tuple[dict, list[dict]]:
     model, processor = load_generation_model(s.model, pick_device(s.device))
     template = resolve_prompt("vqa", s.prompt)
-    prompts = [template.format(row["question"]) for row in rows]
+    text_processing = _text_processing(s)
+    questions = [row["question"] for row in rows]
+    if text_processing is not None:
+        questions = [text_processing.question(q) for q in questions]
+    prompts = [template.format(q) for q in questions]
     options = _options(s)
     answers = _generate(s, model, processor, [r["image"] for r in rows], prompts, options)
     metrics = vqa_metrics(answers, rows, scoring=s.vqa_scoring) | {
-        "generation": options | {"prompt": template}
+        "generation": options | {"prompt": template},
+        "text_processing": _recorded(text_processing),
     }
     predictions = [
         {
@@ -104,12 +119,15 @@ def evaluate_retrieval(s: EvalSettings, rows: list[dict]) -> tuple[dict, list[di
     processor = AutoProcessor.from_pretrained(s.model)
     text_image, first_rows = group_by_image(rows)
     image_paths = [row["image"] for row in first_rows]
+    text_processing = _text_processing(s)
     texts = [r["text"] for r in rows]
+    if text_processing is not None:  # as LAVIS's retrieval datasets pass their captions
+        texts = [text_processing.caption(text) for text in texts]
     scores = retrieval_scores(
         model, processor, image_paths, texts,
         batch_size=s.batch_size, max_text_length=s.max_text_length, k_test=s.k_test, progress=s.progress,
     )  # fmt: skip
-    text_caption = caption_ids([r["text"] for r in rows]) if s.same_caption_positives else None
+    text_caption = caption_ids(texts) if s.same_caption_positives else None
     metrics = retrieval_recall(
         scores["i2t"].cpu(), scores["t2i"].cpu(), text_image, text_caption=text_caption
     )
@@ -118,9 +136,15 @@ def evaluate_retrieval(s: EvalSettings, rows: list[dict]) -> tuple[dict, list[di
     )
     metrics |= {"images": len(image_paths), "texts": len(rows), "k_test": s.k_test}
     metrics["same_caption_positives"] = s.same_caption_positives
+    metrics["text_processing"] = _recorded(text_processing)
     top = scores["i2t"].argmax(dim=1).tolist()
     predictions = [{"image": image_paths[i], "best_text": rows[t]["text"]} for i, t in enumerate(top)]
     return metrics, predictions
+
+
+def _recorded(text_processing: TextProcessing | None) -> dict | None:
+    """The text processing a figure was measured with, for metrics.json (None: text as it came)."""
+    return None if text_processing is None else text_processing.to_json()
 
 
 EVALUATORS = {"vqa": evaluate_vqa, "caption": evaluate_caption, "retrieval": evaluate_retrieval}
@@ -158,6 +182,8 @@ def run_eval(s: EvalSettings) -> dict:
         raise SystemExit("eval needs --model and --manifest")
     if s.vqa_scoring not in VQA_SCORING:
         raise SystemExit(f"--vqa-scoring must be one of {', '.join(VQA_SCORING)}")
+    if s.text_processing not in TEXT_PROCESSING_MODES:
+        raise SystemExit(f"--text-processing must be one of {', '.join(TEXT_PROCESSING_MODES)}")
     rows = _rows(s)
     unreadable = _unreadable_images(rows)
     metrics, predictions = EVALUATORS[s.task](s, rows)

@@ -18,7 +18,8 @@ import logging
 from torch import nn
 from transformers import PretrainedConfig
 
-from training.data import Collator, text_tokens
+from blip2.text import TextProcessing
+from training.data import Collator, text_tokens, training_text_processing
 from training.prompts import DEFAULT_PROMPTS, resolve_prompt
 from training.settings import FinetuneSettings
 from training.stages import join_target
@@ -29,19 +30,35 @@ TASKS = tuple(DEFAULT_PROMPTS)
 
 
 class PromptCollator:
-    """Batches for Stage2Task with a prompt per sample, `prompt.format(row[field])` (VQA: the question),
-    and the target text joined to it; given a Q-Former tokenizer, the prompt is tokenized for it too."""
+    """Batches for Stage2Task with a prompt per sample, `prompt.format(row[field])` (VQA: the question;
+    a row's own `prompt` template, when it has one, instead of the run's), and the target text joined to
+    it; given a Q-Former tokenizer, the prompt is tokenized for it too. Given a `TextProcessing`, the
+    question goes through it before it enters the template (the template is the model's own text; the
+    answer is a target, left as it is, as in LAVIS's VQA datasets)."""
 
-    def __init__(self, prompt: str, field: str, qformer_tokenizer=None, max_text_length: int = 32):
+    def __init__(
+        self,
+        prompt: str,
+        field: str,
+        qformer_tokenizer=None,
+        max_text_length: int = 32,
+        text_processing: TextProcessing | None = None,
+    ):
         self.prompt, self.field, self.qformer_tokenizer = prompt, field, qformer_tokenizer
-        self.max_text_length = max_text_length
+        self.max_text_length, self.text_processing = max_text_length, text_processing
         self.collate = Collator(None)
+
+    def _prompt(self, row: dict) -> str:
+        question = row[self.field]
+        if self.text_processing is not None and question:
+            question = self.text_processing.question(question)
+        return row.get("prompt", self.prompt).format(question)
 
     def __call__(self, samples: list[dict | None]) -> dict:
         batch = self.collate(samples)
         if batch["size"] == 0:
             return batch
-        prompts = [self.prompt.format(row[self.field]) for row in batch["rows"]]
+        prompts = [self._prompt(row) for row in batch["rows"]]
         batch["prompts"] = prompts
         batch["texts"] = [join_target(p, t) for p, t in zip(prompts, batch["texts"], strict=True)]
         if self.qformer_tokenizer is not None:
@@ -83,6 +100,7 @@ def build_finetune(s: FinetuneSettings) -> tuple[nn.Module, object, PretrainedCo
     if s.train_vit and s.features:
         raise SystemExit("--train-vit needs images: cached --features are the frozen ViT's output")
     prompt = resolve_prompt(s.task, s.prompt)
+    text_processing = training_text_processing(s)
     if s.task == "retrieval":
         model, processor = load_stage1(s.init, s.image_size)
         vision, qformer, frozen = (
@@ -93,21 +111,25 @@ def build_finetune(s: FinetuneSettings) -> tuple[nn.Module, object, PretrainedCo
         task = Stage1Task(
             model, processor, use_image_ids=True, same_caption_positives=s.same_caption_positives
         )
-        collate, text_field = Collator(processor.tokenizer, s.max_text_length), "text"
+        collate, text_field = Collator(processor.tokenizer, s.max_text_length, text_processing), "text"
     elif s.task == "caption":
         model, processor = load_generation(s.init, s.stage1, s.image_size)
         vision, qformer, frozen = model.vision_model, model.qformer, []
         task = Stage2Task(
             model, processor, prompt=prompt, max_text_length=s.max_text_length, train_vit=s.train_vit
         )
-        collate, text_field = Collator(None), "text"  # the task puts its one prompt before each caption
+        # the task puts its one prompt before each caption
+        collate, text_field = Collator(None, text_processing=text_processing), "text"
     else:
         model, processor = load_vqa_model(s.init, s.stage1)
         vision, qformer, frozen = model.vision_model, model.qformer, []
         resize_vision_tower(vision, processor.image_processor, s.image_size)
         task = Stage2Task(model, processor, max_text_length=s.max_text_length)
-        collate = PromptCollator(prompt, "question", processor.qformer_tokenizer, s.max_text_length)
+        collate = PromptCollator(
+            prompt, "question", processor.qformer_tokenizer, s.max_text_length, text_processing
+        )
         text_field = "answer"
+    task.text_processing = text_processing
     if s.lora_rank > 0:
         tuner = add_qformer_lora(qformer, s.lora_rank, s.lora_alpha, s.lora_dropout, frozen=frozen)
         _merge_lora_on_save(task, tuner)

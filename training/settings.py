@@ -76,6 +76,12 @@ class DataSourceSettings:
         "model is saved at that size (0: the vision tower's own)",
     )
     max_text_length: int = arg(32, "tokens per text, longer texts are truncated")
+    text_processing: bool = arg(
+        True,
+        "LAVIS's text processing of captions and questions before tokenisation (lower case, LAVIS's "
+        "punctuation removed, spaces collapsed, at most 50 words; questions end with one '?'), recorded in "
+        "the model folder (text_processing.json) so the server reads text as the model was trained",
+    )
 
 
 @dataclass
@@ -150,6 +156,11 @@ class EvalSettings:
         "official",
         "vqa: official (the VQAv2 evaluation's arithmetic: human answers not normalised like the "
         "prediction; comparable with published figures) | lenient (both normalised)",
+    )
+    text_processing: str = arg(
+        "auto",
+        "questions and texts through the model folder's recorded text processing: auto (as the folder "
+        "records; none recorded: as they come) | on (the record, or LAVIS's without one) | off",
     )
     device: str = arg("auto", "auto | cpu | cuda")
     progress: bool = arg(True, "show progress bars on stderr")

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import AutoProcessor, Blip2ForConditionalGeneration
 from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
 
+from blip2.text import TextProcessing, save_text_processing
 from training.assemble import copy_stage1_into_generation
 from training.losses import stage1_losses
 from training.model import (
@@ -35,7 +36,11 @@ class _FrozenVisionTask(nn.Module):
     """
 
     vision_model: nn.Module
+    model: nn.Module
+    processor: object
     train_vit: bool = False
+    # The text processing the batches' texts went through (their collator's), recorded beside the weights.
+    text_processing: TextProcessing | None = None
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -53,6 +58,12 @@ class _FrozenVisionTask(nn.Module):
             with torch.autocast(pixels.device.type, enabled=False):  # fp16/bf16 ViT training diverges
                 return vision_block_features(self.vision_model, pixels.float())
         return frozen_vision_features(self.vision_model, batch["pixel_values"])
+
+    def save_model(self, folder: Path) -> None:
+        """The folder transformers loads (weights, processor) and the text processing it was trained with."""
+        self.model.save_pretrained(folder)
+        self.processor.save_pretrained(folder)
+        save_text_processing(folder, self.text_processing)
 
     def prepare_for_device(self, device: torch.device, settings) -> None:
         """On a GPU the frozen ViT runs in fp16 (as in the paper); trainable weights stay fp32."""
@@ -81,10 +92,6 @@ class Stage1Task(_FrozenVisionTask):
             caption_ids=batch["caption_ids"] if self.same_caption_positives else None,
         )
         return {"loss": losses.total, "itc": losses.itc, "itm": losses.itm, "itg": losses.itg}
-
-    def save_model(self, folder: Path) -> None:
-        self.model.save_pretrained(folder)
-        self.processor.save_pretrained(folder)
 
 
 def load_stage1(init: str, image_size: int = 0) -> tuple[Stage1Model, object]:
@@ -264,7 +271,3 @@ class Stage2Task(_FrozenVisionTask):
             **extra,
         )
         return {"loss": output.loss}
-
-    def save_model(self, folder: Path) -> None:
-        self.model.save_pretrained(folder)
-        self.processor.save_pretrained(folder)

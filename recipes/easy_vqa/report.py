@@ -105,6 +105,12 @@ for /vqa, `A short image description:` for /caption. Greedy decoding is enough. 
 tokens long: its `generation_config.json` sets `min_new_tokens` 1, which the server takes over the route's
 paper default of 8 (that would make it go on past the end of its caption).
 
+Text it was trained on: easy-VQA's questions are lower case and end with one `?`, its captions lower case
+without punctuation. Both folders record that in `text_processing.json` (LAVIS's BLIP text processing,
+questions ending with one `?`), and the server puts a person's questions, prompts and search texts
+through it (`--text-processing`, auto by default), so `What color is the shape?` and `what color is the
+shape` are read as `what color is the shape?` (see docs/RESULTS.md, "Questions as people type them").
+
 ## Figures
 
 {figures}

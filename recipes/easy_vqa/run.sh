@@ -82,7 +82,7 @@ step eval_stage2_fresh_vqa blip2-train eval --task vqa --model "$OUT/stage2_fres
 EVAL_FRESH_PID=$!
 step manifest $TOOLS manifest --data "$DATA" --output "$DATA/finetune_train.jsonl"
 step finetune blip2-train finetune --task vqa --init "$OUT/stage2/model" --stage1 "$OUT/stage1/model" \
-  --train-manifest "$DATA/finetune_train.jsonl" --features "$OUT/features" --prompt "{}" \
+  --train-manifest "$DATA/finetune_train.jsonl" --features "$OUT/features" \
   --steps "$FINETUNE_STEPS" --lr 1e-3 --min-lr 1e-5 --output "$OUT/finetune" "${COMMON[@]}"
 
 wait "$EVAL_FRESH_PID"

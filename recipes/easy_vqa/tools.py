@@ -1,7 +1,7 @@
 """Helpers of the easy-VQA recipe (run.sh): the fine-tuning manifest, the frozen-weights check, the report,
 and shipping the trained folders into `service/default_model/`.
 
-`python -m recipes.easy_vqa.tools {manifest,identity,report,ship} ...`
+`python -m recipes.easy_vqa.tools {manifest,identity,captions,curves,results,ship,rewrite} ...`
 """
 
 from __future__ import annotations
@@ -17,30 +17,55 @@ from safetensors.torch import load_file, save_file
 
 from recipes.easy_vqa.unimodal import CAPTION_PROMPT, VQA_PROMPT
 from training.assemble import safetensors_state
-from training.data import read_jsonl, write_jsonl
+from training.data import read_jsonl, read_manifest, write_jsonl
 from training.importers import SHAPES
 
 COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 
 
 def write_finetune_manifest(data: Path, output: Path) -> dict:
-    """VQA fine-tuning rows whose `question` is the whole prompt (the CLI runs with `--prompt "{}"`):
-    every train question as "Question: {q} Short answer:", plus every train caption after the server's
-    InstructBLIP caption prompt, so the one shipped model answers /vqa and /caption."""
+    """VQA fine-tuning rows: every train question (asked in the run's template, "Question: {q} Short
+    answer:"), plus every train caption as the answer to the server's InstructBLIP caption prompt (the
+    row's own `prompt`, with no question in it), so the one shipped model answers /vqa and /caption. The
+    question is the text that goes through the run's text processing; the templates are the model's own."""
     rows = []
     for row in read_jsonl(data / "vqa_train.jsonl"):
-        rows.append({**row, "question": VQA_PROMPT.format(row["question"])})
+        rows.append({**row, "prompt": VQA_PROMPT})
     for row in read_jsonl(data / "captions_train.jsonl"):
         rows.append(
             {
                 "image": row["image"],
-                "question": CAPTION_PROMPT,
+                "question": "",
+                "prompt": CAPTION_PROMPT,
                 "answer": row["text"],
                 "question_type": "caption",
             }
         )
     write_jsonl(output, rows)
     return {"rows": len(rows), "output": str(output)}
+
+
+# How a person might type a test question that the model saw typed one way (lower case, one final "?"):
+# the rewrites of `tools.py rewrite`, to measure how an answer depends on the spelling of its question.
+REWRITES = {
+    "capital": lambda q: q[:1].upper() + q[1:],
+    "no-mark": lambda q: q.rstrip("?"),
+    "double-mark": lambda q: q.rstrip("?") + "??",
+}
+
+
+def rewrite_questions(manifest: Path, style: str, output: Path) -> dict:
+    """The manifest with every question rewritten in `style` (image paths made absolute, so the new
+    manifest may live anywhere); the answers and every other field unchanged."""
+    rewrite = REWRITES[style]
+    rows = read_manifest(manifest)
+    changed = 0
+    for row in rows:
+        new = rewrite(row["question"])
+        changed += new != row["question"]
+        row["question"] = new
+    write_jsonl(output, rows)
+    return {"rows": len(rows), "changed": changed, "style": style, "output": str(output)}
 
 
 def identity(vision: Path, llm: Path, models: dict[str, Path]) -> dict:
@@ -250,6 +275,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stage1", required=True)
     p.add_argument("--dest", default="service/default_model", help="from the repository root")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    p = sub.add_parser(
+        "rewrite", help="a VQA manifest with every question re-typed (capital first letter, ...)"
+    )
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--style", required=True, choices=sorted(REWRITES))
+    p.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     if args.command == "manifest":
         result = write_finetune_manifest(Path(args.data), Path(args.output))
@@ -266,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "curves":
         runs = dict(item.split("=", 1) for item in args.run)
         result = curves_png({k: Path(v) for k, v in runs.items()}, Path(args.output))
+    elif args.command == "rewrite":
+        result = rewrite_questions(Path(args.manifest), args.style, Path(args.output))
     elif args.command == "results":
         result = collect_results(Path(args.out), Path(args.output))
     else:
