@@ -144,6 +144,21 @@ class Server:
         self.stop()
 
 
+def checkout(revision: str) -> Path:
+    """A detached worktree of `revision` under the bench cache (made once; the model folder is this tree's)."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--verify", f"{revision}^{{commit}}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    folder = CACHE / f"worktree-{commit[:12]}"
+    if not folder.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(folder), commit], cwd=REPO, check=True)
+    return folder
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """The environment of a benchmark's child process: offline, no tokenizer threads of its own."""
     return os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"} | extra

@@ -2,6 +2,7 @@
 
     python bench/gallery.py --part quality          # easy-VQA's 1,000 test images through a real blip2-serve
     python bench/gallery.py --part scale --images 1000,10000,100000   # synthetic vectors, in-process Gallery
+    python bench/gallery.py --part by-image [--revision HEAD~1]   # search by image: precision@5, 400 images
 
 quality: a `blip2-serve` with the packaged retrieval model and a fresh gallery indexes the 1,000 easy-VQA test
 images (POST /gallery/images; indexing speed one image per request, 16 clients one image each, and 16 images
@@ -9,6 +10,13 @@ per request, side by side on different images), then searches each of the 24 col
 circle"): precision@10 and @5 of images whose true colour and shape match (from the image's own questions),
 ITC alone (itm_top_k 0) vs ITC then ITM on the best 10 (and on the best 30, keeping the first 10), and the
 search latency.
+
+by-image: a `blip2-serve` (this tree's, or a worktree of --revision: before/after a change) with the packaged
+retrieval model and a fresh gallery indexes the first 400 easy-VQA test images whose colour and shape their
+own questions state, then searches by each of them
+(multipart `image`, top_k 6): precision@5 of images with the same colour and shape among the 5 best other than
+the query itself, and how far apart the ranking's scores lie (`relevance` where the server gives it, else
+`itc_score`): the spread between the 1st and the 5th of those 5, median over the queries.
 
 scale: N images of 32 synthetic unit query vectors (256-d, correlated within an image as BLIP-2's are) go into
 a Gallery (Milvus Lite in a temporary folder) by the same code the server runs; 30 random unit "text"
@@ -33,7 +41,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_MODEL, Server, machine, now, percentile, png_b64, rss_bytes  # noqa: E402
+from common import DEFAULT_MODEL, Server, checkout, machine, now, percentile, png_b64, rss_bytes  # noqa: E402
 
 QUERIES, DIM = 32, 256
 
@@ -54,11 +62,13 @@ def easy_vqa_test_images() -> list[tuple[bytes, str | None, str | None]]:
     return [(Path(paths[i]).read_bytes(), *image_facts(per_image[i], colors)) for i in sorted(paths)]
 
 
-def post_images(client: httpx.Client, batch: list[tuple[bytes, str | None, str | None]]) -> None:
+def post_images(client: httpx.Client, batch: list[tuple[bytes, str | None, str | None]]) -> list[str]:
+    """Add a batch (metadata: its colour and shape); the ids the gallery gave them, in order."""
     items = [{"image": png_b64(data), "metadata": {"color": c, "shape": s}} for data, c, s in batch]
     response = client.post("/gallery/images", json={"images": items})
     response.raise_for_status()
     assert all(i["status"] == "added" for i in response.json()["images"]), response.text
+    return [i["id"] for i in response.json()["images"]]
 
 
 def indexing_rate(url: str, images: list, per_request: int, clients: int) -> float:
@@ -110,6 +120,41 @@ def quality(args) -> dict:
             round(1000 * percentile(latency[name], q), 1) for q in (50, 99)
         ]
     report["captions"] = rows
+    return report
+
+
+def by_image(args) -> dict:
+    # Only images whose colour and shape are known: a result is then right or wrong for certain.
+    images = [image for image in easy_vqa_test_images() if image[1] and image[2]][: args.by_image_count]
+    folder = Path(tempfile.mkdtemp(prefix="gallery-by-image-"))
+    env = {
+        "BLIP2_RETRIEVAL_MODEL": str(DEFAULT_MODEL / "stage1"),
+        "BLIP2_GALLERY_DIR": str(folder),
+        "BLIP2_MAX_BATCH_SIZE": "32",
+    }
+    source = checkout(args.revision) if args.revision else None
+    report: dict = {
+        "model": "default_model (service/default_model/stage1)",
+        "server": f"revision {args.revision}" if args.revision else "this tree",
+        "images": len(images),
+    }
+    precisions, spreads = [], []
+    with Server(env, source=source) as server, httpx.Client(base_url=server.url, timeout=120) as client:
+        ids = [
+            i for start in range(0, len(images), 16) for i in post_images(client, images[start : start + 16])
+        ]
+        for image_id, (data, color, shape) in zip(ids, images, strict=True):
+            upload = {"image": ("query.png", data, "image/png")}
+            response = client.post("/gallery/search", files=upload, data={"top_k": "6"})
+            response.raise_for_status()
+            others = [r for r in response.json()["results"] if r["id"] != image_id][:5]
+            precisions.append(sum(r["metadata"] == {"color": color, "shape": shape} for r in others) / 5)
+            scores = [r.get("relevance", r["itc_score"]) for r in others]
+            spreads.append(scores[0] - scores[-1])
+    shutil.rmtree(folder, ignore_errors=True)
+    report["queries"] = len(precisions)
+    report["precision@5"] = round(statistics.fmean(precisions), 3)
+    report["score spread 1st-5th, median"] = round(statistics.median(spreads), 4)
     return report
 
 
@@ -176,7 +221,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--part", choices=["quality", "scale", "all"], default="all")
+    parser.add_argument("--part", choices=["quality", "by-image", "scale", "all"], default="all")
+    parser.add_argument("--by-image-count", type=int, default=400, help="gallery size for --part by-image")
+    parser.add_argument("--revision", help="--part by-image: serve this git revision's service package")
     parser.add_argument("--images", default="1000,10000,100000", help="gallery sizes for --part scale")
     parser.add_argument("--index", default="FLAT", help="BLIP2_GALLERY_INDEX for --part scale")
     parser.add_argument("--searches", type=int, default=30, help="searches per size for --part scale")
@@ -187,6 +234,9 @@ def main() -> None:
     if args.part in ("quality", "all"):
         report["quality"] = quality(args)
         print(json.dumps(report["quality"]), flush=True)
+    if args.part in ("by-image", "all"):
+        report["by_image"] = by_image(args)
+        print(json.dumps(report["by_image"]), flush=True)
     if args.part in ("scale", "all"):
         report["scale"] = []
         for count in map(int, args.images.split(",")):

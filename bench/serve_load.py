@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from urllib.parse import urlsplit
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, REPO, Server, easy_vqa_set, machine, model_folder, now, percentile, photos, png_b64  # noqa: E402
+from common import Server, checkout, easy_vqa_set, machine, model_folder, now, percentile, photos, png_b64  # noqa: E402
 
 
 def bodies(route: str, images: list[str], questions: list[str]) -> list[dict]:
@@ -180,21 +179,6 @@ async def cell(
         "cpu_ms_threads": 1000 * (cpu_after[1] - cpu_before[1]) / answered,
         "cpu_ms_client": 1000 * (client_after - client_before) / answered,
     }
-
-
-def checkout(revision: str) -> Path:
-    """A detached worktree of `revision` under the bench cache (made once; the model folder is this tree's)."""
-    commit = subprocess.run(
-        ["git", "rev-parse", "--verify", f"{revision}^{{commit}}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    folder = CACHE / f"worktree-{commit[:12]}"
-    if not folder.exists():
-        subprocess.run(["git", "worktree", "add", "--detach", str(folder), commit], cwd=REPO, check=True)
-    return folder
 
 
 def fmt(value, spec: str = ".1f") -> str:

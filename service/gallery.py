@@ -2,7 +2,10 @@
 
 Milvus Lite (embedded in BLIP2_GALLERY_DIR) or a Milvus server (BLIP2_GALLERY_URI): the same pymilvus client
 and the same calls for both. One row per query vector of an image: BLIP-2's ITC score of an image is the
-maximum over its query vectors, so a search grouped by image id ranks images exactly as ITC does.
+maximum over its query vectors, so a search grouped by image id ranks images exactly as ITC does. One more row
+per image (query -1) holds the normalised mean of its query vectors: what search by image compares, because
+on a small model every image's best pair of query vectors is nearly parallel to every other's (max-pair
+cosines of 0.97-1.00 for any two images of the built-in model), while the mean vectors tell them apart.
 
 What is acknowledged is kept, whole:
 - all rows of an add go in with one insert; Milvus Lite writes an insert as one WAL record batch and its
@@ -41,13 +44,40 @@ log = logging.getLogger("service.gallery")
 # pymilvus warns on every query iterator that Milvus Lite has no MVCC timestamp to give (it needs none).
 logging.getLogger("pymilvus").setLevel(logging.ERROR)
 
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
-METADATA_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+# One rule for image ids and metadata keys (a key that can be stored can be filtered on).
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$"
+NAME_RULE = "1 to 128 characters: letters, digits, `_`, `.`, `:` or `-`, the first a letter, digit or `_`"
 MAX_METADATA_BYTES = 4096
 PROPERTY = "blip2.gallery"  # the collection property holding the gallery's model and shape
 FINGERPRINT_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
 MAX_LIMIT = 16384  # Milvus's bound on a search's limit
 FIELDS = ["image_id", "sha256", "file", "added_at", "meta"]
+MEAN = -1  # the `query` of an image's mean-vector row
+
+
+def check_name(value: str, what: str) -> str:
+    """`value` if it is a valid image id or metadata key; a ValueError that states the rule otherwise."""
+    if not isinstance(value, str) or not re.match(NAME_PATTERN, value):
+        raise ValueError(f"{what} {value!r} is not valid: {NAME_RULE}")
+    return value
+
+
+def check_metadata(metadata: Any) -> dict[str, Any]:
+    """`metadata` if a gallery can keep it (a JSON object, its keys valid names, small); a ValueError saying
+    why not otherwise. Only top-level keys are filtered on, so only they follow the name rule."""
+    if not isinstance(metadata, dict):
+        raise ValueError("metadata must be a JSON object")
+    for key in metadata:
+        check_name(key, "metadata key")
+    if len(json.dumps(metadata)) > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata: at most {MAX_METADATA_BYTES} bytes of JSON")
+    return metadata
+
+
+def mean_vector(vectors: np.ndarray) -> np.ndarray:
+    """The normalised mean of an image's query vectors (queries, dim): what search by image compares."""
+    mean = np.asarray(vectors, dtype=np.float32).mean(axis=0)
+    return mean / max(float(np.linalg.norm(mean)), 1e-12)
 
 
 def content_key(data: bytes, image_id: str | None) -> tuple[str, str]:
@@ -55,10 +85,6 @@ def content_key(data: bytes, image_id: str | None) -> tuple[str, str]:
     same bytes again, by the API or by `blip2-serve gallery add`, finds it."""
     digest = hashlib.sha256(data).hexdigest()
     return digest, image_id or digest[:32]
-
-
-def metadata_fits(metadata: Any) -> bool:
-    return len(json.dumps(metadata)) <= MAX_METADATA_BYTES
 
 
 class GalleryError(RuntimeError):
@@ -138,8 +164,7 @@ def metadata_filter(conditions: dict[str, Any]) -> str:
     """{"shop": "a", "year": [2023, 2024]} -> an expression: every key matches, a list means any of its values."""
     parts = []
     for key, wanted in conditions.items():
-        if not METADATA_KEY.match(key):
-            raise ValueError(f"filter key {key!r}: letters, digits and _ only")
+        check_name(key, "filter key")
         values = wanted if isinstance(wanted, list) else [wanted]
         if not values:
             raise ValueError(f"filter key {key!r}: an empty list matches nothing")
@@ -200,6 +225,7 @@ class Gallery:
             gallery._load()
             if not other_model_ok:
                 gallery._check_model()
+                gallery._add_missing_means()
         except BaseException:
             gallery.close()
             raise
@@ -312,8 +338,8 @@ class Gallery:
             self._lock = None
 
     # -- reading -------------------------------------------------------------------------------------
-    def _query(self, where: str, limit: int = MAX_LIMIT) -> list[dict[str, Any]]:
-        return self.client.query(self.name, filter=where, output_fields=FIELDS, limit=limit)
+    def _query(self, where: str, limit: int = MAX_LIMIT, fields: list[str] = FIELDS) -> list[dict[str, Any]]:
+        return self.client.query(self.name, filter=where, output_fields=fields, limit=limit)
 
     @staticmethod
     def _stored(row: dict[str, Any]) -> Stored:
@@ -359,8 +385,9 @@ class Gallery:
             plans.append(Planned(image_id, digest, status, holder))
         return plans
 
-    def count(self) -> int:
-        rows = self.client.query(self.name, filter="query == 0", output_fields=["count(*)"])
+    def count(self, where: str = "query == 0") -> int:
+        """How many images (or rows matching `where`)."""
+        rows = self.client.query(self.name, filter=where, output_fields=["count(*)"])
         return int(rows[0]["count(*)"])
 
     def vector_counts(self) -> dict[str, int]:
@@ -395,19 +422,23 @@ class Gallery:
         return relative
 
     def _rows(self, image: NewImage, file: str, added_ms: int) -> list[dict[str, Any]]:
-        return [
-            {
-                "pk": f"{image.image_id}/{q}",
-                "image_id": image.image_id,
-                "query": q,
-                "sha256": image.sha256,
-                "file": file,
-                "added_at": added_ms,
-                "meta": image.metadata,
-                "vector": vector,
-            }
-            for q, vector in enumerate(np.asarray(image.vectors, dtype=np.float32))
-        ]
+        """An image's rows: one per query vector, then its mean vector's (query -1), inserted together."""
+        vectors = np.asarray(image.vectors, dtype=np.float32)
+        numbered = [*enumerate(vectors), (MEAN, mean_vector(vectors))]
+        return [self._row(image, file, added_ms, q, vector) for q, vector in numbered]
+
+    @staticmethod
+    def _row(image: NewImage, file: str, added_ms: int, query: int, vector: np.ndarray) -> dict[str, Any]:
+        return {
+            "pk": f"{image.image_id}/{query}",
+            "image_id": image.image_id,
+            "query": query,
+            "sha256": image.sha256,
+            "file": file,
+            "added_at": added_ms,
+            "meta": image.metadata,
+            "vector": vector,
+        }
 
     def add(self, images: list[NewImage]) -> dict[str, str]:
         """Store what is not there yet, in one insert. Returns each image's id -> "added", or the id of the
@@ -450,6 +481,7 @@ class Gallery:
         """The k best images for query vectors (n, dim): each image's score is its best inner product over
         its own query vectors and the n given ones (n=1 for a text: exactly BLIP-2's ITC)."""
         limit, found_before = k, -1
+        where = f"query >= 0 and ({where})" if where else "query >= 0"  # not the mean-vector rows
         while True:
             lists = self.client.search(
                 self.name,
@@ -473,6 +505,64 @@ class Gallery:
                 if entity["image_id"] not in best or score > best[entity["image_id"]][1]:
                     best[entity["image_id"]] = (self._stored(entity), score)
         return sorted(best.values(), key=lambda pair: -pair[1])[:k]
+
+    def similar(self, vectors: np.ndarray, k: int, where: str = "") -> list[tuple[Stored, float]]:
+        """The k images most like an image given by its query vectors (queries, dim): by the cosine of the
+        normalised means of both images' query vectors, best first."""
+        hits = self.client.search(
+            self.name,
+            data=mean_vector(vectors)[None],
+            limit=k,
+            filter=f"query == {MEAN} and ({where})" if where else f"query == {MEAN}",
+            output_fields=FIELDS,
+            search_params={"metric_type": "IP", "params": self._search_params(k)},
+        )[0]
+        return [(self._stored(hit["entity"]), float(hit["distance"])) for hit in hits]
+
+    def query_vectors(self, ids: list[str]) -> dict[str, np.ndarray]:
+        """Each image's query vectors (queries, dim), in query order, for the given ids."""
+        grouped: dict[str, list[tuple[int, Any]]] = {}
+        per_query = max(1, MAX_LIMIT // self.info["queries"])  # images whose rows fit one query's limit
+        for start in range(0, len(ids), per_query):
+            where = f"query >= 0 and image_id in {json.dumps(ids[start : start + per_query])}"
+            for row in self._query(where, fields=["image_id", "query", "vector"]):
+                grouped.setdefault(row["image_id"], []).append((row["query"], row["vector"]))
+        return {
+            image_id: np.array([vector for _, vector in sorted(rows, key=lambda r: r[0])], dtype=np.float32)
+            for image_id, rows in grouped.items()
+        }
+
+    def _add_missing_means(self) -> None:
+        """A gallery written before images had a mean-vector row gets them, from its stored query vectors
+        (an upsert: servers sharing a Milvus server may do this at once)."""
+        if self.count(f"query == {MEAN}") == self.count():
+            return
+        have = {row["image_id"] for batch in self._batches(f"query == {MEAN}", ["image_id"]) for row in batch}
+        missing = [
+            stored
+            for batch in self._batches("query == 0", FIELDS)
+            for row in batch
+            if (stored := self._stored(row)).image_id not in have
+        ]
+        for start in range(0, len(missing), 256):
+            part = missing[start : start + 256]
+            vectors = self.query_vectors([s.image_id for s in part])
+            rows = [
+                self._row(
+                    NewImage(s.image_id, s.sha256, b"", s.metadata, vectors[s.image_id]),
+                    s.file,
+                    int(s.added_at * 1000),
+                    MEAN,
+                    mean_vector(vectors[s.image_id]),
+                )
+                for s in part
+                if s.image_id in vectors
+            ]
+            self.client.upsert(self.name, rows)
+        if missing:
+            if self.embedded:
+                self.client.flush(self.name)
+            log.info("the gallery's %d images got their mean vectors (search by image)", len(missing))
 
     def _search_params(self, limit: int) -> dict[str, Any]:
         return {"HNSW": {"ef": max(64, limit)}, "IVF_FLAT": {"nprobe": 64}}.get(self.index, {})

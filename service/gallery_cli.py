@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from service.cli import add_settings_arguments, configure_logging
 from service.errors import ApiError
-from service.gallery import Gallery, GalleryError, NewImage, metadata_fits, open_gallery
+from service.gallery import Gallery, GalleryError, NewImage, check_metadata, check_name, open_gallery
 from service.images import decode_image
 from service.inference import Runner
 from service.jobs import EmbedJob
@@ -113,8 +113,9 @@ class Indexer:
         """The file's bytes and decoded image, or None (counted) when it cannot be an image of the gallery."""
         try:
             data = entry["path"].read_bytes()
-            if not metadata_fits(entry["metadata"]):
-                raise ValueError("metadata too large")
+            check_metadata(entry["metadata"])  # the server's rules for an add
+            if entry["id"] is not None:
+                check_name(entry["id"], "id")
             return data, decode_image(data, self.settings)
         except (OSError, ApiError, ValueError):
             self.counts["unreadable"] += 1

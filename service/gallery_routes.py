@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import io
 import json
-import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from fastapi import APIRouter, Depends, Path, Request, Response
 from PIL import Image
 from pydantic import BaseModel, Field
@@ -22,33 +23,34 @@ from pydantic import BaseModel, Field
 from service.deps import Parsed, RetrievalRunner, SettingsDep, StateDep, body_doc, parsed
 from service.errors import ApiError, unprocessable
 from service.gallery import (
-    ID_PATTERN,
     MAX_METADATA_BYTES,
+    NAME_RULE,
     Gallery,
     NewImage,
+    Planned,
     Stored,
+    check_metadata,
+    check_name,
     metadata_filter,
-    metadata_fits,
 )
 from service.images import bytes_from_string, decode_image, read_upload
 from service.jobs import EmbedJob, RetrieveJob
-from service.schemas import IMAGE_DOC, Strict
+from service.schemas import IMAGE_DOC, RELEVANCE_DOC, ErrorDetail, Strict, relevance
 from service.settings import Settings
 from service.submit import check_text, run_job
 
 router = APIRouter(prefix="/gallery", tags=["gallery"])
-ID_DOC = (
-    "Your id for the image (letters, digits, `.`, `_`, `:`, `-`; at most 128). Default: from its content."
-)
+ID_DOC = f"Your id for the image ({NAME_RULE}). Default: from its content."
 METADATA_DOC = (
-    f"A JSON object kept with the image (at most {MAX_METADATA_BYTES} bytes); search can filter on it."
+    f"A JSON object kept with the image (at most {MAX_METADATA_BYTES} bytes); search can filter on it. Its "
+    f"keys follow the ids' rule ({NAME_RULE})."
 )
 
 
 # -- bodies ------------------------------------------------------------------------------------------
 class GalleryImage(Strict):
     image: str = Field(..., description=IMAGE_DOC)
-    id: str | None = Field(None, pattern=ID_PATTERN, description=ID_DOC)
+    id: str | None = Field(None, description=ID_DOC)  # checked per image: a bad one rejects that image only
     metadata: dict[str, Any] = Field(default_factory=dict, description=METADATA_DOC)
 
 
@@ -61,16 +63,28 @@ class AddRequest(Strict):
 
 
 class Added(BaseModel):
-    id: str = Field(..., description="The image's id in the gallery (an existing one for a duplicate).")
-    status: Literal["added", "exists", "duplicate"] = Field(
-        ...,
-        description="`exists`: this id was there already; `duplicate`: these bytes are stored under `id`.",
+    index: int = Field(..., description="The image's position in the request, from 0.")
+    file: str | None = Field(None, description="Multipart: the file part's name, as sent.")
+    id: str | None = Field(
+        None,
+        description="The image's id in the gallery (an existing one for a duplicate); for a rejected image, "
+        "the id it asked for, if any.",
     )
+    status: Literal["added", "exists", "duplicate", "rejected"] = Field(
+        ...,
+        description="`added`: stored now; `exists`: this id held these bytes already; `duplicate`: these bytes "
+        "are stored under `id`; `rejected`: not stored, `error` says why.",
+    )
+    error: ErrorDetail | None = Field(None, description="Why a rejected image was not stored.")
 
 
 class AddResponse(BaseModel):
     model: str
-    images: list[Added]
+    images: list[Added] = Field(
+        ...,
+        description="One answer per image, in the request's order. Unless every image is rejected (then the "
+        "request fails with the first one's error), the good ones are stored and the bad ones rejected.",
+    )
 
 
 class Item(BaseModel):
@@ -83,7 +97,11 @@ class Item(BaseModel):
 
 class SearchRequest(Strict):
     text: str | None = Field(None, description="A text query: ITC over the gallery, then ITM on the best.")
-    image: str | None = Field(None, description="An image query (images like it). " + IMAGE_DOC)
+    image: str | None = Field(
+        None,
+        description="An image query: images like it, by the cosine of the two images' mean query vectors (no "
+        "ITM). " + IMAGE_DOC,
+    )
     top_k: int = Field(10, ge=1, description="How many images to return.")
     itm_top_k: int | None = Field(
         None, ge=0, description="How many of the best ITC results ITM re-ranks (text queries). "
@@ -97,11 +115,22 @@ class SearchRequest(Strict):
 
 class Hit(BaseModel):
     id: str
+    relevance: float = Field(
+        ...,
+        description="Text query: "
+        + RELEVANCE_DOC
+        + " Image query: the cosine of the normalised means of the "
+        "two images' query vectors, in [-1, 1] (1: the same image).",
+    )
     score: float | None = Field(
-        None, description="ITM logit + ITC similarity (LAVIS's ranking), re-ranked ones."
+        None,
+        description="ITM logit + ITC similarity (LAVIS's ranking), for the `itm_top_k` re-ranked only (null "
+        "for the others and for image queries).",
     )
     itc_score: float = Field(..., description="Best cosine over the image's query vectors (and the query's).")
-    itm_score: float | None = Field(None, description="Image-text matching probability, re-ranked ones only.")
+    itm_score: float | None = Field(
+        None, description="Image-text matching probability, for the `itm_top_k` re-ranked only (else null)."
+    )
     metadata: dict[str, Any]
 
 
@@ -122,7 +151,16 @@ async def get_gallery(state: StateDep, runner: RetrievalRunner) -> Gallery:
 
 
 GalleryDep = Annotated[Gallery, Depends(get_gallery)]
-ImageId = Annotated[str, Path(pattern=ID_PATTERN, description="The image's id.")]
+
+
+def valid_id(image_id: Annotated[str, Path(description=f"The image's id ({NAME_RULE}).")]) -> str:
+    try:
+        return check_name(image_id, "id")
+    except ValueError as exc:
+        raise unprocessable(str(exc)) from None
+
+
+ImageId = Annotated[str, Depends(valid_id)]
 
 
 def not_found(image_id: str) -> ApiError:
@@ -136,45 +174,105 @@ def _metadata(value: dict[str, Any] | str, where: str) -> dict[str, Any]:
             value = json.loads(value)
         except ValueError:
             raise unprocessable(f"{where}: not valid JSON") from None
-    if not isinstance(value, dict):
-        raise unprocessable(f"{where}: must be a JSON object")
-    if not metadata_fits(value):
-        raise unprocessable(f"{where}: at most {MAX_METADATA_BYTES} bytes of JSON")
-    return value
+    try:
+        return check_metadata(value)
+    except ValueError as exc:
+        raise unprocessable(f"{where}: {exc}") from None
 
 
-async def _incoming(given: Parsed[AddRequest], settings: Settings) -> list[tuple[bytes, str | None, dict]]:
-    """(bytes, id, metadata) per image, from JSON objects or from multipart file parts + parallel fields."""
+@dataclass
+class Incoming:
+    """One image of an add, as it goes through the checks; `error` set once it is rejected."""
+
+    index: int
+    file: str | None  # multipart: the file part's name
+    image_id: str | None
+    data: bytes = b""
+    metadata: dict[str, Any] | None = None
+    decoded: Any = None
+    error: ApiError | None = None
+
+    @property
+    def where(self) -> str:
+        return f"images.{self.index}" + (f" ({self.file})" if self.file else "")
+
+    def reject(self, error: ApiError) -> None:
+        self.error = ApiError(error.status, error.type, f"{self.where}: {error.message}")
+
+    def answer(self, status: str, image_id: str | None = None) -> Added:
+        detail = ErrorDetail(type=self.error.type, message=self.error.message) if self.error else None
+        return Added(
+            index=self.index, file=self.file, id=image_id or self.image_id, status=status, error=detail
+        )
+
+
+async def _checked(item: Incoming, read, metadata: dict[str, Any] | str, settings: Settings) -> None:
+    """Read, check and decode one image; a problem rejects this image only (its error says which it is)."""
+    try:
+        if item.image_id is not None:
+            try:
+                check_name(item.image_id, "id")
+            except ValueError as exc:
+                raise unprocessable(str(exc)) from None
+        item.metadata = _metadata(metadata, "metadata")
+        item.data = await read()
+        item.decoded = await asyncio.to_thread(decode_image, item.data, settings)
+    except ApiError as exc:
+        item.reject(exc)
+
+
+async def _incoming(given: Parsed[AddRequest], settings: Settings) -> list[Incoming]:
+    """Each image of the request, read and checked on its own, from JSON objects or from multipart file parts
+    + parallel fields. What is wrong with the request as a whole (no images, too many, lists that do not pair
+    up) fails it."""
     body, uploads = given.body, given.files.get("images", [])
     count = len(uploads) or len(body.images)
     if uploads and body.images:
         raise unprocessable("send the images as JSON or as file parts, not both")
     if not 1 <= count <= settings.max_images_per_request:
         raise unprocessable(f"images: 1 to {settings.max_images_per_request} per request")
+    items = []
     if not uploads:
         if body.ids is not None or body.metadata is not None:
             raise unprocessable(
                 "`ids` and `metadata` lists are for multipart; in JSON each image has its own"
             )
-        out = []
-        for n, item in enumerate(body.images):
-            data = await bytes_from_string(item.image, settings)
-            out.append((data, item.id, _metadata(item.metadata, f"images.{n}.metadata")))
-        return out
+        for n, image in enumerate(body.images):
+            items.append(item := Incoming(n, None, image.id))
+            await _checked(
+                item, lambda i=image: bytes_from_string(i.image, settings), image.metadata, settings
+            )
+        return items
     ids = body.ids or [None] * count
     metadata = body.metadata or ["{}"] * count
     if len(ids) != count or len(metadata) != count:
         raise unprocessable("give one `ids` and one `metadata` field per file part, or none")
-    for image_id in ids:
-        if image_id is not None and not re.match(ID_PATTERN, image_id):
-            raise unprocessable(f"ids: {image_id!r} is not a valid id")
-    return [
-        (await read_upload(upload, settings), image_id, _metadata(meta, f"metadata.{n}"))
-        for n, (upload, image_id, meta) in enumerate(zip(uploads, ids, metadata, strict=True))
-    ]
+    for n, (upload, image_id, meta) in enumerate(zip(uploads, ids, metadata, strict=True)):
+        items.append(item := Incoming(n, upload.filename or None, image_id or None))  # "": no id
+        await _checked(item, lambda u=upload: read_upload(u, settings), meta, settings)
+    return items
 
 
-@router.post("/images", response_model=AddResponse, openapi_extra=body_doc(AddRequest, "files `images`"))
+def _plan(items: list[Incoming], gallery: Gallery) -> list[tuple[Incoming, Planned]]:
+    """The plan of the images not rejected so far. An id given to two different images of one add is
+    ambiguous: every image asking for it is rejected, and the rest planned again without them."""
+    good = [item for item in items if item.error is None]
+    plans = gallery.plan([(item.data, item.image_id) for item in good])
+    reused = {plan.image_id for plan in plans if plan.status == "reused_id"}
+    if not reused:
+        return list(zip(good, plans, strict=True))
+    for item, plan in zip(good, plans, strict=True):
+        if plan.image_id in reused:
+            item.reject(unprocessable(f"id {plan.image_id!r} is given to two different images"))
+    return _plan(items, gallery)
+
+
+@router.post(
+    "/images",
+    response_model=AddResponse,
+    response_model_exclude_none=True,
+    openapi_extra=body_doc(AddRequest, "files `images`"),
+)
 async def add_images(
     request: Request,
     runner: RetrievalRunner,
@@ -182,39 +280,42 @@ async def add_images(
     gallery: GalleryDep,
     given: Annotated[Parsed[AddRequest], parsed(AddRequest)],
 ) -> AddResponse:
-    """Add images (idempotent on id; identical bytes are stored once), embedded in batches by the engine."""
+    """Add images (idempotent on id; identical bytes are stored once), embedded in batches by the engine. Each
+    image is answered on its own: a bad one is rejected (named, with its reason) and the others are stored."""
     items = await _incoming(given, settings)
-    plans = await asyncio.to_thread(gallery.plan, [(data, image_id) for data, image_id, _ in items])
-    for plan in plans:
-        if plan.status == "reused_id":
-            raise unprocessable(f"id {plan.image_id!r} is given to two different images")
-    for plan in plans:
+    planned = await asyncio.to_thread(_plan, items, gallery)
+    for item, plan in planned:
         if plan.status == "conflict":
-            raise ApiError(409, "conflict", f"id {plan.image_id!r} holds another image; delete it first")
-    new = [
-        (plan, data, metadata)
-        for plan, (data, _, metadata) in zip(plans, items, strict=True)
-        if plan.status == "new"
-    ]
+            item.reject(
+                ApiError(409, "conflict", f"id {plan.image_id!r} holds another image; delete it first")
+            )
+    new = [(item, plan) for item, plan in planned if plan.status == "new"]
     outcome: dict[str, str] = {}
     if new:
-        decoded = [await asyncio.to_thread(decode_image, data, settings) for _, data, _ in new]
-        vectors = (await run_job(request, EmbedJob(decoded, [], query_vectors=True)))["image_queries"]
+        vectors = (await run_job(request, EmbedJob([i.decoded for i, _ in new], [], query_vectors=True)))[
+            "image_queries"
+        ]
         fresh = [
-            NewImage(plan.image_id, plan.sha256, data, metadata, v.numpy())
-            for (plan, data, metadata), v in zip(new, vectors, strict=True)
+            NewImage(plan.image_id, plan.sha256, item.data, item.metadata or {}, v.numpy())
+            for (item, plan), v in zip(new, vectors, strict=True)
         ]
         outcome = await asyncio.to_thread(gallery.add, fresh)
-    answers = []
-    for plan in plans:
+    rejected = [item for item in items if item.error is not None]
+    if len(rejected) == len(items):  # nothing to answer per image: the request fails, naming each image
+        first = rejected[0].error
+        raise ApiError(first.status, first.type, "; ".join(item.error.message for item in rejected))
+    answers = {item.index: item.answer("rejected") for item in rejected}
+    for item, plan in planned:
+        if item.error is not None:
+            continue
         if plan.status in ("exists", "duplicate"):
-            answers.append(Added(id=plan.holder, status=plan.status))
+            answers[item.index] = item.answer(plan.status, plan.holder)
         elif outcome[plan.image_id] == "added":
-            answers.append(Added(id=plan.image_id, status="added"))
+            answers[item.index] = item.answer("added", plan.image_id)
         else:  # another request stored it between the plan and the insert
             holder = outcome[plan.image_id]
-            answers.append(Added(id=holder, status="exists" if holder == plan.image_id else "duplicate"))
-    return AddResponse(model=gallery.info["model"], images=answers)
+            answers[item.index] = item.answer("exists" if holder == plan.image_id else "duplicate", holder)
+    return AddResponse(model=gallery.info["model"], images=[answers[item.index] for item in items])
 
 
 # -- reading and deleting ----------------------------------------------------------------------------
@@ -292,7 +393,8 @@ async def search(
     gallery: GalleryDep,
     given: Annotated[Parsed[SearchRequest], parsed(SearchRequest)],
 ) -> SearchResponse:
-    """Text (or image) -> the best images: ITC over every query vector of every image, then ITM on the best."""
+    """Text -> the best images: ITC over every query vector of every image, then ITM on the best. Image -> the
+    images most like it, by the cosine of mean query vectors. Sorted by `relevance`."""
     body = given.body
     image_query = body.image is not None or "image" in given.files
     if image_query == (body.text is not None):
@@ -309,15 +411,31 @@ async def search(
         raise unprocessable(f"filter: {exc}") from None
     if image_query:
         out = await run_job(request, EmbedJob([await given.image()], [], query_vectors=True))
-        vectors = out["image_queries"][0].numpy()
-    else:
-        text = check_text(settings, "text", body.text)
-        vectors = (await run_job(request, EmbedJob([], [text])))["text"].numpy()
+        hits = await asyncio.to_thread(_similar, gallery, out["image_queries"][0].numpy(), body.top_k, where)
+        return SearchResponse(model=gallery.info["model"], results=hits)
+    text = check_text(settings, "text", body.text)
+    vectors = (await run_job(request, EmbedJob([], [text])))["text"].numpy()
     found = await asyncio.to_thread(gallery.search, vectors, body.top_k, where)
-    hits = [Hit(id=s.image_id, itc_score=itc, metadata=s.metadata) for s, itc in found]
-    if not image_query and itm_top_k > 0 and found:
+    hits = [Hit(id=s.image_id, relevance=itc, itc_score=itc, metadata=s.metadata) for s, itc in found]
+    if itm_top_k > 0 and found:
         await _rerank(request, gallery, settings, text, found[:itm_top_k], hits)
     return SearchResponse(model=gallery.info["model"], results=hits)
+
+
+def _similar(gallery: Gallery, queries: np.ndarray, k: int, where: str) -> list[Hit]:
+    """Images like the query image, by mean-vector cosine; `itc_score` is still the max over query-vector
+    pairs (nearly 1 for any two images of a small model: shown, not ranked by)."""
+    found = gallery.similar(queries, k, where)
+    stored = gallery.query_vectors([s.image_id for s, _ in found])
+    return [
+        Hit(
+            id=s.image_id,
+            relevance=cosine,
+            itc_score=float((stored[s.image_id] @ queries.T).max()) if s.image_id in stored else cosine,
+            metadata=s.metadata,
+        )
+        for s, cosine in found
+    ]
 
 
 async def _rerank(
@@ -328,8 +446,8 @@ async def _rerank(
     best: list[tuple[Stored, float]],
     hits: list[Hit],
 ) -> None:
-    """ITM over the best k, read back from disk (through the vision cache); they move first, by LAVIS's score.
-    An image deleted meanwhile (its file gone) keeps its ITC rank and no ITM score."""
+    """ITM over the best k, read back from disk (through the vision cache); they move first, by LAVIS's score
+    (their relevance). An image deleted meanwhile (its file gone) keeps its ITC rank and no ITM score."""
     positions, images = [], []
     for position, (stored, _) in enumerate(best):
         try:
@@ -345,5 +463,5 @@ async def _rerank(
         hit = hits[positions[result["index"]]]
         logit = result["score"] - result["itc_score"]  # the ITM logit; ITC as stored, so score = logit + itc
         hit.itm_score, hit.score = result["itm_score"], logit + hit.itc_score
-    reranked = sorted((h for h in hits[: len(best)] if h.score is not None), key=lambda hit: -hit.score)
-    hits[: len(best)] = reranked + [h for h in hits[: len(best)] if h.score is None]
+        hit.relevance = relevance(hit.score, hit.itc_score)
+    hits.sort(key=lambda hit: -hit.relevance)  # the re-ranked first (relevance above 1), by LAVIS's score

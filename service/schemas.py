@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 IMAGE_DOC = "The image: base64, a `data:image/...;base64,` URI, or an http(s) URL on an allow-listed host."
+RELEVANCE_DOC = (
+    "One number that orders the results, higher is better; they come sorted by it. For a result the ITM "
+    "re-ranked (`score` set: the best `top_k` by ITC): 1 + sigmoid(`score`), in (1, 2), so LAVIS's order "
+    "among them is kept and they come before the rest; for any other result: its ITC cosine (`itc_score`), "
+    "in [-1, 1]."
+)
+
+
+def relevance(score: float | None, itc_score: float) -> float:
+    """A result's relevance (RELEVANCE_DOC): 1 + sigmoid(LAVIS's ITM + ITC score) for an ITM-re-ranked
+    result, above every result ranked by ITC alone, whose relevance is its ITC cosine."""
+    if score is None:
+        return itc_score
+    return 1 + 0.5 * (1 + math.tanh(score / 2))  # 1 + sigmoid(score), without overflow for any score
 
 
 class Strict(BaseModel):
@@ -66,6 +81,11 @@ class RetrieveRequest(Strict):
     top_k: int | None = Field(None, ge=1, description="How many of the best ITC candidates ITM re-ranks.")
 
 
+class ErrorDetail(BaseModel):
+    type: str = Field(..., description="The error's kind, as in an error answer's `error.type`.")
+    message: str
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -108,10 +128,20 @@ class EmbedResponse(BaseModel):
 class RetrieveResult(BaseModel):
     index: int = Field(..., description="Position of the candidate in the request.")
     score: float | None = Field(
-        None, description="ITM logit + ITC similarity (LAVIS's ranking), re-ranked ones only."
+        None,
+        description="ITM logit + ITC similarity (LAVIS's ranking), for the `top_k` re-ranked only (null for "
+        "the others).",
     )
     itc_score: float = Field(..., description="Contrastive similarity: cosine, max over the queries.")
-    itm_score: float | None = Field(None, description="Image-text matching probability, re-ranked ones only.")
+    itm_score: float | None = Field(
+        None,
+        description="Image-text matching probability, for the `top_k` re-ranked only (null for the others).",
+    )
+
+    @computed_field(description=RELEVANCE_DOC)
+    @property
+    def relevance(self) -> float:
+        return relevance(self.score, self.itc_score)
 
 
 class RetrieveResponse(BaseModel):
