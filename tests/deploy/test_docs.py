@@ -99,6 +99,8 @@ def _check_command(command: str, env: dict[str, str], words: list[str]) -> None:
         _check_compose(words[2:], env)
     elif words[:2] == ["docker", "build"]:
         _check_build(words[2:])
+    elif words[:2] in (["docker", "tag"], ["docker", "push"]):
+        _check_push(words[1], words[2:])
     elif words[0] == "kubectl":
         _check_kubectl(words[1:])
     elif words[0] == "curl":
@@ -152,6 +154,29 @@ def _check_build(args: list[str]) -> None:
         suffix = "-train"
     tag = args[args.index("-t") + 1]
     assert tag == f"blip2-stack:{variant}{suffix}", "the name compose and the manifests use"
+
+
+BUILT_IMAGES = {"blip2-stack:gpu", "blip2-stack:cpu", "blip2-stack:gpu-train"}  # what the build lines tag
+
+
+def _check_push(verb: str, args: list[str]) -> None:
+    """An image built above, tagged into a registry under the same name, and pushed by that name."""
+    pushed = args[-1]
+    registry, _, name = pushed.rpartition("/")
+    assert registry and name in BUILT_IMAGES, pushed
+    if verb == "tag":
+        assert args == [name, pushed], args
+
+
+def test_images_are_pushed_before_the_cluster_runs_them():
+    """Each Kubernetes path pushes its image and creates the namespace before its `kubectl apply`."""
+    lines = COMMAND_LINES
+    for apply, tag in [("kubectl apply -k k8s/base", "gpu"), ("kubectl apply -k k8s/overlays/cpu", "cpu")]:
+        at = lines.index(apply)
+        before = lines[:at]
+        since = max(i for i, line in enumerate(before) if line.startswith("docker push")) if before else -1
+        assert before[since].endswith(f"/blip2-stack:{tag}"), (apply, before[since])
+        assert "kubectl create namespace blip2" in before[since:], f"{apply}: the namespace comes first"
 
 
 def _check_install(words: list[str]) -> None:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import ast
 import functools
 import re
+import shutil
 import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 import tomllib
@@ -116,3 +118,28 @@ def test_metadata_builds_without_a_license_deprecation(tmp_path):
     assert "license" not in (done.stdout + done.stderr).lower(), done.stdout + done.stderr
     (info,) = tmp_path.glob("*.dist-info")
     assert "License-Expression: Apache-2.0" in (info / "METADATA").read_text()
+
+
+def _make_dry_run(target: str, venv: Path) -> list[str]:
+    """The commands `make TARGET` runs from nothing (a venv that does not exist yet), without running them."""
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    done = subprocess.run(
+        ["make", "-n", target, f"VENV={venv}"], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    return done.stdout.splitlines()
+
+
+def test_make_serve_installs_the_serve_extra_only(tmp_path):
+    commands = _make_dry_run("serve", tmp_path / "venv")
+    extras = re.findall(r'-e "\.\[([\w,]+)\]"', "\n".join(commands))
+    assert extras == ["serve"], commands
+    assert commands[-1].startswith(f"{tmp_path / 'venv'}/bin/blip2-serve"), commands
+
+
+def test_make_test_sets_up_everything_from_nothing(tmp_path):
+    commands = _make_dry_run("test", tmp_path / "venv")
+    assert commands[0].startswith("python3 -m venv"), commands
+    assert re.findall(r'-e "\.\[([\w,]+)\]"', "\n".join(commands)) == ["serve", "test"], commands
+    assert commands[-1].endswith("-m pytest -q -x tests"), commands
+    assert (REPO / ".ci" / "run").read_text().strip().endswith("make test"), "CI runs the README's command"
