@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import io
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
@@ -206,7 +207,9 @@ class Incoming:
         )
 
 
-async def _checked(item: Incoming, read, metadata: dict[str, Any] | str, settings: Settings) -> None:
+async def _checked(
+    item: Incoming, read: Callable[[], Awaitable[bytes]], metadata: dict[str, Any] | str, settings: Settings
+) -> None:
     """Read, check and decode one image; a problem rejects this image only (its error says which it is)."""
     try:
         if item.image_id is not None:
@@ -254,17 +257,22 @@ async def _incoming(given: Parsed[AddRequest], settings: Settings) -> list[Incom
 
 
 def _plan(items: list[Incoming], gallery: Gallery) -> list[tuple[Incoming, Planned]]:
-    """The plan of the images not rejected so far. An id given to two different images of one add is
-    ambiguous: every image asking for it is rejected, and the rest planned again without them."""
+    """The plan of the images not rejected so far. An id that holds other bytes rejects its image; an id
+    given to two different images of one add is ambiguous and rejects every image asking for it. Then the
+    rest is planned again without them (a duplicate must not point at a rejected image)."""
     good = [item for item in items if item.error is None]
     plans = gallery.plan([(item.data, item.image_id) for item in good])
     reused = {plan.image_id for plan in plans if plan.status == "reused_id"}
-    if not reused:
-        return list(zip(good, plans, strict=True))
+    rejected = False
     for item, plan in zip(good, plans, strict=True):
         if plan.image_id in reused:
             item.reject(unprocessable(f"id {plan.image_id!r} is given to two different images"))
-    return _plan(items, gallery)
+        elif plan.status == "conflict":
+            item.reject(
+                ApiError(409, "conflict", f"id {plan.image_id!r} holds another image; delete it first")
+            )
+        rejected = rejected or item.error is not None
+    return _plan(items, gallery) if rejected else list(zip(good, plans, strict=True))
 
 
 @router.post(
@@ -284,11 +292,6 @@ async def add_images(
     image is answered on its own: a bad one is rejected (named, with its reason) and the others are stored."""
     items = await _incoming(given, settings)
     planned = await asyncio.to_thread(_plan, items, gallery)
-    for item, plan in planned:
-        if plan.status == "conflict":
-            item.reject(
-                ApiError(409, "conflict", f"id {plan.image_id!r} holds another image; delete it first")
-            )
     new = [(item, plan) for item, plan in planned if plan.status == "new"]
     outcome: dict[str, str] = {}
     if new:
@@ -306,8 +309,6 @@ async def add_images(
         raise ApiError(first.status, first.type, "; ".join(item.error.message for item in rejected))
     answers = {item.index: item.answer("rejected") for item in rejected}
     for item, plan in planned:
-        if item.error is not None:
-            continue
         if plan.status in ("exists", "duplicate"):
             answers[item.index] = item.answer(plan.status, plan.holder)
         elif outcome[plan.image_id] == "added":

@@ -181,29 +181,28 @@ def test_a_multi_image_add_answers_per_image(client, shapes):
         "images.1 (notes.txt): "
     )
     stored_id = ids_of(client, shapes[2:3])[0]
-    solid = [
-        encode(Image.new("RGB", (64, 64), colour)) for colour in ((10, 200, 30), (200, 10, 30), (30, 10, 200))
-    ]
+    colours = ((10, 200, 30), (200, 10, 30), (30, 10, 200), (90, 90, 10))
+    solid = [encode(Image.new("RGB", (64, 64), colour)) for colour in colours]
     mixed = [
         {"image": b64(solid[0]), "id": "fresh-1"},
         {"image": b64(b"still not an image")},
-        {"image": b64(shapes[3][0]), "id": stored_id},  # an id that holds another image
+        {"image": b64(solid[3]), "id": stored_id},  # an id that holds another image
+        {
+            "image": b64(solid[3]),
+            "id": "fresh-3",
+        },  # the same bytes: stored here, not a duplicate of the above
         {"image": b64(solid[1]), "id": "twice"},  # one id for two different images: both rejected
         {"image": b64(solid[2]), "id": "twice"},
     ]
     answers = client.post("/gallery/images", json={"images": mixed}).json()["images"]
-    assert [(a["index"], a["status"]) for a in answers] == [
-        (0, "added"), (1, "rejected"), (2, "rejected"), (3, "rejected"), (4, "rejected")
+    assert [(a["index"], a["status"], a.get("id")) for a in answers] == [
+        (0, "added", "fresh-1"), (1, "rejected", None), (2, "rejected", stored_id), (3, "added", "fresh-3"),
+        (4, "rejected", "twice"), (5, "rejected", "twice"),
     ]  # fmt: skip
-    assert [a["error"]["type"] for a in answers[1:]] == [
-        "invalid_image",
-        "conflict",
-        "invalid_request",
-        "invalid_request",
-    ]
-    assert "two different images" in answers[3]["error"]["message"] and answers[4]["error"][
-        "message"
-    ].startswith("images.4: ")
+    errors = [a["error"] for a in answers if a["status"] == "rejected"]
+    assert [e["type"] for e in errors] == ["invalid_image", "conflict", "invalid_request", "invalid_request"]
+    assert errors[2]["message"] == "images.4: id 'twice' is given to two different images"
+    assert all("error" not in a for a in answers if a["status"] == "added")
     assert client.get("/gallery/images/fresh-1").status_code == 200
     assert client.get("/gallery/images/twice").status_code == 404
     # Every image rejected: the request fails with the first one's error, naming the file (the page's one-file add).
