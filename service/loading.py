@@ -262,7 +262,7 @@ def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos])
 
 
-def text_processing(source: str, settings: Settings) -> TextProcessing | None:
+def model_text_processing(source: str, settings: Settings) -> TextProcessing | None:
     """The processing of a person's text for the model in `source`: its folder's record, as
     `--text-processing` resolves it (a hub id has no local folder, so no record)."""
     try:
@@ -314,7 +314,7 @@ def load_generation(
         generation_defaults={
             k: v for k, v in model.generation_config.to_diff_dict().items() if k in ROUTE_GENERATION_OPTIONS
         },
-        text_processing=text_processing(source, settings),
+        text_processing=model_text_processing(source, settings),
     )
 
 
@@ -326,7 +326,9 @@ def load_retrieval(
     processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
     unreachable_special_pieces(processor.tokenizer)
     check_vocabulary(source, "Q-Former", processor.tokenizer, model.embeddings.word_embeddings)
-    return RetrievalModel(model=model, processor=processor, text_processing=text_processing(source, settings))
+    return RetrievalModel(
+        model=model, processor=processor, text_processing=model_text_processing(source, settings)
+    )
 
 
 def share_vision_tower(generation: torch.nn.Module, retrieval: torch.nn.Module) -> bool:
