@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service import chat, gallery_routes, page, routes
+from service import api_docs, chat, gallery_routes, page, routes
 from service.batching import Batcher
 from service.errors import error_body, install_handlers, too_large
 from service.gallery import open_gallery
@@ -116,15 +116,16 @@ def create_app(settings: Settings) -> FastAPI:
         description="Captioning, VQA, prompted generation, embeddings and retrieval with BLIP-2 models.",
         version="0.1.0",
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url=None,  # /docs is service/api_docs.py's: FastAPI's loads Swagger UI from a CDN
+        redoc_url=None,
     )
     state = app.state.server = ServerState(settings)
     install_handlers(app)
-    routers = (routes.router, chat.router, page.router, gallery_routes.router)
+    routers = (routes.router, chat.router, page.router, api_docs.router, gallery_routes.router)
     for router in routers:
         app.include_router(router)
     known_paths = {route.path for router in routers for route in router.routes}
-    known_paths |= {"/docs", "/openapi.json"}
+    known_paths |= {"/openapi.json"}
     app.add_middleware(Gatekeeper, settings=settings, app_state=state, known_paths=known_paths)
     return app
 

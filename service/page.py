@@ -29,18 +29,24 @@ STATIC = {  # everything under /static/: a fixed list, so no path from a request
     "icon.svg": "image/svg+xml",
 }
 PUBLIC_PATHS = {"/", *(f"/static/{name}" for name in STATIC)}  # served without the API key (see above)
-CSP = "; ".join(
-    [
-        "default-src 'none'",
-        "script-src 'self'",
-        "style-src 'self'",
-        "img-src 'self' blob:",
-        "connect-src 'self'",
-        "base-uri 'none'",
-        "form-action 'none'",
-        "frame-ancestors 'none'",
-    ]
-)
+POLICY = {
+    "default-src": "'none'",
+    "script-src": "'self'",
+    "style-src": "'self'",
+    "img-src": "'self' blob:",
+    "connect-src": "'self'",
+    "base-uri": "'none'",
+    "form-action": "'none'",
+    "frame-ancestors": "'none'",
+}
+
+
+def content_security_policy(policy: dict[str, str]) -> str:
+    """The header's text for {directive: sources}."""
+    return "; ".join(f"{directive} {sources}" for directive, sources in policy.items())
+
+
+CSP = content_security_policy(POLICY)
 HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",

@@ -6,12 +6,15 @@ const $ = (id) => document.getElementById(id);
 
 const state = {
   key: null, // the API key the person typed: in this tab's memory only, never stored
-  file: null, // the chosen image, as the browser holds it
+  file: null, // the chosen image, as the browser holds it; null again once the server refused it
+  refused: false, // the server could not read the chosen file (not an image, too large): nothing resends it
   dataUri: null, // the same bytes as a data: URI, for the chat route's image_url part
   previewUrl: null,
   turns: [], // [{question, answer}] about the current image
   work: new AbortController(), // aborts what is in flight for the previous image
   galleryReady: false,
+  galleryCount: 0,
+  resultsFor: "", // what the shown results matched ("a blue circle", "images like this one")
 };
 
 // -- talking to the API -----------------------------------------------------------------------------
@@ -174,11 +177,13 @@ function setImage(file) {
   state.work.abort();
   state.work = new AbortController();
   state.file = file;
+  state.refused = false;
   state.dataUri = null;
   state.turns = [];
   $("conversation").replaceChildren();
   showError($("image-error"), null);
   showError($("ask-error"), null);
+  clearGalleryNews(); // what the gallery said was about the previous image
 
   if (state.previewUrl) URL.revokeObjectURL(state.previewUrl);
   state.previewUrl = URL.createObjectURL(file);
@@ -267,10 +272,23 @@ async function caption(file, signal) {
   } catch (error) {
     if (error.name === "AbortError") return;
     target.textContent = "No caption.";
+    if (REFUSED_IMAGE.has(error.status)) refuseImage();
     showError($("image-error"), error, () => caption(file, signal));
   } finally {
     if (!signal.aborted) target.classList.remove("pending");
   }
+}
+
+// The server cannot read this file (400: not an image; 413: too large) and no route will: it is dropped, so
+// Add, Find-like and Ask never send it again. A busy or missing model (429, 501, 503) leaves it usable.
+const REFUSED_IMAGE = new Set([400, 413]);
+
+function refuseImage() {
+  state.file = null;
+  state.refused = true;
+  state.dataUri = null;
+  $("preview").hidden = true;
+  enableGallery();
 }
 
 // -- questions: the chat route, streamed ------------------------------------------------------------
@@ -342,7 +360,8 @@ $("ask-form").addEventListener("submit", (event) => {
   showError($("ask-error"), null);
   if (!question) return;
   if (!state.file) {
-    showError($("ask-error"), new Error("Choose, drop or paste an image first."));
+    const why = state.refused ? "The server cannot read this file. Choose, drop or paste an image." : "Choose, drop or paste an image first.";
+    showError($("ask-error"), new Error(why));
     return;
   }
   input.value = "";
@@ -391,17 +410,24 @@ async function checkGallery() {
   try {
     const info = await (await api("/gallery")).json();
     state.galleryReady = true;
-    status.textContent = galleryLine(info.count);
+    state.galleryCount = info.count;
+    status.textContent = galleryLine();
   } catch (error) {
     state.galleryReady = false;
     if (error.status === 404) {
       $("gallery-panel").hidden = true; // a server without gallery routes
       return;
     }
-    // 501: no retrieval model, or no gallery folder configured; the API's message says which.
-    status.textContent = error.status === 501 ? `No gallery on this server: ${error.message}.` : explain(error).join(" ");
+    // 501: no retrieval model, or no gallery folder configured. The API's message says which and how
+    // ("this server has no gallery; start it with --gallery-dir ..."): shown as the sentence it is.
+    status.textContent = error.status === 501 ? sentence(error.message) : explain(error).join(" ");
   }
   enableGallery();
+}
+
+function sentence(text) {
+  const trimmed = text.trim();
+  return trimmed.charAt(0).toUpperCase() + trimmed.slice(1) + (/[.!?]$/.test(trimmed) ? "" : ".");
 }
 
 function enableGallery() {
@@ -412,13 +438,38 @@ function enableGallery() {
   $("search-button").disabled = !ready;
 }
 
-function galleryLine(count) {
+function galleryLine() {
+  const count = state.galleryCount;
   return `The gallery holds ${count === 1 ? "1 image" : `${count} images`}.`;
 }
 
 async function refreshCount() {
   const info = await (await api("/gallery")).json();
-  $("gallery-status").textContent = galleryLine(info.count);
+  state.galleryCount = info.count;
+  $("gallery-status").textContent = galleryLine();
+}
+
+// A new image: what the gallery said about the previous one (added, removed, its results) goes.
+function clearGalleryNews() {
+  if (state.galleryReady) $("gallery-status").textContent = galleryLine();
+  showError($("gallery-error"), null);
+  showResults(null);
+}
+
+// Content-named ids are 32 hex digits: a phone's result tile would wrap them over lines. People see the
+// file's name (from the metadata the page, `blip2-serve gallery add` or a manifest stored) or the id's
+// start; the whole id is under the result's details.
+function displayName(hit) {
+  const metadata = hit.metadata || {};
+  for (const key of ["name", "file_name", "filename", "path"]) {
+    const value = metadata[key];
+    if (typeof value === "string" && value.trim()) return value.trim().split("/").pop();
+  }
+  return shortId(hit.id);
+}
+
+function shortId(id) {
+  return id.length > 12 ? `${id.slice(0, 8)}…` : id;
 }
 
 $("add-button").addEventListener("click", () => addToGallery(state.file));
@@ -426,18 +477,26 @@ $("add-button").addEventListener("click", () => addToGallery(state.file));
 async function addToGallery(file) {
   const button = $("add-button");
   const error = $("gallery-error");
+  const name = file.name || "pasted image";
   showError(error, null);
   button.disabled = true;
   $("gallery-status").textContent = "Adding the image…";
   const form = new FormData();
   form.append("images", file, file.name || "pasted.png");
-  form.append("metadata", JSON.stringify({ name: file.name || "pasted image" }));
+  form.append("metadata", JSON.stringify({ name }));
   try {
     const answer = await (await api("/gallery/images", { method: "POST", body: form })).json();
     const added = answer.images[0];
     await refreshCount();
     const how = { added: "Added", exists: "Already there", duplicate: "Already there (the same image)" }[added.status];
-    $("gallery-status").textContent += ` ${how}: ${file.name || "the image"} as ${added.id}.`;
+    if (how) {
+      $("gallery-status").textContent += ` ${how}: ${name} (id ${shortId(added.id)}).`;
+    } else {
+      // `rejected`, with its reason (an add answers per image; one image alone that is refused fails the
+      // request instead, and lands below)
+      $("gallery-status").textContent += ` ${name} was not added.`;
+      showError(error, new Error(added.error ? added.error.message : `status ${added.status}`));
+    }
   } catch (problem) {
     $("gallery-status").textContent = "The image was not added.";
     showError(error, problem, () => addToGallery(file));
@@ -485,16 +544,30 @@ async function search(query, what) {
   }
 }
 
-function showResults(hits, what) {
+// The results as a numbered grid; null clears them.
+function showResults(hits, what = "") {
   thumbnails.forEach((url) => URL.revokeObjectURL(url));
   thumbnails = [];
-  const count = hits.length === 1 ? "1 match" : `${hits.length} best matches`;
-  $("results-heading").textContent = hits.length ? `${count} for ${what}` : `Nothing in the gallery matches ${what}.`;
-  $("results").replaceChildren(...hits.map((hit, index) => resultItem(hit, index + 1)));
+  state.resultsFor = what;
+  $("results").replaceChildren(...(hits || []).map((hit) => resultItem(hit)));
+  numberResults(hits !== null);
 }
 
-function resultItem(hit, rank) {
-  const name = (hit.metadata && typeof hit.metadata.name === "string" && hit.metadata.name) || hit.id;
+// Ranks and the heading follow the list as it is now (also after a removal).
+function numberResults(searched) {
+  const items = [...$("results").children];
+  items.forEach((item, index) => {
+    item.querySelector(".rank").textContent = `${index + 1}.`;
+  });
+  const what = state.resultsFor;
+  const count = items.length === 1 ? "1 match" : `${items.length} best matches`;
+  let heading = "";
+  if (searched) heading = items.length ? `${count} for ${what}` : `Nothing in the gallery matches ${what}.`;
+  $("results-heading").textContent = heading;
+}
+
+function resultItem(hit) {
+  const name = displayName(hit);
   const item = document.createElement("li");
   item.dataset.id = hit.id;
   const image = document.createElement("img");
@@ -504,34 +577,56 @@ function resultItem(hit, rank) {
   thumbnail(hit.id, image);
   const title = document.createElement("p");
   title.className = "name";
-  const strong = document.createElement("strong");
-  strong.textContent = `${rank}.`;
-  title.append(strong, ` ${name}`);
-  const scores = document.createElement("p");
-  scores.className = "scores";
-  scores.append(...scoreLines(hit));
+  const rank = document.createElement("strong");
+  rank.className = "rank";
+  title.append(rank, ` ${name}`);
   const remove = document.createElement("button");
   remove.type = "button";
   remove.className = "quiet";
   remove.textContent = "Remove";
   remove.setAttribute("aria-label", `Remove ${name} from the gallery`);
-  remove.addEventListener("click", () => removeFromGallery(hit.id, item));
-  item.append(image, title, scores, remove);
+  remove.addEventListener("click", () => removeFromGallery(hit.id, name, item));
+  item.append(image, title, ...scoreParts(hit), remove);
   return item;
 }
 
-// One line each: `score` (ITM logit + ITC: the ranking of re-ranked results), the ITM match probability,
+// `relevance` is shown: one number that orders every result, higher is better (the API's own: 1 to 2 for
+// results re-ranked by image-text matching, the similarity, -1 to 1, for the rest). Three decimals, as the
+// re-ranked often differ in the third. The scores it comes from and the whole id are behind a toggle.
+// From a server that sends no relevance: the scores themselves.
+function scoreParts(hit) {
+  const shown = document.createElement("p");
+  const details = document.createElement("details");
+  const summary = document.createElement("summary");
+  if (typeof hit.relevance === "number") {
+    shown.className = "relevance";
+    shown.textContent = `relevance ${hit.relevance.toFixed(3)}`;
+    summary.textContent = "Scores and id";
+    const how = typeof hit.score === "number" ? "ITM re-ranked" : "not re-ranked";
+    details.append(summary, line(how), ...scoreLines(hit), line(`id ${hit.id}`));
+  } else {
+    shown.className = "scores";
+    shown.append(...scoreLines(hit));
+    summary.textContent = "Id";
+    details.append(summary, line(hit.id));
+  }
+  return [shown, details];
+}
+
+// One line each: `score` (ITM logit + ITC: LAVIS's ranking of re-ranked results), the ITM match probability,
 // the ITC cosine (max over the image's query vectors). An image query has ITC alone.
 function scoreLines(hit) {
   const lines = [];
   if (typeof hit.score === "number") lines.push(`score ${hit.score.toFixed(2)}`);
   if (typeof hit.itm_score === "number") lines.push(`match ${Math.round(hit.itm_score * 100)}%`);
-  lines.push(`ITC ${hit.itc_score.toFixed(3)}`);
-  return lines.map((line) => {
-    const span = document.createElement("span");
-    span.textContent = line;
-    return span;
-  });
+  if (typeof hit.itc_score === "number") lines.push(`ITC ${hit.itc_score.toFixed(3)}`);
+  return lines.map((text) => line(text));
+}
+
+function line(text) {
+  const span = document.createElement("span");
+  span.textContent = text;
+  return span;
 }
 
 // The stored image through the API (with the key, so not as a plain <img src>), shown from a blob: URL.
@@ -547,17 +642,20 @@ async function thumbnail(id, image) {
   }
 }
 
-async function removeFromGallery(id, item) {
+// Deleting cannot be undone, so the person confirms first.
+async function removeFromGallery(id, name, item) {
   const error = $("gallery-error");
   showError(error, null);
+  if (!window.confirm(`Remove ${name} from the gallery? This cannot be undone.`)) return;
   try {
     await api(`/gallery/images/${encodeURIComponent(id)}`, { method: "DELETE" });
     const next = item.nextElementSibling || item.previousElementSibling;
     item.remove();
+    numberResults(true);
     if (next) next.querySelector("button").focus();
     else $("search-text").focus();
     await refreshCount();
-    $("gallery-status").textContent += ` Removed ${id}.`;
+    $("gallery-status").textContent += ` Removed ${name}.`;
   } catch (problem) {
     showError(error, problem);
   }

@@ -1,12 +1,13 @@
 """The web page at `GET /` (service/page.py, service/web/).
 
 Without a browser: the page and its files are served with the Content-Security-Policy, hold no inline code,
-style or remote URL, stay open when an API key is set while the API stays closed, and ship in the wheel.
+style or remote URL, stay open when an API key is set while the API stays closed, and ship in the wheel; the
+API reference (/docs) likewise, from this server's own files.
 
 With a browser (the Debian `chromium` package, driven by Playwright; skipped with the reason only where no
 browser can be had): a person's session against a real `blip2-serve` with the built-in model (caption,
-questions streamed over the chat route, the gallery, a file that is not an image), and the API's errors as
-the page shows them (API key asked for and refused, image too large, queue full with its retry time).
+questions streamed over the chat route, the gallery, a file that is not an image), /docs with every other
+origin blocked, and the API's errors as the page shows them (API key asked for and refused, image too large, queue full with its retry time).
 Screenshots are left in a folder printed in the output (`BLIP2_TEST_ARTIFACTS` chooses it).
 """
 
@@ -37,7 +38,7 @@ from servertools import (
     start_process,
 )
 
-from service import page
+from service import api_docs, page
 from service.app import create_app
 from service.settings import DEFAULT_MODEL_DIR, Settings
 
@@ -129,6 +130,33 @@ def test_unknown_file_is_a_json_404():
     assert response.status_code == 404 and response.json()["error"]["type"] == "not_found"
 
 
+def test_api_reference_is_served_from_this_server(bare):
+    """/docs: Swagger UI's files from the installed package and a start-up script from service/web/, nothing
+    inline and nothing from another origin, under the page's policy plus `data:` images; no ReDoc."""
+    key = {"Authorization": "Bearer page-test-key"}
+    assert bare.get("/docs").status_code == 401  # it describes the API: behind the key like the API
+    response = bare.get("/docs", headers=key)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    policy = dict(
+        part.strip().split(" ", 1) for part in response.headers["content-security-policy"].split(";")
+    )
+    assert policy == {**page.POLICY, "img-src": "'self' blob: data:"}
+    parsed = _Parsed()
+    parsed.feed(response.text)
+    assert parsed.script_text == "" and not any(tag == "style" for tag, _ in parsed.tags)
+    named = {attrs.get("src") or attrs.get("href") for tag, attrs in parsed.tags if tag in ("script", "link")}
+    assert named == {"/static/icon.svg", *(f"/docs/{name}" for name in api_docs.FILES)}
+    for name, kind in api_docs.FILES.items():
+        served = bare.get(f"/docs/{name}", headers=key)
+        assert served.status_code == 200 and served.headers["content-type"] == kind, name
+        assert served.headers["content-security-policy"] == response.headers["content-security-policy"]
+        assert not re.search(r"(https?:)?//cdn|jsdelivr|unpkg", served.text[:2000]), name
+    assert "SwaggerUIBundle" in bare.get("/docs/swagger-ui-bundle.js", headers=key).text
+    assert bare.get("/docs/oauth2-redirect.html", headers=key).status_code == 404
+    assert bare.get("/redoc", headers=key).status_code == 404  # FastAPI's ReDoc loads a CDN script: off
+    assert bare.get("/openapi.json", headers=key).status_code == 200
+
+
 def test_web_files_ship_in_the_package():
     """pyproject.toml's package-data for `service` names every file of service/web/ (tomllib is 3.11+)."""
     section = (REPO / "pyproject.toml").read_text().split("[tool.setuptools.package-data]")[1]
@@ -166,6 +194,22 @@ def browser():
             pytest.skip(f"no browser: no chromium on PATH and Playwright has none ({type(exc).__name__})")
         yield launched
         launched.close()
+
+
+def _offline(tab, origin: str) -> list[str]:
+    """Blocks every request to another origin (as on a machine without internet) and returns, as they come,
+    the URLs that were tried: the page and /docs promise to need none."""
+    tried: list[str] = []
+
+    def only_this_server(route) -> None:
+        if route.request.url.startswith(origin + "/"):
+            route.continue_()
+        else:
+            tried.append(route.request.url)
+            route.abort()
+
+    tab.route("**/*", only_this_server)
+    return tried
 
 
 @pytest.fixture(scope="module")
@@ -229,21 +273,27 @@ def test_a_session_in_the_browser(browser, served, easy_vqa_images, artifacts):
     (path, colour, shape), wanted, other = _distinct(easy_vqa_images, 3)
     tab = browser.new_page(viewport={"width": 1200, "height": 900})
     tab.set_default_timeout(WAIT_MS)
+    elsewhere = _offline(tab, served)
     tab.goto(served + "/")
     expect(tab.locator("#server-status")).to_contain_text("ready")
     expect(tab.locator("#gallery-status")).to_have_text("The gallery holds 0 images.")
     choose = tab.get_by_label("Choose an image")
     add = tab.get_by_role("button", name="Add this image to the gallery")
+    like = tab.get_by_role("button", name="Find images like this one")
     status = tab.locator("#gallery-status")
 
-    # two images into the gallery, each chosen with the file input and added with the button
+    # two images into the gallery, each chosen with the file input and added with the button; the status
+    # names the file and the start of its content-named id
     for image_path, _, _ in (wanted, other):
         choose.set_input_files(image_path)
         add.click()
-        expect(status).to_contain_text(f"Added: {image_path.name} as ")
+        expect(status).to_contain_text(
+            re.compile(rf"Added: {re.escape(image_path.name)} \(id [0-9a-f]{{8}}…\)\.")
+        )
 
-    # the third: its preview and its caption
+    # the third: its preview and its caption; the news of the last add goes with the image it was about
     choose.set_input_files(path)
+    expect(status).to_have_text("The gallery holds 2 images.")
     expect(tab.locator("#preview")).to_be_visible()
     caption = tab.locator("#caption:not(.pending)")
     expect(caption).not_to_have_text("Captioning…")
@@ -267,33 +317,68 @@ def test_a_session_in_the_browser(browser, served, easy_vqa_images, artifacts):
 
     # the third into the gallery too (twice: the second time it is already there)
     add.click()
-    expect(status).to_contain_text(f"The gallery holds 3 images. Added: {path.name} as ")
+    expect(status).to_contain_text(f"The gallery holds 3 images. Added: {path.name} (id ")
     add.click()
     expect(status).to_contain_text("The gallery holds 3 images. Already there")
 
-    # a text search: the right image first, shown as a thumbnail with its scores
+    # a text search: the right image first, shown as a thumbnail with one relevance number (ITM re-ranked:
+    # above 1), the results in its order; the scores it comes from and the id behind a details toggle
     search = tab.get_by_label("Search the gallery by text")
     search.fill(f"a {wanted[1]} {wanted[2]}")
     search.press("Enter")
     results = tab.locator("#results li")
     expect(results).to_have_count(3)
-    expect(results.nth(0)).to_contain_text(f"1. {wanted[0].name}")
-    expect(results.nth(0)).to_contain_text(re.compile(r"score -?\d+\.\d\d\s*match \d+%\s*ITC -?\d\.\d{3}"))
-    thumbnail = results.nth(0).get_by_role("img", name=wanted[0].name)
+    first = results.nth(0)
+    expect(first).to_contain_text(f"1. {wanted[0].name}")
+    expect(first.locator(".relevance")).to_have_text(re.compile(r"^relevance 1\.\d{3}$"))
+    shown = [float(text.split()[1]) for text in results.locator(".relevance").all_inner_texts()]
+    assert shown == sorted(shown, reverse=True), shown
+    details = first.locator("details")
+    expect(details.get_by_text(re.compile(r"^ITC "))).to_be_hidden()
+    details.get_by_text("Scores and id").click()
+    expect(details).to_contain_text(
+        re.compile(r"score -?\d+\.\d\d\s*match \d+%\s*ITC -?\d\.\d{3}\s*id [0-9a-f]{32}")
+    )
+    thumbnail = first.get_by_role("img", name=wanted[0].name)
     expect(thumbnail).to_have_js_property("naturalWidth", 64)  # the stored image itself, 64 px
     expect(tab.locator("#results-heading")).to_have_text(f"3 best matches for “a {wanted[1]} {wanted[2]}”")
     expect(tab.locator("#gallery-error")).to_be_hidden()
     tab.screenshot(path=artifacts / "page-desktop.png", full_page=True)
 
-    # images like the chosen one (an image query): itself first; then one removed from the gallery
-    tab.get_by_role("button", name="Find images like this one").click()
+    # images like the chosen one (an image query): itself first
+    like.click()
     expect(tab.locator("#results-heading")).to_have_text("3 best matches for images like this one")
-    expect(results.nth(0)).to_contain_text(f"1. {path.name}")
-    tab.get_by_role("button", name=f"Remove {other[0].name} from the gallery").click()
-    expect(results).to_have_count(2)
-    expect(status).to_contain_text("The gallery holds 2 images. Removed ")
+    expect(first).to_contain_text(f"1. {path.name}")
+    expect(first.locator(".relevance")).to_have_text("relevance 1.000")  # the same image: cosine 1
 
-    # a file that is not an image: the API's own error text
+    # removing the first asks first: declined, nothing is deleted; confirmed, it goes and the rest are
+    # numbered from 1 again
+    asked: list[str] = []
+
+    def answer(accept: bool):
+        def handle(dialog) -> None:
+            asked.append(dialog.message)
+            dialog.accept() if accept else dialog.dismiss()
+
+        return handle
+
+    remove = tab.get_by_role("button", name=f"Remove {path.name} from the gallery")
+    tab.once("dialog", answer(False))
+    remove.click()
+    assert asked == [f"Remove {path.name} from the gallery? This cannot be undone."]
+    expect(results).to_have_count(3)
+    assert httpx.get(served + "/gallery").json()["count"] == 3
+    tab.once("dialog", answer(True))
+    remove.click()
+    expect(results).to_have_count(2)
+    expect(status).to_have_text(f"The gallery holds 2 images. Removed {path.name}.")
+    expect(results.locator(".rank")).to_have_text(["1.", "2."])
+    expect(tab.locator("#results-heading")).to_have_text("2 best matches for images like this one")
+
+    # a file that is not an image: the API's own error text; it is never sent again (Add and Find-like
+    # off, Ask says why and sends nothing), and the old gallery news and results go
+    chat_calls: list[str] = []
+    tab.on("request", lambda request: chat_calls.append(request.url) if "/v1/chat" in request.url else None)
     choose.set_input_files({"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image at all"})
     error = tab.locator("#image-error")
     expect(error).to_contain_text("cannot decode the image: not a supported image format")
@@ -301,7 +386,41 @@ def test_a_session_in_the_browser(browser, served, easy_vqa_images, artifacts):
     expect(tab.locator("#caption")).to_have_text("No caption.")
     expect(tab.locator("#preview")).to_be_hidden()
     expect(tab.locator("#conversation li")).to_have_count(0)  # a new image starts a new conversation
+    expect(add).to_be_disabled()
+    expect(like).to_be_disabled()
+    question.fill("what color is the shape?")
+    question.press("Enter")
+    expect(tab.locator("#ask-error")).to_have_text(
+        "The server cannot read this file. Choose, drop or paste an image."
+    )
+    assert chat_calls == []
+    expect(status).to_have_text("The gallery holds 2 images.")
+    expect(results).to_have_count(0)
+    expect(tab.locator("#results-heading")).to_be_empty()
     tab.screenshot(path=artifacts / "page-not-an-image.png", full_page=True)
+    assert elsewhere == []
+    tab.close()
+
+
+def test_api_reference_offline_in_the_browser(browser, served):
+    """/docs in a browser that can reach this server only: Swagger UI starts and lists the operations, with
+    no request elsewhere and nothing refused by the Content-Security-Policy."""
+    from playwright.sync_api import expect
+
+    tab = browser.new_page(viewport={"width": 1200, "height": 900})
+    tab.set_default_timeout(WAIT_MS)
+    elsewhere = _offline(tab, served)
+    problems: list[str] = []
+    tab.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+    tab.on("pageerror", lambda error: problems.append(str(error)))
+    tab.goto(served + "/")
+    tab.get_by_role("link", name="API reference").click()  # the page's footer link
+    operations = tab.locator(".opblock-summary-path")
+    for path in ("/caption", "/vqa", "/v1/chat/completions", "/gallery/search"):
+        expect(operations.filter(has_text=re.compile(rf"^{re.escape(path)}$"))).to_be_visible()
+    tab.locator(".opblock-summary", has_text="/vqa").first.click()  # an operation opens, with its icons
+    expect(tab.locator(".opblock-description-wrapper").first).to_contain_text("short answer")
+    assert elsewhere == [] and problems == [], (elsewhere, problems)
     tab.close()
 
 
@@ -334,6 +453,16 @@ def test_phone_width_and_keyboard_only(browser, served, easy_vqa_images, artifac
     from playwright.sync_api import expect
 
     path, colour, _ = easy_vqa_images[1]
+    # two images added as curl and `blip2-serve gallery add` add them: no name, or a path, in the metadata
+    with httpx.Client(base_url=served, timeout=60) as client:
+        added = [
+            client.post("/gallery/images", files={"images": ("x.png", image.read_bytes())}, data=form)
+            for image, form in (
+                (easy_vqa_images[7][0], {}),
+                (easy_vqa_images[8][0], {"metadata": '{"path": "shapes/the-eighth.png"}'}),
+            )
+        ]
+    unnamed, pathed = (response.json()["images"][0]["id"] for response in added)
     tab = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True)
     tab.set_default_timeout(WAIT_MS)
     tab.goto(served + "/")
@@ -359,6 +488,16 @@ def test_phone_width_and_keyboard_only(browser, served, easy_vqa_images, artifac
     tab.keyboard.type(f"a {colour} circle")
     tab.keyboard.press("Enter")
     expect(tab.locator("#results-heading")).to_contain_text(f"best matches for “a {colour} circle”")
+    # each result's title fits on one line: the file's name from the metadata, else the id's start
+    titles = {
+        unnamed: re.compile(rf"^\d\. {unnamed[:8]}…$"),
+        pathed: re.compile(r"^\d\. the-eighth\.png$"),
+    }
+    for image_id, title in titles.items():
+        name = tab.locator(f'#results li[data-id="{image_id}"] .name')
+        expect(name).to_have_text(title)
+        line_height = name.evaluate("element => parseFloat(getComputedStyle(element).lineHeight)")
+        assert name.bounding_box()["height"] < 1.5 * line_height, name.inner_text()
     # nothing is wider than the screen
     for selector in ("header", "main", ".card", "#ask-form", "#drop-zone"):
         for box in (
@@ -417,6 +556,10 @@ def test_api_key_and_errors_in_the_browser(browser, guarded, easy_vqa_images, ar
     key.press("Enter")
     expect(tab.locator("#server-status")).to_contain_text("ready")
     expect(tab.locator("#key-panel")).to_be_hidden()
+    # no retrieval model: the API's reason, said once
+    expect(tab.locator("#gallery-status")).to_have_text(
+        re.compile(r"^This server has no retrieval model loaded; start it with --retrieval-model \S+")
+    )
     tab.get_by_label("Choose an image").set_input_files(path)
     expect(tab.locator("#caption:not(.pending)")).to_contain_text(colour)
     assert sent_keys == ["Bearer open-sesame-42"]
@@ -467,6 +610,11 @@ def test_model_not_loaded_in_the_browser(browser, retrieval_only, easy_vqa_image
     tab.set_default_timeout(WAIT_MS)
     tab.goto(retrieval_only.url + "/")
     expect(tab.locator("#server-status")).to_contain_text("ready")
+    # a retrieval model but no gallery folder: the API's reason, said once ("No gallery on this server: this
+    # server has no gallery; ..." before)
+    expect(tab.locator("#gallery-status")).to_have_text(
+        re.compile(r"^This server has no gallery; start it with --gallery-dir \(BLIP2_GALLERY_DIR\)\.$")
+    )
     tab.get_by_label("Choose an image").set_input_files(easy_vqa_images[0][0])
     error = tab.locator("#image-error")
     expect(error).to_contain_text("This server does not have that model loaded.")

@@ -1,0 +1,54 @@
+"""`GET /docs`: the API reference (Swagger UI), served whole from this server, so it works air-gapped.
+
+FastAPI's own /docs page loads Swagger UI from a CDN and starts it with an inline script: offline it is
+blank, and the page's Content-Security-Policy (service/page.py) forbids both. Here Swagger UI's files come
+from the `swagger-ui-bundle-v2` package (Swagger UI's release files, kept current by connexion's maintainer),
+the page and its start-up script from service/web/ (`docs.html`, `docs.js`), under the page's CSP with one
+addition: `data:` images, as Swagger UI's style sheet draws its icons as inline SVG `data:` URLs (an image
+runs no script and fetches nothing). No inline script or style, nothing from another origin. ReDoc is off
+(FastAPI's /redoc loads its script from a CDN too).
+
+/docs, its files and /openapi.json stay behind the API key like every API route: they describe the API.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from swagger_ui_bundle import swagger_ui_path
+
+from service.errors import ApiError
+from service.page import HEADERS, POLICY, WEB, content_security_policy
+
+FILES = {  # everything under /docs/: a fixed list, so no path from a request ever reaches the disk
+    "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
+    "swagger-ui.css": "text/css; charset=utf-8",
+    "docs.js": "text/javascript; charset=utf-8",
+}
+
+CSP = content_security_policy({**POLICY, "img-src": POLICY["img-src"] + " data:"})
+DOCS_HEADERS = {**HEADERS, "Content-Security-Policy": CSP}
+
+router = APIRouter(include_in_schema=False)
+
+
+@cache
+def _read(name: str) -> bytes:
+    folder = WEB if name.startswith("docs.") else swagger_ui_path
+    return (folder / name).read_bytes()
+
+
+@router.get("/docs")
+async def docs() -> Response:
+    """Swagger UI over /openapi.json."""
+    return Response(_read("docs.html"), media_type="text/html; charset=utf-8", headers=DOCS_HEADERS)
+
+
+@router.get("/docs/{name}")
+async def docs_file(name: str) -> Response:
+    """Swagger UI's script and style sheet, and the script that starts it."""
+    if name not in FILES:
+        raise ApiError(404, "not_found", f"no file /docs/{name}")
+    return Response(_read(name), media_type=FILES[name], headers=DOCS_HEADERS)
