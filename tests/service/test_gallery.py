@@ -31,6 +31,7 @@ from servertools import (
 
 from service.__main__ import main as serve_main
 from service.gallery import Gallery, NewImage, content_key, metadata_filter
+from service.gallery_cli import Indexer
 
 SERVE = Path(sys.executable).parent / "blip2-serve"
 QUERIES = 8  # the tiny presets' query tokens
@@ -396,6 +397,16 @@ def test_bulk_indexing_resumes_after_kill_9_without_duplicates(checkpoints, tmp_
     counts = gallery.vector_counts()
     gallery.close()
     assert len(counts) == 7 and set(counts.values()) == {QUERIES}
+
+
+def test_the_bulk_indexer_keeps_the_add_rules(tmp_path, distinct):
+    """`blip2-serve gallery add` skips (and counts) a manifest row whose id or metadata key the API refuses."""
+    distinct[0].save(tmp_path / "a.png")
+    indexer = Indexer(None, None, settings_for(None, None))  # reading a row needs neither gallery nor model
+    assert indexer.read({"path": tmp_path / "a.png", "id": "ok.1", "metadata": {"file-name": "a.png"}})
+    for image_id, metadata in (("has space", {}), (None, {"a b": 1}), (None, {"k": "x" * 5000})):
+        assert indexer.read({"path": tmp_path / "a.png", "id": image_id, "metadata": metadata}) is None
+    assert indexer.counts["unreadable"] == 3
 
 
 def test_replicas_share_a_milvus_server_by_uri(checkpoints, tmp_path, distinct):
