@@ -2,11 +2,12 @@
 
 FastAPI's own /docs page loads Swagger UI from a CDN and starts it with an inline script: offline it is
 blank, and the page's Content-Security-Policy (service/page.py) forbids both. Here Swagger UI's files come
-from the `swagger-ui-bundle-v2` package (Swagger UI's release files, kept current by connexion's maintainer),
-the page and its start-up script from service/web/ (`docs.html`, `docs.js`), under the page's CSP with one
-addition: `data:` images, as Swagger UI's style sheet draws its icons as inline SVG `data:` URLs (an image
-runs no script and fetches nothing). No inline script or style, nothing from another origin. ReDoc is off
-(FastAPI's /redoc loads its script from a CDN too).
+from the `swagger-ui-bundle-v2` package (Swagger UI's release files as a Python package: the fork of
+spec-first's `swagger-ui-bundle` that follows Swagger UI 5; the original ships 4.15, older than Swagger UI's
+support for the OpenAPI 3.1 that FastAPI writes), the page and its start-up script from service/web/
+(`docs.html`, `docs.js`). All under the page's CSP with one addition, `data:` images: Swagger UI's style
+sheet draws its icons as SVG `data:` URLs (an image runs no script and fetches nothing). No inline script or
+style, nothing from another origin. ReDoc is off (FastAPI's /redoc loads its script from a CDN too).
 
 /docs, its files and /openapi.json stay behind the API key like every API route: they describe the API.
 """
