@@ -139,3 +139,16 @@ def test_a_bad_record_stops_the_server_with_its_path(tmp_path):
     (folder / RECORD_FILE).write_text('{"lowercase": "yes"}')
     with pytest.raises(ModelLoadError, match=RECORD_FILE):
         load_models(Settings(model=str(folder), retrieval_model=None))
+
+
+def test_gallery_search_text_is_processed(asked, tmp_path):
+    """The gallery's text search embeds its text where /embed does: processed there, once."""
+    settings = Settings(gallery_dir=str(tmp_path / "gallery"), text_processing="on")
+    with running_app(settings) as client:
+        images = [{"image": image} for image, *_ in asked]
+        assert client.post("/gallery/images", json={"images": images}).status_code == 200
+        found = [
+            client.post("/gallery/search", json={"text": text, "top_k": len(images)}).json()["results"]
+            for text in ("A RED Triangle.", "a red triangle")
+        ]
+        assert found[0] == found[1]
