@@ -465,6 +465,7 @@ def test_phone_width_and_keyboard_only(browser, served, easy_vqa_images, artifac
     unnamed, pathed = (response.json()["images"][0]["id"] for response in added)
     tab = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True)
     tab.set_default_timeout(WAIT_MS)
+    elsewhere = _offline(tab, served)
     tab.goto(served + "/")
     expect(tab.locator("#server-status")).to_contain_text("ready")
     # focus order follows the page: the file chooser first, then the question, its option, the gallery
@@ -506,6 +507,7 @@ def test_phone_width_and_keyboard_only(browser, served, easy_vqa_images, artifac
             if box:
                 assert box["x"] >= 0 and box["x"] + box["width"] <= 390, (selector, box)
     tab.screenshot(path=artifacts / "page-phone.png", full_page=True)
+    assert elsewhere == []
     tab.close()
 
 
@@ -543,6 +545,7 @@ def test_api_key_and_errors_in_the_browser(browser, guarded, easy_vqa_images, ar
     tab.on(
         "request", lambda r: sent_keys.append(r.headers.get("authorization")) if "/caption" in r.url else None
     )
+    elsewhere = _offline(tab, guarded.url)
     tab.goto(guarded.url + "/")
 
     # the page asks for the key, focused; a wrong one is refused, the right one is sent as a bearer token
@@ -592,6 +595,7 @@ def test_api_key_and_errors_in_the_browser(browser, guarded, easy_vqa_images, ar
             expect(error).to_contain_text(f"Try again in {retry} s.")
             tab.screenshot(path=artifacts / "page-queue-full.png", full_page=True)
         assert [f.result().status_code for f in ahead] == [200, 200]
+    assert elsewhere == []
     tab.close()
 
 
@@ -608,6 +612,7 @@ def test_model_not_loaded_in_the_browser(browser, retrieval_only, easy_vqa_image
 
     tab = browser.new_page()
     tab.set_default_timeout(WAIT_MS)
+    elsewhere = _offline(tab, retrieval_only.url)
     tab.goto(retrieval_only.url + "/")
     expect(tab.locator("#server-status")).to_contain_text("ready")
     # a retrieval model but no gallery folder: the API's reason, said once ("No gallery on this server: this
@@ -620,4 +625,5 @@ def test_model_not_loaded_in_the_browser(browser, retrieval_only, easy_vqa_image
     expect(error).to_contain_text("This server does not have that model loaded.")
     expect(error).to_contain_text("this server has no generation model loaded")
     expect(error).to_contain_text("501 model_not_loaded")
+    assert elsewhere == []
     tab.close()
