@@ -2,7 +2,10 @@
 
 Embedding goes through the batcher like every route (adds batch with /embed calls and with each other); the
 ITM re-rank of a text search's best k reads those images back from disk and runs as one /retrieve job, so its
-scores are LAVIS's, as /retrieve's are. Storage calls block (gRPC, disk), so they run in a thread.
+scores are LAVIS's, as /retrieve's are; a search by image compares mean query vectors (no ITM for image
+pairs). Every result has one `relevance` it is sorted by (schemas.RELEVANCE_DOC). An add answers image by
+image: what is wrong with one image rejects that image, named, and the rest is stored. Storage calls block
+(gRPC, disk), so they run in a thread.
 """
 
 from __future__ import annotations
