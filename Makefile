@@ -28,8 +28,8 @@ serve: $(SERVE_ENV)
 	$(VENV)/bin/blip2-serve $(if $(MODEL),--model $(MODEL),--gallery-dir runs/gallery)
 
 lint: $(TEST_ENV)
-	$(VENV)/bin/ruff check training service tests bench recipes
-	$(VENV)/bin/ruff format --check training service tests bench recipes
+	$(VENV)/bin/ruff check blip2 training service tests bench recipes
+	$(VENV)/bin/ruff format --check blip2 training service tests bench recipes
 
 test: lint
 	$(VENV)/bin/python -m pytest -q -x tests
