@@ -25,6 +25,9 @@ for p in opt t5; do
   python - "$OUT/$p" <<'PY'
 import sys
 from PIL import Image
+from blip2.logs import quiet_third_party_logs, quiet_transformers_progress_bars
+quiet_third_party_logs()  # the CLIs' filters for torchao's import-time noise (see blip2/logs.py), no more
+quiet_transformers_progress_bars()
 from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Processor
 run = sys.argv[1]
 Blip2ForImageTextRetrieval.from_pretrained(f"{run}/s1/model")
