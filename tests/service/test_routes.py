@@ -270,7 +270,10 @@ def test_conversation_folded_into_the_vqa_format():
         ChatMessage(role="user", content="What colour?"),
     ]  # fmt: skip
     folded = fold_conversation(messages, "Question: {} Answer:")
-    assert folded.text() == "Answer briefly. Question: What is this? Answer: a person Question: What colour? Answer:"
+    assert (
+        folded.text()
+        == "Answer briefly. Question: What is this? Answer: a person Question: What colour? Answer:"
+    )
     # the conversation's texts are the client's (processed as the model was trained), the template the server's
     processed = "answer briefly Question: what is this? Answer: a person Question: what colour? Answer:"
     assert folded.text(TextProcessing()) == processed
