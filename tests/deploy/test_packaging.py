@@ -124,8 +124,13 @@ def _make_dry_run(target: str, venv: Path) -> list[str]:
     """The commands `make TARGET` runs from nothing (a venv that does not exist yet), without running them."""
     if shutil.which("make") is None:
         pytest.skip("no make")
+    # --no-print-directory: under `make test` this make is a sub-make, which would print its directory.
     done = subprocess.run(
-        ["make", "-n", target, f"VENV={venv}"], cwd=REPO, capture_output=True, text=True, check=True
+        ["make", "-n", "--no-print-directory", target, f"VENV={venv}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return done.stdout.splitlines()
 
