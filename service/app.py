@@ -41,7 +41,13 @@ async def _load(app: FastAPI) -> None:
             state.metrics.load_seconds.labels(name).set(seconds)
         state.gallery = await asyncio.to_thread(_open_gallery, state.settings, models)
         vision_cache = VisionCache(state.settings.vision_cache_size, state.metrics.vision)
-        runner = Runner(models, vision_cache, state.settings.decoder, state.settings.cuda_graphs)
+        runner = Runner(
+            models,
+            vision_cache,
+            state.settings.decoder,
+            state.settings.cuda_graphs,
+            kv_cache_max_mb=state.settings.kv_cache_max_mb,
+        )
         batcher = Batcher(
             runner,
             max_batch_size=state.settings.max_batch_size,

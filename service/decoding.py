@@ -61,13 +61,19 @@ def unsupported(llm: torch.nn.Module) -> str | None:
 
 class Arena:
     """One flat buffer that every batch's cache is cut from, kept between batches (they run one at a time,
-    on the model thread): fresh megabytes per batch cost their page faults each time on the CPU."""
+    on the model thread): fresh megabytes per batch cost their page faults each time on the CPU.
 
-    def __init__(self) -> None:
+    It keeps at most `max_bytes` (the `kv_cache_max_mb` setting): a batch that needs more gets a buffer of
+    its own, freed with the batch, so one large batch does not hold its peak for the server's lifetime."""
+
+    def __init__(self, max_bytes: int | None = None) -> None:
         self.memory: torch.Tensor | None = None
+        self.max_bytes = max_bytes
 
     def take(self, size: int, like: torch.Tensor) -> torch.Tensor:
         """`size` elements of `like`'s dtype and device, uninitialised."""
+        if self.max_bytes is not None and size * like.element_size() > self.max_bytes:
+            return like.new_empty(size)  # over the cap: this batch's own, the kept buffer stays as it is
         memory = self.memory
         if (
             memory is None
@@ -78,6 +84,10 @@ class Arena:
             memory = self.memory = None  # the old buffer goes before the larger one is made
             memory = self.memory = like.new_empty(size)
         return memory[:size]
+
+    def release(self) -> None:
+        """Forget the kept buffer (out of memory: its bytes go back to the allocator)."""
+        self.memory = None
 
 
 class KVCache:
@@ -146,10 +156,11 @@ class OptDecodeStep:
         tokens: torch.Tensor,
         positions: torch.Tensor,
         cache: KVCache,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         write_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [rows, vocab] for `tokens` [rows] at `positions` [rows]; `mask` [rows, 1, 1, length+1].
+        """Logits [rows, vocab] for `tokens` [rows] at `positions` [rows]; `mask` [rows, 1, 1, length+1], or
+        None where every row attends every position so far.
         With `write_at` (fixed shapes: a one-element index, the cache's length) the step writes there, attends
         over the cache's whole capacity (`mask` [rows, 1, 1, capacity]) and leaves `cache.length` to the caller."""
         decoder, rows = self.decoder, tokens.shape[0]
@@ -204,8 +215,10 @@ class FastDecoder:
     """`generate()` for one batch of prompts given as embeddings (image queries already in place).
     `fixed_shapes`: the steps take fixed shapes (module docstring), captured as CUDA graphs on a GPU."""
 
-    def __init__(self, llm: torch.nn.Module, fixed_shapes: bool = False) -> None:
-        self.llm, self.step, self.arena = llm, OptDecodeStep(llm), Arena()
+    def __init__(
+        self, llm: torch.nn.Module, fixed_shapes: bool = False, arena_max_bytes: int | None = None
+    ) -> None:
+        self.llm, self.step, self.arena = llm, OptDecodeStep(llm), Arena(arena_max_bytes)
         self.fixed_shapes = fixed_shapes
         self.graphs: dict[tuple, _FixedShapeBuffers] = {}  # per (padded rows, capacity, device)
         config = llm.generation_config
@@ -213,6 +226,12 @@ class FastDecoder:
         self.eos = torch.tensor(eos if isinstance(eos, list) else [eos])
         self.pad = config.pad_token_id if config.pad_token_id is not None else self.eos[0].item()
         self.top_k = config.top_k if config.top_k is not None else 50
+
+    def release_memory(self) -> None:
+        """Drop what the decoder keeps between batches (the cache arena, the CUDA graphs and their buffers),
+        after an out-of-memory error: a smaller retry then starts from an empty allocator cache."""
+        self.arena.release()
+        self.graphs.clear()
 
     @staticmethod
     def covers(options: GenerationOptions) -> bool:
@@ -254,6 +273,8 @@ class FastDecoder:
         prefill = self.llm(
             inputs_embeds=embeds, attention_mask=attention_mask, use_cache=True, logits_to_keep=1
         )
+        # transformers 5.25 names the output's cache `cache`; earlier 5.x (5.17 on the GPU image) `past_key_values`
+        prefilled = prefill.cache if hasattr(prefill, "cache") else prefill.past_key_values
         logits = prefill.logits[:, -1]
         beams = options.num_beams
         rows = torch.arange(input_ids.shape[0], device=input_ids.device).repeat_interleave(beams)
@@ -261,8 +282,8 @@ class FastDecoder:
         padded = None
         if self.fixed_shapes:
             padded, capacity = 1 << (len(rows) - 1).bit_length(), -(-capacity // 64) * 64
-        cache = KVCache(prefill.cache, rows, capacity, self.arena, padded)
-        del prefill
+        cache = KVCache(prefilled, rows, capacity, self.arena, padded)
+        del prefill, prefilled
         prompt_mask = attention_mask.bool().index_select(0, rows)  # left padding is False
         positions = attention_mask.sum(dim=1).index_select(0, rows) - 1  # OPT: positions count real tokens
         run = (_FixedShapeSteps if self.fixed_shapes else _Steps)(self, cache, prompt_mask, positions)
@@ -380,14 +401,18 @@ class _Steps:
         self, decoder: FastDecoder, cache: KVCache, prompt_mask: torch.Tensor, positions: torch.Tensor
     ) -> None:
         self.step, self.cache, self.positions = decoder.step, cache, positions
-        # Every position a step may attend: the prompt's, then each answer's.
-        rows, prompt = prompt_mask.shape
-        self.mask = prompt_mask.new_ones((rows, cache.keys.shape[3]))
-        self.mask[:, :prompt] = prompt_mask
+        self.mask: torch.Tensor | None = None
+        # generate() passes no mask when no row is padded (every /caption batch), and a mask or none makes
+        # SDPA pick another kernel on a GPU (memory-efficient vs flash), whose near-ties can flip tokens.
+        if not bool(prompt_mask.all()):
+            # Every position a step may attend: the prompt's, then each answer's.
+            rows, prompt = prompt_mask.shape
+            self.mask = prompt_mask.new_ones((rows, cache.keys.shape[3]))
+            self.mask[:, :prompt] = prompt_mask
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         self.positions = self.positions + 1
-        mask = self.mask[:, None, None, : self.cache.length + 1]
+        mask = None if self.mask is None else self.mask[:, None, None, : self.cache.length + 1]
         return self.step(tokens, self.positions, self.cache, mask)
 
 
@@ -419,6 +444,10 @@ class _FixedShapeSteps:
             decoder.graphs[key] = _FixedShapeBuffers(padded, capacity, device)
         self.buffers = buffers = decoder.graphs[key]
         rows, prompt = prompt_mask.shape
+        # Padding rows start from the same tokens and positions in every batch: an earlier batch's would
+        # otherwise reach this one's answers wherever rows share a statistic (FP8's per-tensor scaling).
+        buffers.tokens.zero_()
+        buffers.positions.zero_()
         buffers.mask.zero_()
         buffers.mask[:rows, 0, 0, :prompt] = prompt_mask
         buffers.mask[rows:, 0, 0, 0] = True  # padding rows attend to something: no NaN from an empty softmax

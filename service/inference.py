@@ -24,7 +24,7 @@ from service.decoding import FastDecoder, graph_blocker, unsupported
 from service.jobs import EmbedJob, Generated, GenerateJob, GenerationOptions, RetrieveJob
 from service.loading import GenerationModel, LoadedModels, RetrievalModel
 from service.prompts import Prompt
-from service.vision import VisionCache
+from service.vision import VisionCache, to_device
 
 log = logging.getLogger("service.inference")
 
@@ -81,7 +81,9 @@ class Runner:
         vision_cache: VisionCache | None = None,
         decoder: str = "fast",
         cuda_graphs: bool = False,
+        kv_cache_max_mb: int | None = None,
     ) -> None:
+        """`kv_cache_max_mb`: the most the fast decoder keeps between batches for its KV cache (None: no cap)."""
         self.models = models
         self.vision = vision_cache or VisionCache(0)
         # Tokenizer copies for prompt_ids and decode, which run on the event loop and on the model thread
@@ -91,10 +93,15 @@ class Runner:
         # Once per distinct prompt, by whichever thread asks first (every /caption sends the same prompt):
         # the event loop counts a request's tokens with it, then its batch reuses the ids.
         self.prompt_ids = functools.lru_cache(maxsize=4096)(self._prompt_ids)
-        self.fast_decoder = self._fast_decoder(models.generation, cuda_graphs) if decoder == "fast" else None
+        arena_max_bytes = None if kv_cache_max_mb is None else kv_cache_max_mb * 2**20
+        self.fast_decoder = (
+            self._fast_decoder(models.generation, cuda_graphs, arena_max_bytes) if decoder == "fast" else None
+        )
 
     @staticmethod
-    def _fast_decoder(gen: GenerationModel | None, cuda_graphs: bool) -> FastDecoder | None:
+    def _fast_decoder(
+        gen: GenerationModel | None, cuda_graphs: bool, arena_max_bytes: int | None = None
+    ) -> FastDecoder | None:
         if gen is None or gen.is_encoder_decoder:
             return None
         llm = gen.model.language_model
@@ -107,7 +114,7 @@ class Runner:
             cuda_graphs = False
         if cuda_graphs and llm.device.type != "cuda":
             log.warning("--cuda-graphs on %s: fixed-shape decode steps without graphs (slower)", llm.device)
-        return FastDecoder(llm, fixed_shapes=cuda_graphs)
+        return FastDecoder(llm, fixed_shapes=cuda_graphs, arena_max_bytes=arena_max_bytes)
 
     def prepare(self, job: GenerateJob | EmbedJob | RetrieveJob) -> None:
         """A job's images -> `job.pixels`, as the processor of the model that reads them makes them (each
@@ -150,7 +157,7 @@ class Runner:
         problems = [self._prompt_problem(gen, prompt.qformer) for prompt in prompts]
         runnable = [n for n, problem in enumerate(problems) if problem is None]
         answers = iter(
-            self._generate_batch(gen, options, [jobs[n] for n in runnable], [prompts[n] for n in runnable])
+            self._generate_halving(gen, options, [jobs[n] for n in runnable], [prompts[n] for n in runnable])
             if runnable
             else []
         )
@@ -164,6 +171,36 @@ class Runner:
             return None
         return f"the prompt is {len(qformer_ids)} tokens for the Q-Former, which reads at most {limit}"
 
+    def _generate_halving(
+        self,
+        gen: GenerationModel,
+        options: GenerationOptions,
+        jobs: list[GenerateJob],
+        prompts: list[PromptIds],
+    ) -> list[Generated]:
+        """`_generate_batch`, and on CUDA out of memory: the memory the decoder keeps is freed, the allocator's
+        cache emptied, and the batch runs again in halves (down to one request, whose error then stands)."""
+        try:
+            return self._generate_batch(gen, options, jobs, prompts)
+        except torch.cuda.OutOfMemoryError:
+            if len(jobs) == 1:
+                self.release_memory()
+                raise
+        # Out of the `except` block: its traceback no longer holds the failed batch's tensors.
+        self.release_memory()
+        log.warning("out of GPU memory at a batch of %d: running its halves", len(jobs))
+        half = len(jobs) // 2
+        return self._generate_halving(gen, options, jobs[:half], prompts[:half]) + self._generate_halving(
+            gen, options, jobs[half:], prompts[half:]
+        )
+
+    def release_memory(self) -> None:
+        """Give back what the decoder keeps between batches, and on a GPU the allocator's cached blocks."""
+        if self.fast_decoder is not None:
+            self.fast_decoder.release_memory()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def _generate_batch(
         self,
         gen: GenerationModel,
@@ -173,7 +210,7 @@ class Runner:
     ) -> list[Generated]:
         inputs = self._encode(gen, prompts)
         pixels = torch.cat([job.pixels for job in jobs])
-        inputs = {k: v.to(self.models.device) for k, v in inputs.items()}
+        inputs = {k: to_device(v, self.models.device) for k, v in inputs.items()}
         states = self.vision.states(gen.model.vision_model, pixels, self.models.device, self.models.dtype)
         streamer = RowStreamer(jobs, gen.eos_token_ids) if any(job.on_token for job in jobs) else None
         output = self._generate(gen, states, inputs, options, streamer)
@@ -337,7 +374,7 @@ class Runner:
             split_special_tokens=True,
             return_tensors="pt",
         )
-        return {k: tokens[k].to(self.models.device) for k in ("input_ids", "attention_mask")}
+        return {k: to_device(tokens[k], self.models.device) for k in ("input_ids", "attention_mask")}
 
     def text_features(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """The [CLS] output of the Q-Former's text side -> projected, L2-normalised: (texts, 256)."""
@@ -404,20 +441,18 @@ class Runner:
             logits = self.itm_logits(vision[top], {name: t.expand(k, -1) for name, t in tokens.items()})
         else:
             logits = self.itm_logits(vision.expand(k, -1, -1), {name: t[top] for name, t in tokens.items()})
-        probabilities = logits.softmax(dim=-1)[:, 1]
+        # To the host once (one sync each), not an .item() per candidate.
+        probabilities = logits.softmax(dim=-1)[:, 1].tolist()
+        scores = (logits[:, 1] + itc[top]).tolist()
+        itc_scores, top = itc.tolist(), top.tolist()
         ranked = [
-            {
-                "index": i,
-                "itc_score": itc[i].item(),
-                "itm_score": probabilities[n].item(),
-                "score": (logits[n, 1] + itc[i]).item(),
-            }
-            for n, i in enumerate(top.tolist())
+            {"index": i, "itc_score": itc_scores[i], "itm_score": probabilities[n], "score": scores[n]}
+            for n, i in enumerate(top)
         ]
         ranked.sort(key=lambda r: r["score"], reverse=True)
-        chosen = set(top.tolist())
-        rest = sorted((i for i in range(itc.numel()) if i not in chosen), key=lambda i: -itc[i].item())
-        ranked += [{"index": i, "itc_score": itc[i].item(), "itm_score": None, "score": None} for i in rest]
+        chosen = set(top)
+        rest = sorted((i for i in range(len(itc_scores)) if i not in chosen), key=lambda i: -itc_scores[i])
+        ranked += [{"index": i, "itc_score": itc_scores[i], "itm_score": None, "score": None} for i in rest]
         return ranked
 
     def warm_up(self) -> None:

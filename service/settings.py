@@ -77,6 +77,14 @@ class Settings(BaseSettings):
         "with the host). Tokens equal `generate()`'s in the CPU tests; off by default until measured on a "
         "GPU (`bash bench/gpu_session.sh`).",
     )
+    kv_cache_max_mb: int = Field(
+        4096,
+        ge=0,
+        description="The most memory (MiB) the fast decoder keeps between batches for its KV cache; a batch "
+        "that needs more gets a cache of its own, freed after it (with `--cuda-graphs` its steps are then "
+        "captured anew). On CUDA out of memory the kept cache is freed, the allocator's cache emptied and "
+        "the batch run again in halves.",
+    )
     allow_pickle: bool = Field(
         False, description="Allow pickle-based weight files (.bin/.pth). Off: only safetensors are loaded."
     )

@@ -16,6 +16,16 @@ from collections.abc import Callable
 import torch
 
 
+def to_device(
+    tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """A host tensor on `device` (cast there to `dtype`). To a CUDA device the copy goes from pinned memory,
+    asynchronously (a pageable copy is staged through a pinned buffer and blocks the host until done)."""
+    if torch.device(device).type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device, dtype)
+
+
 class VisionCache:
     """Used from the model thread only (no locking needed)."""
 
@@ -41,7 +51,7 @@ class VisionCache:
             elif key not in todo:
                 todo[key] = row
         if todo:
-            batch = pixels[list(todo.values())].to(device, dtype)
+            batch = to_device(pixels[list(todo.values())], device, dtype)
             computed = tower(pixel_values=batch).last_hidden_state
             for key, value in zip(todo, computed, strict=True):
                 found[key] = value
@@ -52,6 +62,8 @@ class VisionCache:
     def _remember(self, key: tuple[int, bytes], value: torch.Tensor) -> None:
         if self.capacity <= 0:
             return
-        self._entries[key] = value
+        # A copy: a row of the batch's output would keep the whole batch's ViT output alive (on the GPU,
+        # 257 x 1408 x 2 bytes per image of EVA ViT-g, for as long as any one of its rows stays cached).
+        self._entries[key] = value.clone()
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)

@@ -88,6 +88,70 @@ def test_cuda_graph_steps_give_generate_tokens(checkpoints, photos):
         assert {key: buffers.graph for key, buffers in graphs.fast_decoder.graphs.items()} == captured
 
 
+class RecordingStep:
+    """The decoder's own step, called as before, with the attention mask of every call kept."""
+
+    def __init__(self, step) -> None:
+        self.step, self.masks = step, []
+
+    def __call__(self, tokens, positions, cache, mask, write_at=None):
+        self.masks.append(mask)
+        return self.step(tokens, positions, cache, mask, write_at)
+
+
+def test_unpadded_batches_step_without_a_mask(tiny_runners, photos):
+    """generate() passes no attention mask when no prompt is padded (every /caption batch): on a GPU a mask
+    selects another SDPA kernel, so the steps pass none either; with left padding they pass it."""
+    runner, slow = Runner(tiny_runners[0].models, decoder="fast"), tiny_runners[1]
+    runner.fast_decoder.step = recording = RecordingStep(runner.fast_decoder.step)
+    for name in ("greedy", "beam5"):
+        same_prompt = [GenerateJob(photo, "a photo of", OPTIONS[name]) for photo in photos[:4]]
+        assert answers(runner, same_prompt) == answers(slow, same_prompt)
+        assert recording.masks and all(mask is None for mask in recording.masks)
+        recording.masks.clear()
+        padded = [
+            GenerateJob(photo, prompt, OPTIONS[name]) for photo, prompt in zip(photos, PROMPTS, strict=False)
+        ]
+        assert answers(runner, padded) == answers(slow, padded)
+        assert recording.masks and all(mask is not None for mask in recording.masks)
+        recording.masks.clear()
+
+
+def test_kv_cache_arena_keeps_no_more_than_its_cap(tiny_runners, photos):
+    """The arena keeps a small batch's cache; a batch over the cap gets its own, and the kept one stays
+    (it no longer grows to the largest batch ever seen). A cap of 0 keeps nothing."""
+    models, slow = tiny_runners[0].models, tiny_runners[1]
+    runner = Runner(models, decoder="fast")
+    jobs = [
+        GenerateJob(photo, prompt, OPTIONS["beam5"])
+        for photo, prompt in zip(photos, PROMPTS * 2, strict=True)
+    ]
+    assert answers(runner, jobs[:1]) == answers(slow, jobs[:1])
+    arena = runner.fast_decoder.arena
+    kept = arena.memory
+    arena.max_bytes = kept.numel() * kept.element_size()
+    assert answers(runner, jobs) == answers(slow, jobs)  # 40 beam rows: over the cap
+    assert arena.memory is kept
+    nothing_kept = Runner(models, decoder="fast", kv_cache_max_mb=0)
+    assert answers(nothing_kept, jobs) == answers(slow, jobs)
+    assert nothing_kept.fast_decoder.arena.memory is None
+
+
+def test_fixed_shape_padding_rows_start_alike_in_every_batch(tiny_runners, photos):
+    """`--cuda-graphs`: a batch of 3 pads to the 4 rows of the batch before it; its padding row must not keep
+    that batch's token and position (with per-tensor activation scaling they would reach its answers)."""
+    fixed, slow = Runner(tiny_runners[0].models, decoder="fast", cuda_graphs=True), tiny_runners[1]
+    jobs = [
+        GenerateJob(photo, prompt, OPTIONS["greedy"]) for photo, prompt in zip(photos, PROMPTS, strict=False)
+    ]
+    assert answers(fixed, jobs) == answers(slow, jobs)
+    (buffers,) = fixed.fast_decoder.graphs.values()
+    assert buffers.positions[3].item() > 0  # the fourth row decoded
+    assert answers(fixed, jobs[:3]) == answers(slow, jobs[:3])
+    assert list(fixed.fast_decoder.graphs.values()) == [buffers]  # the same shape, the same buffers
+    assert buffers.tokens[3].item() == 0 and buffers.positions[3].item() == 0
+
+
 def test_sampling_draws_the_same_tokens_from_the_same_seed(tiny_runners, photos):
     fast, slow = tiny_runners
     options = GenerationOptions(max_new_tokens=10, do_sample=True, temperature=0.8, top_p=0.9)
