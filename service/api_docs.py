@@ -14,14 +14,11 @@ style, nothing from another origin. ReDoc is off (FastAPI's /redoc loads its scr
 
 from __future__ import annotations
 
-from functools import cache
-
 from fastapi import APIRouter
 from fastapi.responses import Response
 from swagger_ui_bundle import swagger_ui_path
 
-from service.errors import ApiError
-from service.page import HEADERS, POLICY, WEB, content_security_policy
+from service.page import HEADERS, POLICY, WEB, content_security_policy, listed_file, read_file
 
 FILES = {  # everything under /docs/: a fixed list, so no path from a request ever reaches the disk
     "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
@@ -35,21 +32,15 @@ DOCS_HEADERS = {**HEADERS, "Content-Security-Policy": CSP}
 router = APIRouter(include_in_schema=False)
 
 
-@cache
-def _read(name: str) -> bytes:
-    folder = WEB if name.startswith("docs.") else swagger_ui_path
-    return (folder / name).read_bytes()
-
-
 @router.get("/docs")
 async def docs() -> Response:
     """Swagger UI over /openapi.json."""
-    return Response(_read("docs.html"), media_type="text/html; charset=utf-8", headers=DOCS_HEADERS)
+    page = read_file(WEB / "docs.html")
+    return Response(page, media_type="text/html; charset=utf-8", headers=DOCS_HEADERS)
 
 
 @router.get("/docs/{name}")
 async def docs_file(name: str) -> Response:
     """Swagger UI's script and style sheet, and the script that starts it."""
-    if name not in FILES:
-        raise ApiError(404, "not_found", f"no file /docs/{name}")
-    return Response(_read(name), media_type=FILES[name], headers=DOCS_HEADERS)
+    folder = WEB if name.startswith("docs.") else swagger_ui_path
+    return listed_file(folder, name, FILES, "/docs", DOCS_HEADERS)

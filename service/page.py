@@ -58,19 +58,27 @@ router = APIRouter(include_in_schema=False)
 
 
 @cache
-def _read(name: str) -> bytes:
-    return (WEB / name).read_bytes()
+def read_file(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def listed_file(
+    folder: Path, name: str, listed: dict[str, str], route: str, headers: dict[str, str]
+) -> Response:
+    """`route/name` from `folder` when `listed` names it (its media type): no path from a request ever
+    reaches the disk unchecked; anything else is a JSON 404."""
+    if name not in listed:
+        raise ApiError(404, "not_found", f"no file {route}/{name}")
+    return Response(read_file(folder / name), media_type=listed[name], headers=headers)
 
 
 @router.get("/")
 async def index() -> Response:
     """The page: image, caption, questions, gallery search."""
-    return Response(_read("index.html"), media_type="text/html; charset=utf-8", headers=HEADERS)
+    return Response(read_file(WEB / "index.html"), media_type="text/html; charset=utf-8", headers=HEADERS)
 
 
 @router.get("/static/{name}")
 async def static(name: str) -> Response:
     """The page's script, style sheet and icon."""
-    if name not in STATIC:
-        raise ApiError(404, "not_found", f"no file /static/{name}")
-    return Response(_read(name), media_type=STATIC[name], headers=HEADERS)
+    return listed_file(WEB, name, STATIC, "/static", HEADERS)
