@@ -244,7 +244,12 @@ class FastDecoder:
         processors = []
         if options.repetition_penalty != 1.0:
             padding = (prompt_mask != 0).int().argmax(dim=1)  # left padding is no repetition
-            processors.append(RepetitionPenaltyLogitsProcessor(options.repetition_penalty, padding))
+            try:
+                processors.append(RepetitionPenaltyLogitsProcessor(options.repetition_penalty, padding))
+            except ValueError:
+                # transformers before per-row padding (5.17, the GPU image's): its generate() penalises the
+                # padding too, and so does this loop then
+                processors.append(RepetitionPenaltyLogitsProcessor(options.repetition_penalty))
         if options.min_new_tokens > 0:
             prompt_length = prompt_mask.shape[1]
             processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, options.min_new_tokens, eos))

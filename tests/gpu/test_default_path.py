@@ -1,0 +1,144 @@
+"""The serving path's defaults on a GPU: the fast decoder against transformers' `generate()` in fp16 and with
+bitsandbytes' 8-bit LLM, greedy and beam 5, batches without and with left padding, on the tiny-opt preset and
+the built-in model; the server's start-up with the GPU image's settings; out-of-memory halving.
+
+On a GPU the two decoders run different kernels for the same sums (generate() prefills every beam, the fast
+decoder each image once; a GEMM of another height may tile its sums otherwise), so near-ties can flip a token.
+The tests report the share of equal answers and every difference ($GPU_REPORT_DIR), and require nearly all."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from service.inference import Runner
+from service.jobs import GenerateJob, GenerationOptions
+from service.loading import load_models
+from service.prompts import INSTRUCT_CAPTION_PROMPT, VQA_TEMPLATE_SHORT
+from service.settings import DEFAULT_MODEL_DIR, Settings
+from service.vision import VisionCache
+
+OPTIONS = {
+    "greedy": GenerationOptions(max_new_tokens=20),
+    "beam5": GenerationOptions(max_new_tokens=20, num_beams=5),
+}
+LLM = {"fp16": {"quantization": "none"}, "bnb-int8": {"quantization": "bnb-int8"}}
+# Prompts of different lengths: the batch is left-padded, and the steps attend under a mask.
+PADDED_PROMPTS = ["", "a photo of", "Question: what is in the picture on the left? Answer:", "the"]
+QUESTIONS = ["What shape is in the image?", "What color is the square?", "Is there a square?", "What is it?"]
+BUILT_IN = DEFAULT_MODEL_DIR / "generation"
+SHARE_REQUIRED = 0.9
+
+
+def gpu_settings(folder, **overrides) -> Settings:
+    return Settings(model=str(folder), device="cuda", dtype="float16", **overrides)
+
+
+def answers(runner: Runner, jobs: list[GenerateJob]) -> list[str]:
+    return [g.text for g in runner(jobs)]
+
+
+def prompts_of(model: str) -> dict[str, list[str]]:
+    """Per batch kind, the prompts of its 16 jobs (cycled)."""
+    if model == "tiny-opt":
+        return {"unpadded": ["a photo of"], "padded": PADDED_PROMPTS}
+    questions = [VQA_TEMPLATE_SHORT.replace("{}", q) for q in QUESTIONS]
+    return {"unpadded": [INSTRUCT_CAPTION_PROMPT], "padded": [INSTRUCT_CAPTION_PROMPT, *questions]}
+
+
+@pytest.mark.parametrize("llm", list(LLM))
+@pytest.mark.parametrize("model", ["tiny-opt", "built-in"])
+def test_fast_decoder_answers_equal_generate(model, llm, tiny_opt_generation, images, report):
+    if model == "built-in" and not BUILT_IN.is_dir():
+        pytest.skip("no packaged default model")
+    folder = tiny_opt_generation if model == "tiny-opt" else BUILT_IN
+    models = load_models(gpu_settings(folder, **LLM[llm]))
+    fast, slow = Runner(models, decoder="fast"), Runner(models, decoder="transformers")
+    assert fast.fast_decoder is not None
+    equal = total = 0
+    for batch, prompts in prompts_of(model).items():
+        for name, options in OPTIONS.items():
+            jobs = [GenerateJob(image, prompts[n % len(prompts)], options) for n, image in enumerate(images)]
+            got, expected = answers(fast, jobs), answers(slow, jobs)
+            same = sum(a == b for a, b in zip(got, expected, strict=True))
+            report[f"{batch}/{name}"] = {
+                "equal": same,
+                "of": len(jobs),
+                "differences": [
+                    {
+                        "prompt": job.prompt if isinstance(job.prompt, str) else str(job.prompt),
+                        "fast": a,
+                        "generate": b,
+                    }
+                    for job, a, b in zip(jobs, got, expected, strict=True)
+                    if a != b
+                ],
+            }
+            equal, total = equal + same, total + len(jobs)
+    report["share_equal"] = equal / total
+    report["device"] = torch.cuda.get_device_name(0)
+    assert equal / total >= SHARE_REQUIRED, report
+
+
+def test_server_starts_with_the_gpu_defaults(images, report):
+    """What the server's start-up does (service.app's lifespan, less the HTTP layer the bare machine lacks):
+    the built-in models loaded with the GPU image's settings (CUDA, fp16, the LLM in 8-bit by default), the
+    runner built from the settings, the warm-up request, then a caption equal to generate()'s."""
+    if not BUILT_IN.is_dir():
+        pytest.skip("no packaged default model")
+    from bitsandbytes.nn import Linear8bitLt
+
+    settings = Settings()  # the packaged models, device and 8-bit from what the machine has
+    models = load_models(settings)
+    assert models.device.type == "cuda" and models.dtype == torch.float16
+    llm = models.generation.model.language_model
+    assert any(isinstance(module, Linear8bitLt) for module in llm.modules())
+    runner = Runner(
+        models,
+        VisionCache(settings.vision_cache_size),
+        settings.decoder,
+        settings.cuda_graphs,
+        kv_cache_max_mb=settings.kv_cache_max_mb,
+    )
+    assert runner.fast_decoder is not None
+    runner.warm_up()
+    options = GenerationOptions(max_new_tokens=20, num_beams=5)
+    jobs = [GenerateJob(image, INSTRUCT_CAPTION_PROMPT, options) for image in images[:4]]
+    got = answers(runner, jobs)
+    report |= {"answers": got, "gpu_allocated_bytes": torch.cuda.memory_allocated()}
+    assert all(got)
+    assert got == answers(Runner(models, decoder="transformers"), jobs)
+
+
+def test_out_of_memory_runs_the_batch_in_halves(tiny_opt_generation, images, caplog, report):
+    """Under a memory limit a batch of 16 x beam 8 with 200 new tokens no longer fits: the runner frees its
+    cache, empties the allocator's and runs halves, with the answers of the unlimited run. The limit is
+    lowered step by step until a halving happens (where it lies depends on the GPU and the allocator)."""
+    models = load_models(gpu_settings(tiny_opt_generation, quantization="none", dtype="float32"))
+    runner = Runner(models, decoder="fast")
+    options = GenerationOptions(max_new_tokens=200, min_new_tokens=200, num_beams=8)
+    jobs = [GenerateJob(image, "a photo of", options) for image in images]
+    expected = answers(runner, jobs)
+    total = torch.cuda.get_device_properties(0).total_memory
+    halved_at = []
+    try:
+        for spare_mb in (512, 256, 128, 64, 32, 16, 8):
+            runner.release_memory()
+            base = torch.cuda.memory_reserved()
+            torch.cuda.set_per_process_memory_fraction((base + spare_mb * 2**20) / total)
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="service.inference"):
+                try:
+                    got = answers(runner, jobs)
+                except torch.cuda.OutOfMemoryError:
+                    report.setdefault("single_request_out_of_memory_at_mb", spare_mb)
+                    break  # one request alone no longer fits: lower limits show nothing more
+            if any("out of GPU memory" in r.getMessage() for r in caplog.records):
+                halved_at.append(spare_mb)
+                assert got == expected, spare_mb
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    report["halved_at_spare_mb"] = halved_at
+    assert halved_at, "no limit tried made the batch run out of memory"
