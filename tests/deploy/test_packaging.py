@@ -148,3 +148,21 @@ def test_make_test_sets_up_everything_from_nothing(tmp_path):
     assert re.findall(r'-e "\.\[([\w,]+)\]"', "\n".join(commands)) == ["serve", "test"], commands
     assert commands[-1].endswith("-m pytest -q -x tests"), commands
     assert (REPO / ".ci" / "run").read_text().strip().endswith("make test"), "CI runs the README's command"
+
+
+def test_only_the_gpu_tests_are_marked_gpu():
+    """The `gpu` marker (skipped without CUDA) stays on GPU tests: a conftest hook that marked every collected
+    item once skipped the whole CPU suite while CI still passed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "tests"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    collected = [line for line in done.stdout.splitlines() if "::" in line]
+    assert any(t.startswith("tests/gpu/") for t in collected), done.stdout
+    # Outside tests/gpu, only tests whose own module marks them.
+    marked_elsewhere = {t.split("::")[0] for t in collected if not t.startswith("tests/gpu/")}
+    assert all("pytest.mark.gpu" in (REPO / module).read_text() for module in marked_elsewhere), (
+        marked_elsewhere
+    )

@@ -19,10 +19,13 @@ from PIL import Image
 
 
 def pytest_collection_modifyitems(items) -> None:
+    # pytest hands this hook every collected item of the session, not only this folder's: mark only ours.
+    here = Path(__file__).parent
     needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
     for item in items:
-        item.add_marker(pytest.mark.gpu)
-        item.add_marker(needs_cuda)
+        if here in Path(item.path).parents:
+            item.add_marker(pytest.mark.gpu)
+            item.add_marker(needs_cuda)
 
 
 @pytest.fixture(scope="session")
