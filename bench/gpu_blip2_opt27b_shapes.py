@@ -7,10 +7,13 @@ vocab 50272), built from configs with random weights on the GPU, saved as safete
 threshold 6 and 0, torchao int8 weight-only, torchao FP8). Each mode first answers the same 16 images
 greedily (10 tokens), to compare its tokens with fp16's ("agreement with fp16"). For each mode and each
 decoder (`fast`: the server's decode loop; `fast-graphs`: the same with `--cuda-graphs`, each step a CUDA
-graph replay; `transformers`: generate()), captions at batch 1, 8 and 32 go
+graph replay, not for bitsandbytes LLMs, which cannot be captured; `transformers`: generate()), captions at
+batch 1, 32 and 64 (beam 5) and at batch 64 greedily (`--greedy-batches`) go
 through `service.batching.Batcher` (B requests submitted at once form one batch): captions/s, the time per
 decode step, peak GPU memory, the ViT's share of the batch time (CUDA-synchronised hooks around it), and
 "% of bound": the captions/s that memory bandwidth and peak FLOPs allow (bench/roofline.py), on a known chip.
+FP8 runs only on a GPU that has it (compute capability 8.9 and up); the others record why it was skipped.
+bench/gpu_kit.py runs this as the kit's measurement step (`bash bench/gpu_session.sh`).
 
 Captions use the paper's beam width 5 with a fixed length of 30 new tokens (min = max = 30): random
 weights would otherwise stop at random lengths. Every request carries a different random image, so the
@@ -192,6 +195,7 @@ WEIGHT_BYTES = {"fp16": 2.0, "bnb-int8": 1.0, "bnb-int8-t0": 1.0, "torchao-int8"
 
 async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, save) -> None:
     from service.batching import Batcher
+    from service.decoding import graph_blocker
     from service.inference import Runner
     from service.jobs import GenerateJob, GenerationOptions
     from service.loading import load_models
@@ -204,7 +208,7 @@ async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, 
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     settings = Settings(model=str(folder), device=device, dtype="float16" if cuda else "float32",
-                        max_batch_size=max(batches), **MODES[mode])  # fmt: skip
+                        max_batch_size=max(batches + args.greedy_batch_sizes), **MODES[mode])  # fmt: skip
     models = load_models(settings)
     gen = models.generation.model
     entry = out.setdefault(mode, {})
@@ -223,19 +227,32 @@ async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, 
     ]
     out.setdefault("greedy_answers", {})[mode] = tokens
     if "fp16" in out["greedy_answers"]:
-        same = sum(a == b for a, b in zip(tokens, out["greedy_answers"]["fp16"], strict=True))
+        reference = out["greedy_answers"]["fp16"]
+        same = sum(a == b for a, b in zip(tokens, reference, strict=True))
         entry["agreement_with_fp16"] = f"{same}/16"
-    options = GenerationOptions(max_new_tokens=args.tokens, min_new_tokens=args.tokens, num_beams=args.beams)
+        entry["differences_from_fp16"] = [
+            {"image": n, "fp16": b, mode: a}
+            for n, (a, b) in enumerate(zip(tokens, reference, strict=True))
+            if a != b
+        ]
+    beam = GenerationOptions(max_new_tokens=args.tokens, min_new_tokens=args.tokens, num_beams=args.beams)
+    greedy_fixed = GenerationOptions(max_new_tokens=args.tokens, min_new_tokens=args.tokens)
+    cells = [(f"batch_{b}", b, beam) for b in batches]
+    cells += [(f"greedy_batch_{b}", b, greedy_fixed) for b in args.greedy_batch_sizes]
+    largest = max(b for _, b, _ in cells)
     for decoder in args.decoders.split(","):
+        if decoder == "fast-graphs" and (blocker := graph_blocker(gen.language_model)) is not None:
+            entry[f"{decoder}/skipped"] = f"the same steps as `fast`: {blocker}"
+            continue
         # `fast-graphs`: the fast decoder with --cuda-graphs (fixed-shape steps replayed as CUDA graphs)
         runner = Runner(models, decoder=decoder.removesuffix("-graphs"), cuda_graphs=decoder == "fast-graphs")
-        batcher = Batcher(runner, max_batch_size=max(batches), max_wait_s=0.05, max_queue_size=256)
+        batcher = Batcher(runner, max_batch_size=largest, max_wait_s=0.05, max_queue_size=256)
         batcher.start()
         try:
-            for batch in batches:
+            for label, batch, options in cells:
                 if time.perf_counter() - T0 > args.budget_s:
-                    entry.setdefault("skipped", []).append(f"{decoder}/batch_{batch}")
-                    log(f"{mode} {decoder}: budget spent, batch {batch} skipped")
+                    entry.setdefault("skipped", []).append(f"{decoder}/{label}")
+                    log(f"{mode} {decoder}: budget spent, {label} skipped")
                     continue
                 await rounds(
                     batcher, runner, options, batch, 1, seed=1000 * batch
@@ -256,18 +273,19 @@ async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, 
                     "mean_new_tokens": tokens,
                 }
                 if chip is not None:
-                    bound = roof.captions_per_s(batch, args.beams, args.tokens, 33, *chip, WEIGHT_BYTES[mode])
+                    beams = options.num_beams
+                    bound = roof.captions_per_s(batch, beams, args.tokens, 33, *chip, WEIGHT_BYTES[mode])
                     cell["bound_captions_per_s"] = round(bound, 1)
                     cell["percent_of_bound"] = round(100 * cell["captions_per_s"] / bound, 1)
                 if cuda:
                     cell["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
-                    cell["peak_gpu_bytes_per_row"] = cell["peak_gpu_bytes"] // (batch * args.beams)
-                entry[f"{decoder}/batch_{batch}"] = cell
-                log(f"{mode} {decoder} batch {batch}: {cell}")
+                    cell["peak_gpu_bytes_per_row"] = cell["peak_gpu_bytes"] // (batch * options.num_beams)
+                entry[f"{decoder}/{label}"] = cell
+                log(f"{mode} {decoder} {label}: {cell}")
                 save()
             if mode == args.modes.split(",")[0] and time.perf_counter() - T0 < args.budget_s:
                 batch = min(8, max(batches))
-                entry[f"{decoder}/profile"] = cell = profile_batch(runner, options, batch, cuda)
+                entry[f"{decoder}/profile"] = cell = profile_batch(runner, beam, batch, cuda)
                 log(f"{mode} {decoder} profile: {cell}")
                 save()
         finally:
@@ -289,13 +307,15 @@ def main(argv: list[str] | None = None) -> int:
         default="fast,fast-graphs,transformers",
         help="--decoder values to measure; `fast-graphs`: `fast` with --cuda-graphs",
     )
-    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--batches", default="1,32,64", help="caption batches at --beams")
+    parser.add_argument("--greedy-batches", default="64", help="greedy batches (empty: none)")
     parser.add_argument("--tokens", type=int, default=30, help="new tokens per caption (min = max)")
     parser.add_argument("--beams", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3, help="measured batches per cell (one fewer at 32)")
     parser.add_argument("--budget-s", type=float, default=240, help="start no new cell after this")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", tempfile.gettempdir())))
     args = parser.parse_args(argv)
+    args.greedy_batch_sizes = [int(b) for b in args.greedy_batches.split(",") if b]
 
     cuda = torch.cuda.is_available()
     out: dict = {
@@ -326,9 +346,15 @@ def main(argv: list[str] | None = None) -> int:
         out["parameters"] = build(folder, args.small, torch.device("cuda" if cuda else "cpu"))
         save()
         batches = [int(b) for b in args.batches.split(",")]
+        fp8 = cuda and torch.cuda.get_device_capability(0) >= (8, 9)
         for mode in args.modes.split(","):
             if time.perf_counter() - T0 > args.budget_s:
-                out.setdefault("skipped_modes", []).append(mode)
+                out.setdefault("skipped_modes", {})[mode] = "the time budget was spent"
+                continue
+            if mode == "torchao-fp8" and not fp8:
+                out.setdefault("skipped_modes", {})[mode] = (
+                    "this device has no FP8 (compute capability < 8.9)"
+                )
                 continue
             try:
                 asyncio.run(measure(folder, mode, batches, args, out, save))
