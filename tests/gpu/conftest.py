@@ -17,11 +17,16 @@ import pytest
 import torch
 from PIL import Image
 
+# GPU_TESTS_ON_CPU=1: the same tests on the CPU in fp32 (what can run there), to check the tests themselves
+# before GPU minutes are spent on them.
+ON_CPU = os.environ.get("GPU_TESTS_ON_CPU") == "1" and not torch.cuda.is_available()
+DEVICE = "cpu" if ON_CPU else "cuda"
+
 
 def pytest_collection_modifyitems(items) -> None:
     # pytest hands this hook every collected item of the session, not only this folder's: mark only ours.
     here = Path(__file__).parent
-    needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() or ON_CPU), reason="needs a CUDA GPU")
     for item in items:
         if here in Path(item.path).parents:
             item.add_marker(pytest.mark.gpu)
