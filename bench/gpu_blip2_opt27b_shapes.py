@@ -245,7 +245,12 @@ async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, 
             entry[f"{decoder}/skipped"] = f"the same steps as `fast`: {blocker}"
             continue
         # `fast-graphs`: the fast decoder with --cuda-graphs (fixed-shape steps replayed as CUDA graphs)
-        runner = Runner(models, decoder=decoder.removesuffix("-graphs"), cuda_graphs=decoder == "fast-graphs")
+        runner = Runner(
+            models,
+            decoder=decoder.removesuffix("-graphs"),
+            cuda_graphs=decoder == "fast-graphs",
+            kv_cache_max_mb=settings.kv_cache_max_mb,  # the server's default cap
+        )
         batcher = Batcher(runner, max_batch_size=largest, max_wait_s=0.05, max_queue_size=256)
         batcher.start()
         try:

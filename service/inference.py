@@ -177,17 +177,19 @@ class Runner:
         options: GenerationOptions,
         jobs: list[GenerateJob],
         prompts: list[PromptIds],
-    ) -> list[Generated]:
+    ) -> list[Generated | torch.cuda.OutOfMemoryError]:
         """`_generate_batch`, and on CUDA out of memory: the memory the decoder keeps is freed, the allocator's
-        cache emptied, and the batch runs again in halves (down to one request, whose error then stands)."""
+        cache emptied, and the batch runs again in halves, down to one request, which alone then gets the error
+        (the batcher hands a result that is an exception to its request only)."""
         try:
             return self._generate_batch(gen, options, jobs, prompts)
-        except torch.cuda.OutOfMemoryError:
-            if len(jobs) == 1:
-                self.release_memory()
-                raise
-        # Out of the `except` block: its traceback no longer holds the failed batch's tensors.
+        except torch.cuda.OutOfMemoryError as exc:
+            # Without its traceback, the error no longer holds the failed batch's tensors.
+            error = exc.with_traceback(None)
         self.release_memory()
+        if len(jobs) == 1:
+            log.error("out of GPU memory for one request alone: %s", error)
+            return [error]
         log.warning("out of GPU memory at a batch of %d: running its halves", len(jobs))
         half = len(jobs) // 2
         return self._generate_halving(gen, options, jobs[:half], prompts[:half]) + self._generate_halving(

@@ -81,9 +81,10 @@ class Settings(BaseSettings):
         4096,
         ge=0,
         description="The most memory (MiB) the fast decoder keeps between batches for its KV cache; a batch "
-        "that needs more gets a cache of its own, freed after it (with `--cuda-graphs` its steps are then "
-        "captured anew). On CUDA out of memory the kept cache is freed, the allocator's cache emptied and "
-        "the batch run again in halves.",
+        "that needs more gets a cache of its own, freed after it (with `--cuda-graphs`, captured anew unless "
+        "the allocator hands back the same address: keep the cap above the largest batch's cache, ~1.7 GB for "
+        "OPT-2.7B at 8 captions x beam 5). On CUDA out of memory the kept cache is freed, the allocator's "
+        "cache emptied and the batch run again in halves, down to the one request at fault.",
     )
     allow_pickle: bool = Field(
         False, description="Allow pickle-based weight files (.bin/.pth). Off: only safetensors are loaded."
