@@ -282,6 +282,9 @@ async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, 
                     bound = roof.captions_per_s(batch, beams, args.tokens, 33, *chip, WEIGHT_BYTES[mode])
                     cell["bound_captions_per_s"] = round(bound, 1)
                     cell["percent_of_bound"] = round(100 * cell["captions_per_s"] / bound, 1)
+                if decoder == "fast-graphs":  # captures so far (one per shape, unless a cache moved)
+                    cell["graph_captures"] = runner.fast_decoder.captures
+                    cell["graph_shapes"] = len(runner.fast_decoder.graphs)
                 if cuda:
                     cell["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
                     cell["peak_gpu_bytes_per_row"] = cell["peak_gpu_bytes"] // (batch * options.num_beams)

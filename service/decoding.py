@@ -221,6 +221,7 @@ class FastDecoder:
         self.llm, self.step, self.arena = llm, OptDecodeStep(llm), Arena(arena_max_bytes)
         self.fixed_shapes = fixed_shapes
         self.graphs: dict[tuple, _FixedShapeBuffers] = {}  # per (padded rows, capacity, device)
+        self.captures = 0  # CUDA graphs captured so far: more than the shapes seen means captured anew
         config = llm.generation_config
         eos = config.eos_token_id
         self.eos = torch.tensor(eos if isinstance(eos, list) else [eos])
@@ -501,3 +502,4 @@ class _FixedShapeSteps:
             self.decoder.fixed_shapes = False
             return
         buffers.graph, buffers.cache_address = graph, self.cache.keys.data_ptr()
+        self.decoder.captures += 1
