@@ -30,7 +30,7 @@ def test_small_run_goes_through_every_step(tmp_path):
     tests = kit["steps"]["gpu_tests"]["tests"]
     assert kit["steps"]["gpu_tests"]["rc"] == 0 and tests["passed"] and not tests["failed"]
     compared = json.loads(
-        (tmp_path / "gpu_test_test_fast_decoder_answers_equal_generate[tiny-opt-fp16].json").read_text()
+        (tmp_path / "gpu_test_test_fast_decoder_answers_equal_generate_tiny-opt-fp16.json").read_text()
     )
     assert compared["share_equal"] == 1.0  # on the CPU in fp32 the fast decoder gives generate()'s tokens
     shapes = json.loads((tmp_path / "gpu_shapes_small.json").read_text())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -57,5 +58,6 @@ def report(request):
     yield figures
     folder = os.environ.get("GPU_REPORT_DIR")
     if folder:
-        name = request.node.name.replace("/", "_")
+        # plain characters only: the device tool brings back no file whose name has others (brackets)
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", request.node.name).strip("_")
         (Path(folder) / f"gpu_test_{name}.json").write_text(json.dumps(figures, indent=1, default=str))
