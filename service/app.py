@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service import api_docs, chat, gallery_routes, page, routes
+from service import api_docs, chat, gallery_routes, openapi, page, routes
 from service.batching import Batcher
 from service.errors import error_body, install_handlers, too_large
 from service.gallery import open_gallery
@@ -127,6 +127,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     state = app.state.server = ServerState(settings)
     install_handlers(app)
+    openapi.install(app, settings)
     routers = (routes.router, chat.router, page.router, api_docs.router, gallery_routes.router)
     for router in routers:
         app.include_router(router)

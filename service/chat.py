@@ -19,11 +19,13 @@ from service.deps import GenerationRunner, SettingsDep
 from service.errors import unprocessable
 from service.images import image_from_string
 from service.jobs import GenerationOptions
+from service.openapi import API, MODEL, error_responses
 from service.prompts import Prompt, family_prompt
 from service.submit import check_text, generate_text
 
 router = APIRouter()
 DEFAULT_MAX_TOKENS = 64
+MIN_TEMPERATURE = 0.01
 
 
 def _text_of(message: schemas.ChatMessage) -> str:
@@ -44,11 +46,10 @@ def _image_urls(messages: list[schemas.ChatMessage]) -> list[str]:
 
 def fold_conversation(messages: list[schemas.ChatMessage], template: str) -> Prompt:
     """System text first, then each user turn through the VQA template (as a question) and each assistant
-    turn after it; every text of the conversation is the client's, only the template the server's."""
+    turn after it; every text of the conversation is the client's, only the template the server's. A last
+    turn from the assistant is continued (its text ends the prompt); with no turns, the system text is it."""
     system = " ".join(_text_of(m) for m in messages if m.role in ("system", "developer")).strip()
     turns = [m for m in messages if m.role in ("user", "assistant")]
-    if not turns or turns[-1].role != "user":
-        raise unprocessable("messages: the last turn must come from the user")
     pieces = [Prompt.person(system)] if system else []
     for message in turns:
         text = _text_of(message)
@@ -60,10 +61,12 @@ def fold_conversation(messages: list[schemas.ChatMessage], template: str) -> Pro
 
 
 def _options(body: schemas.ChatRequest, max_tokens_limit: int) -> GenerationOptions:
+    for name in ("max_tokens", "max_completion_tokens"):  # each as the document bounds it, used or not
+        if (getattr(body, name) or 0) > max_tokens_limit:
+            raise unprocessable(f"{name}: at most {max_tokens_limit}")
     max_tokens = body.max_completion_tokens or body.max_tokens or min(DEFAULT_MAX_TOKENS, max_tokens_limit)
-    if max_tokens > max_tokens_limit:
-        raise unprocessable(f"max_tokens: at most {max_tokens_limit}")
-    sample = bool(body.temperature)  # absent or 0: deterministic greedy decoding
+    # absent or under 0.01: deterministic greedy decoding (its limit; a tiny temperature overflows the logits)
+    sample = body.temperature is not None and body.temperature >= MIN_TEMPERATURE
     return GenerationOptions(
         max_new_tokens=max_tokens,
         do_sample=sample,
@@ -83,7 +86,28 @@ def _apply_stop(text: str, markers: list[str]) -> tuple[str, bool]:
     return text, False
 
 
-@router.post("/v1/chat/completions", response_model=schemas.ChatResponse)
+# `stream: true` answers server-sent events instead of the JSON completion.
+STREAM = {
+    200: {
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "description": "One server-sent event: `data` holds a `chat.completion.chunk` as JSON, then "
+                    "`[DONE]`.",
+                    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                }
+            }
+        }
+    }
+}
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=schemas.ChatResponse,
+    responses=STREAM | error_responses(*API, 400, 413, 422, *MODEL),
+)
 async def chat_completions(
     body: schemas.ChatRequest, request: Request, runner: GenerationRunner, settings: SettingsDep
 ):
@@ -94,8 +118,11 @@ async def chat_completions(
             f"messages: BLIP-2 needs exactly one image_url part per conversation, got {len(urls)}"
         )
     options = _options(body, settings.max_new_tokens_limit)  # cheap checks before decoding the image
+    for n, message in enumerate(body.messages):  # each text as the document bounds it; tokens in all below
+        texts = [message.content] if isinstance(message.content, str) else message.content or []
+        for text in texts:
+            check_text(settings, f"messages.{n}.content", text if isinstance(text, str) else text.text or "")
     prompt = fold_conversation(body.messages, family_prompt(runner.models.generation, settings)[1])
-    check_text(settings, "messages", prompt.text())
     image = await image_from_string(urls[0], settings)
     header = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
     markers = _stop_markers(body.stop)

@@ -4,6 +4,7 @@ configured), and the body parsed from JSON or multipart with its images decoded 
 
 from __future__ import annotations
 
+import json
 import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Generic, TypeVar
@@ -109,6 +110,24 @@ def _is_list(model: type[BaseModel], name: str) -> bool:
     )
 
 
+def _takes_text(model: type[BaseModel], name: str) -> bool:
+    """Whether the field holds text (str, list[str], ...): a form field's text is then its value as it is."""
+    field = model.model_fields.get(name)
+    if field is None:
+        return True  # refused as an unknown field, by name
+    args = typing.get_args(field.annotation)
+    return str in (field.annotation, *args, *(a for arg in args for a in typing.get_args(arg)))
+
+
+def _json_value(text: str) -> Any:
+    """A form field of a number, boolean or object holds its JSON (`3`, `true`, `{...}`), as the document's
+    types say; text that is no JSON stays text, which the model then refuses by name."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 async def parse_body(request: Request, model: type[Body], settings: Settings) -> Parsed[Body]:
     """The body as `model`, plus the uploaded files by field name (multipart only)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -122,8 +141,13 @@ async def parse_body(request: Request, model: type[Body], settings: Settings) ->
             texts = [v for v in values if isinstance(v, str)]
             if uploads:
                 files[name] = uploads
+            if texts and not _is_list(model, name) and texts[-1] == "":
+                continue  # an empty form field is one left blank: not given (as a browser's form sends it)
             if texts:
-                data[name] = texts if _is_list(model, name) else texts[-1]
+                value = texts if _is_list(model, name) else texts[-1]
+                if not _takes_text(model, name):
+                    value = [_json_value(v) for v in value] if isinstance(value, list) else _json_value(value)
+                data[name] = value
     elif content_type in ("application/json", ""):
         try:
             data = await request.json()
@@ -150,19 +174,3 @@ VqaInput = Annotated[Parsed[schemas.VqaRequest], parsed(schemas.VqaRequest)]
 GenerateInput = Annotated[Parsed[schemas.GenerateRequest], parsed(schemas.GenerateRequest)]
 EmbedInput = Annotated[Parsed[schemas.EmbedRequest], parsed(schemas.EmbedRequest)]
 RetrieveInput = Annotated[Parsed[schemas.RetrieveRequest], parsed(schemas.RetrieveRequest)]
-
-
-def body_doc(model: type[BaseModel], files: str) -> dict:
-    """OpenAPI for a route whose body `parsed` reads (FastAPI cannot declare JSON and multipart at once)."""
-    schema = model.model_json_schema()
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": schema},
-                "multipart/form-data": {
-                    "schema": {"type": "object", "description": f"{files}; other fields as in JSON"}
-                },
-            },
-        }
-    }

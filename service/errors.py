@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service.batching import BatcherStopped, DeadlineExceeded, QueueFull
 
@@ -61,6 +62,17 @@ def _validation_message(errors: list) -> str:
     return "; ".join(parts)
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method the request's path answers. Starlette's 405 names only the first route that matched the
+    path, and a path served by several routes (GET and DELETE /gallery/images/{id}) has more."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})  # any method: the path alone decides
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -75,9 +87,12 @@ def install_handlers(app: FastAPI) -> None:
         return error_body(422, "invalid_request", _validation_message(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_body(exc.status_code, kind, str(exc.detail), getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return error_body(exc.status_code, kind, str(exc.detail), headers)
 
     @app.exception_handler(QueueFull)
     async def _queue_full(_: Request, exc: QueueFull) -> JSONResponse:

@@ -62,6 +62,14 @@ def check_name(value: str, what: str) -> str:
     return value
 
 
+def _wide_integer(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(_wide_integer(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_wide_integer(v) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63
+
+
 def check_metadata(metadata: Any) -> dict[str, Any]:
     """`metadata` if a gallery can keep it (a JSON object, its keys valid names, small); a ValueError saying
     why not otherwise. Only top-level keys are filtered on, so only they follow the name rule."""
@@ -69,6 +77,8 @@ def check_metadata(metadata: Any) -> dict[str, Any]:
         raise ValueError("metadata must be a JSON object")
     for key in metadata:
         check_name(key, "metadata key")
+    if _wide_integer(metadata):  # the store's JSON holds 64-bit integers; wider ones failed the insert (500)
+        raise ValueError("metadata: integers must fit in 64 bits")
     if len(json.dumps(metadata)) > MAX_METADATA_BYTES:
         raise ValueError(f"metadata: at most {MAX_METADATA_BYTES} bytes of JSON")
     return metadata
@@ -154,8 +164,14 @@ def literal(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:  # Milvus's integers (a 500 before)
+            raise ValueError(f"{value!r}: a filter integer fits in 64 bits")
         return repr(value)
     if isinstance(value, str):
+        if any(
+            ord(c) < 0x20 for c in value
+        ):  # json.dumps writes them as \u00XX, which Milvus refuses (a 500)
+            raise ValueError(f"{value!r}: a filter string holds no control characters")
         return json.dumps(value, ensure_ascii=False)
     raise ValueError(f"{value!r}: a filter value is a string, number or boolean")
 

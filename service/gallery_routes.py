@@ -22,12 +22,14 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from fastapi import APIRouter, Depends, Path, Request, Response
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, WithJsonSchema
+from pydantic.json_schema import SkipJsonSchema
 
-from service.deps import Parsed, RetrievalRunner, SettingsDep, StateDep, body_doc, parsed
+from service.deps import Parsed, RetrievalRunner, SettingsDep, StateDep, parsed
 from service.errors import ApiError, unprocessable
 from service.gallery import (
     MAX_METADATA_BYTES,
+    NAME_PATTERN,
     NAME_RULE,
     Gallery,
     NewImage,
@@ -39,7 +41,17 @@ from service.gallery import (
 )
 from service.images import bytes_from_string, decode_image, read_upload
 from service.jobs import EmbedJob, RetrieveJob
-from service.schemas import IMAGE_DOC, RELEVANCE_DOC, ErrorDetail, Strict, relevance
+from service.openapi import BODY, GALLERY, JSON_VALUE_MARK, MODEL, error_responses, request_body
+from service.schemas import (
+    IMAGE_DOC,
+    RELEVANCE_DOC,
+    ErrorDetail,
+    OptionalImage,
+    Strict,
+    present,
+    relevance,
+    required,
+)
 from service.settings import Settings
 from service.submit import check_text, run_job
 
@@ -52,18 +64,50 @@ METADATA_DOC = (
 
 
 # -- bodies ------------------------------------------------------------------------------------------
+# The document's metadata object (keys by the ids' rule) and filter (values: a scalar, or a list of them).
+METADATA_SCHEMA = {
+    "type": "object",
+    "propertyNames": {"pattern": NAME_PATTERN},
+    "additionalProperties": JSON_VALUE_MARK,
+}
+# what a filter can match: no control characters in strings, numbers in 64 bits (gallery.literal)
+SCALAR = {
+    "type": ["string", "number", "boolean"],
+    "pattern": "^[^\\u0000-\\u001f]*$",
+    "minimum": -(2**63),
+    "maximum": 2**63 - 1,
+}
+FILTER_SCHEMA = {
+    "type": "object",
+    "propertyNames": {"pattern": NAME_PATTERN},
+    "additionalProperties": SCALAR | {"type": [*SCALAR["type"], "array"], "items": SCALAR, "minItems": 1},
+}
+
+
 class GalleryImage(Strict):
-    image: str = Field(..., description=IMAGE_DOC)
-    id: str | None = Field(None, description=ID_DOC)  # checked per image: a bad one rejects that image only
-    metadata: dict[str, Any] = Field(default_factory=dict, description=METADATA_DOC)
+    image: Annotated[str, WithJsonSchema({"type": "string", "format": "image"})] = Field(
+        ..., description=IMAGE_DOC
+    )
+    # checked per image: a bad one rejects that image only
+    id: Annotated[
+        str | None, WithJsonSchema({"anyOf": [{"type": "string", "pattern": NAME_PATTERN}, {"type": "null"}]})
+    ] = Field(None, description=ID_DOC)
+    metadata: Annotated[dict[str, Any], WithJsonSchema(METADATA_SCHEMA)] = Field(
+        default_factory=dict, description=METADATA_DOC
+    )
 
 
 class AddRequest(Strict):
-    images: list[GalleryImage] = Field(default_factory=list, description="JSON: the images to add.")
-    ids: list[str] | None = Field(None, description="Multipart: one id per file part `images`, in order.")
-    metadata: list[str] | None = Field(
-        None, description="Multipart: one JSON object per file part `images`, in order."
+    model_config = required("images")
+    images: list[GalleryImage] = Field(
+        default_factory=list,
+        min_length=0,
+        description="JSON: the images to add. Multipart: file parts `images`, with optional `ids` and `metadata` "
+        "fields (one per file part, in order: one id, one JSON object).",
+        json_schema_extra={"minItems": 1},
     )
+    ids: SkipJsonSchema[list[str] | None] = None  # multipart only (the description of `images` says how)
+    metadata: SkipJsonSchema[list[str] | None] = None
 
 
 class Added(BaseModel):
@@ -100,8 +144,12 @@ class Item(BaseModel):
 
 
 class SearchRequest(Strict):
-    text: str | None = Field(None, description="A text query: ITC over the gallery, then ITM on the best.")
-    image: str | None = Field(
+    model_config = required(oneOf=[present("text"), present("image")])
+    text: str | None = Field(
+        None,
+        description="A text query: ITC over the gallery, then ITM on the best.",
+    )
+    image: OptionalImage = Field(
         None,
         description="An image query: images like it, by the cosine of the two images' mean query vectors (no "
         "ITM). " + IMAGE_DOC,
@@ -111,7 +159,9 @@ class SearchRequest(Strict):
         None, ge=0, description="How many of the best ITC results ITM re-ranks (text queries). "
         "Default BLIP2_ITM_TOP_K; 0: ITC alone.",
     )  # fmt: skip
-    filter: dict[str, Any] | str | None = Field(
+    filter: Annotated[
+        dict[str, Any] | str | None, WithJsonSchema({"anyOf": [FILTER_SCHEMA, {"type": "null"}]})
+    ] = Field(
         None, description='Metadata that must match, e.g. {"shop": "north", "year": [2023, 2024]} (a list: any '
         "of its values). Multipart: the same as JSON text.",
     )  # fmt: skip
@@ -157,7 +207,11 @@ async def get_gallery(state: StateDep, runner: RetrievalRunner) -> Gallery:
 GalleryDep = Annotated[Gallery, Depends(get_gallery)]
 
 
-def valid_id(image_id: Annotated[str, Path(description=f"The image's id ({NAME_RULE}).")]) -> str:
+def valid_id(
+    image_id: Annotated[
+        str, Path(description=f"The image's id ({NAME_RULE}).", json_schema_extra={"pattern": NAME_PATTERN})
+    ],
+) -> str:
     try:
         return check_name(image_id, "id")
     except ValueError as exc:
@@ -282,7 +336,8 @@ def _plan(items: list[Incoming], gallery: Gallery) -> list[tuple[Incoming, Plann
     "/images",
     response_model=AddResponse,
     response_model_exclude_none=True,
-    openapi_extra=body_doc(AddRequest, "files `images`"),
+    responses=error_responses(*GALLERY, *BODY, *MODEL, 409),
+    openapi_extra=request_body(AddRequest, {"images": "many"}),
 )
 async def add_images(
     request: Request,
@@ -333,7 +388,7 @@ def _item(gallery: Gallery, stored: Stored) -> Item:
     )
 
 
-@router.get("/images/{image_id}", response_model=Item)
+@router.get("/images/{image_id}", response_model=Item, responses=error_responses(*GALLERY, 404))
 async def get_image(image_id: ImageId, gallery: GalleryDep) -> Item:
     """An image's metadata, when it was added, and which model indexed it."""
     stored = await asyncio.to_thread(gallery.get, image_id)
@@ -345,7 +400,8 @@ async def get_image(image_id: ImageId, gallery: GalleryDep) -> Item:
 @router.get(
     "/images/{image_id}/file",
     response_class=Response,
-    responses={200: {"content": {"image/*": {}}, "description": "The image's bytes, as they were added."}},
+    responses={200: {"content": {"image/*": {}}, "description": "The image's bytes, as they were added."}}
+    | error_responses(*GALLERY, 404),
 )
 async def get_image_file(image_id: ImageId, gallery: GalleryDep, request: Request) -> Response:
     """The image itself, as it was added (what the web page shows as a search result's thumbnail)."""
@@ -367,7 +423,7 @@ def _image_type(data: bytes) -> str:
     return "application/octet-stream"
 
 
-@router.delete("/images/{image_id}")
+@router.delete("/images/{image_id}", responses=error_responses(*GALLERY, 404))
 async def delete_image(image_id: ImageId, gallery: GalleryDep) -> dict:
     """Remove an image: its vectors, and its file unless another image holds the same bytes."""
     if not await asyncio.to_thread(gallery.delete, image_id):
@@ -375,7 +431,7 @@ async def delete_image(image_id: ImageId, gallery: GalleryDep) -> dict:
     return {"id": image_id, "deleted": True}
 
 
-@router.get("")
+@router.get("", responses=error_responses(*GALLERY))
 async def describe(gallery: GalleryDep) -> dict:
     """How many images, which model indexed them, where they are stored."""
     return {
@@ -389,7 +445,12 @@ async def describe(gallery: GalleryDep) -> dict:
 
 
 # -- searching ---------------------------------------------------------------------------------------
-@router.post("/search", response_model=SearchResponse, openapi_extra=body_doc(SearchRequest, "file `image`"))
+@router.post(
+    "/search",
+    response_model=SearchResponse,
+    responses=error_responses(*GALLERY, *BODY, *MODEL),
+    openapi_extra=request_body(SearchRequest, {"image": "one"}, required=["image"], omit=("text",)),
+)
 async def search(
     request: Request,
     runner: RetrievalRunner,

@@ -17,22 +17,24 @@ from service.deps import (
     SettingsDep,
     StateDep,
     VqaInput,
-    body_doc,
 )
 from service.errors import unavailable, unprocessable
 from service.jobs import EmbedJob, RetrieveJob
+from service.openapi import API, BODY, MODEL, PROBE, error_responses, request_body
 from service.prompts import CAPTION_DEFAULTS, GENERATE_DEFAULTS, VQA_DEFAULTS, Prompt, family_prompt
 from service.state import Phase
 from service.submit import check_text, generate_text, make_options, model_defaults, run_job
 
 router = APIRouter()
+WORK = error_responses(*API, *BODY, *MODEL)  # what a route that queues work on a model may answer
 
 
 # -- generation --------------------------------------------------------------------------------------
 @router.post(
     "/caption",
     response_model=schemas.CaptionResponse,
-    openapi_extra=body_doc(schemas.CaptionRequest, "file `image`"),
+    responses=WORK,
+    openapi_extra=request_body(schemas.CaptionRequest, {"image": "one"}),
 )
 async def caption(
     request: Request, runner: GenerationRunner, settings: SettingsDep, given: CaptionInput
@@ -52,7 +54,10 @@ async def caption(
 
 
 @router.post(
-    "/vqa", response_model=schemas.VqaResponse, openapi_extra=body_doc(schemas.VqaRequest, "file `image`")
+    "/vqa",
+    response_model=schemas.VqaResponse,
+    responses=WORK,
+    openapi_extra=request_body(schemas.VqaRequest, {"image": "one"}),
 )
 async def vqa(
     request: Request, runner: GenerationRunner, settings: SettingsDep, given: VqaInput
@@ -60,11 +65,12 @@ async def vqa(
     """Image + question -> short answer (beam 5, at most 10 tokens, length penalty -1 by default)."""
     body = given.body
     options = make_options(body, model_defaults(runner, VQA_DEFAULTS), settings)
+    if body.prompt_template is not None:  # each text as the document bounds it; tokens in all, later
+        check_text(settings, "prompt_template", body.prompt_template)
     template = body.prompt_template or family_prompt(runner.models.generation, settings)[1]
     if template.count("{}") != 1:
         raise unprocessable("prompt_template: must hold exactly one `{}` for the question")
-    prompt = Prompt.question(template, body.question)
-    check_text(settings, "question", prompt.text())
+    prompt = Prompt.question(template, check_text(settings, "question", body.question))
     result, usage = await generate_text(request, runner, await given.image(), prompt, options)
     return schemas.VqaResponse(model=settings.model_name, answer=result.text, usage=usage)
 
@@ -72,7 +78,8 @@ async def vqa(
 @router.post(
     "/generate",
     response_model=schemas.GenerateResponse,
-    openapi_extra=body_doc(schemas.GenerateRequest, "file `image`"),
+    responses=WORK,
+    openapi_extra=request_body(schemas.GenerateRequest, {"image": "one"}),
 )
 async def generate(
     request: Request, runner: GenerationRunner, settings: SettingsDep, given: GenerateInput
@@ -92,7 +99,8 @@ async def generate(
     "/embed",
     response_model=schemas.EmbedResponse,
     response_model_exclude_none=True,
-    openapi_extra=body_doc(schemas.EmbedRequest, "files `images`"),
+    responses=WORK,
+    openapi_extra=request_body(schemas.EmbedRequest, {"images": "many"}, required=["images"]),
 )
 async def embed(
     request: Request, runner: RetrievalRunner, settings: SettingsDep, given: EmbedInput
@@ -119,7 +127,11 @@ async def embed(
 @router.post(
     "/retrieve",
     response_model=schemas.RetrieveResponse,
-    openapi_extra=body_doc(schemas.RetrieveRequest, "file `image` or files `images`"),
+    responses=WORK,
+    # multipart: the text query, ranking image files (an image file ranking `texts` works too, undocumented)
+    openapi_extra=request_body(
+        schemas.RetrieveRequest, {"images": "many"}, required=["text", "images"], omit=("image", "texts")
+    ),
 )
 async def retrieve(
     request: Request, runner: RetrievalRunner, settings: SettingsDep, given: RetrieveInput
@@ -149,7 +161,7 @@ async def retrieve(
 
 
 # -- probes, metrics, model list ---------------------------------------------------------------------
-@router.get("/health", include_in_schema=True)
+@router.get("/health", responses=error_responses(*PROBE))
 async def health(state: StateDep) -> dict:
     """Liveness: 200 while the process can work (also while loading); 503 once loading failed."""
     if state.phase == Phase.FAILED:
@@ -157,7 +169,7 @@ async def health(state: StateDep) -> dict:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses=error_responses(*PROBE))
 async def ready(state: StateDep) -> dict:
     """Readiness: 200 once the models are loaded and warm; 503 while loading and while draining."""
     if state.phase != Phase.READY:
@@ -171,7 +183,7 @@ async def metrics(state: StateDep) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=error_responses(*API))
 async def models(state: StateDep) -> dict:
     """The served model, in OpenAI's list format."""
     settings = state.settings

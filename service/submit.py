@@ -40,10 +40,8 @@ def make_options(params: schemas.GenerationParams, defaults: dict, settings: Set
         raise unprocessable(f"max_new_tokens: at most {settings.max_new_tokens_limit}")
     if values["num_beams"] > settings.max_num_beams:
         raise unprocessable(f"num_beams: at most {settings.max_num_beams}")
-    if values["min_new_tokens"] > values["max_new_tokens"]:
-        if params.min_new_tokens is not None:
-            raise unprocessable("min_new_tokens: must not exceed max_new_tokens")
-        values["min_new_tokens"] = values["max_new_tokens"]  # a route default yields to a small max
+    # The maximum wins, as in transformers' generate(): the document cannot tie one field's bound to another's
+    values["min_new_tokens"] = min(values["min_new_tokens"], values["max_new_tokens"])
     return GenerationOptions(
         **values,
         do_sample=params.do_sample,
