@@ -18,6 +18,7 @@ from starlette.routing import Match
 from service.batching import BatcherStopped, DeadlineExceeded, QueueFull
 
 log = logging.getLogger("service.errors")
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
 
 
 class ApiError(Exception):
@@ -65,12 +66,14 @@ def _validation_message(errors: list) -> str:
 def allowed_methods(request: Request) -> list[str]:
     """Every method the request's path answers. Starlette's 405 names only the first route that matched the
     path, and a path served by several routes (GET and DELETE /gallery/images/{id}) has more."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches({**request.scope, "method": "GET"})  # any method: the path alone decides
-        if match != Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
-    return sorted(methods)
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL
+            for route in request.app.routes
+        )
+    ]
 
 
 def install_handlers(app: FastAPI) -> None:

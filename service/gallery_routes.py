@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from fastapi import APIRouter, Depends, Path, Request, Response
 from PIL import Image
-from pydantic import BaseModel, Field, WithJsonSchema
+from pydantic import BaseModel, Field, WithJsonSchema, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from service.deps import Parsed, RetrievalRunner, SettingsDep, StateDep, parsed
@@ -41,7 +41,7 @@ from service.gallery import (
 )
 from service.images import bytes_from_string, decode_image, read_upload
 from service.jobs import EmbedJob, RetrieveJob
-from service.openapi import BODY, GALLERY, JSON_VALUE_MARK, MODEL, error_responses, request_body
+from service.openapi import BODY, GALLERY, IMAGE_ID, MODEL, error_responses, request_body
 from service.schemas import (
     IMAGE_DOC,
     RELEVANCE_DOC,
@@ -51,6 +51,7 @@ from service.schemas import (
     present,
     relevance,
     required,
+    when,
 )
 from service.settings import Settings
 from service.submit import check_text, run_job
@@ -59,7 +60,7 @@ router = APIRouter(prefix="/gallery", tags=["gallery"])
 ID_DOC = f"Your id for the image ({NAME_RULE}). Default: from its content."
 METADATA_DOC = (
     f"A JSON object kept with the image (at most {MAX_METADATA_BYTES} bytes); search can filter on it. Its "
-    f"keys follow the ids' rule ({NAME_RULE})."
+    f"keys follow the ids' rule ({NAME_RULE}); its integers fit in 64 bits."
 )
 
 
@@ -68,7 +69,7 @@ METADATA_DOC = (
 METADATA_SCHEMA = {
     "type": "object",
     "propertyNames": {"pattern": NAME_PATTERN},
-    "additionalProperties": JSON_VALUE_MARK,
+    "additionalProperties": {"minimum": -(2**63), "maximum": 2**63 - 1},  # numbers, at the top level
 }
 # what a filter can match: no control characters in strings, numbers in 64 bits (gallery.literal)
 SCALAR = {
@@ -88,13 +89,24 @@ class GalleryImage(Strict):
     image: Annotated[str, WithJsonSchema({"type": "string", "format": "image"})] = Field(
         ..., description=IMAGE_DOC
     )
-    # checked per image: a bad one rejects that image only
     id: Annotated[
         str | None, WithJsonSchema({"anyOf": [{"type": "string", "pattern": NAME_PATTERN}, {"type": "null"}]})
     ] = Field(None, description=ID_DOC)
     metadata: Annotated[dict[str, Any], WithJsonSchema(METADATA_SCHEMA)] = Field(
         default_factory=dict, description=METADATA_DOC
     )
+
+    # What the document states about an id and metadata refuses the request (422), as any field does; what it
+    # cannot (bytes that do not decode, an id holding other bytes) rejects that image only, in the answer.
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, value: str | None) -> str | None:
+        return value if value is None else check_name(value, "id")
+
+    @field_validator("metadata")
+    @classmethod
+    def _valid_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_metadata(value)
 
 
 class AddRequest(Strict):
@@ -144,7 +156,10 @@ class Item(BaseModel):
 
 
 class SearchRequest(Strict):
-    model_config = required(oneOf=[present("text"), present("image")])
+    # exactly one query: a text, or else an image
+    model_config = required(
+        **when(present("text"), then={"properties": {"image": {"type": "null"}}}, otherwise=present("image"))
+    )
     text: str | None = Field(
         None,
         description="A text query: ITC over the gallery, then ITM on the best.",
@@ -388,7 +403,7 @@ def _item(gallery: Gallery, stored: Stored) -> Item:
     )
 
 
-@router.get("/images/{image_id}", response_model=Item, responses=error_responses(*GALLERY, 404))
+@router.get("/images/{image_id}", response_model=Item, responses=error_responses(*GALLERY, *IMAGE_ID))
 async def get_image(image_id: ImageId, gallery: GalleryDep) -> Item:
     """An image's metadata, when it was added, and which model indexed it."""
     stored = await asyncio.to_thread(gallery.get, image_id)
@@ -400,8 +415,11 @@ async def get_image(image_id: ImageId, gallery: GalleryDep) -> Item:
 @router.get(
     "/images/{image_id}/file",
     response_class=Response,
-    responses={200: {"content": {"image/*": {}}, "description": "The image's bytes, as they were added."}}
-    | error_responses(*GALLERY, 404),
+    responses={
+        200: {"content": {"image/*": {}}, "description": "The image's bytes, as they were added."},
+        304: {"description": "Not modified: `If-None-Match` named the image's ETag."},
+    }
+    | error_responses(*GALLERY, *IMAGE_ID),
 )
 async def get_image_file(image_id: ImageId, gallery: GalleryDep, request: Request) -> Response:
     """The image itself, as it was added (what the web page shows as a search result's thumbnail)."""
@@ -423,7 +441,7 @@ def _image_type(data: bytes) -> str:
     return "application/octet-stream"
 
 
-@router.delete("/images/{image_id}", responses=error_responses(*GALLERY, 404))
+@router.delete("/images/{image_id}", responses=error_responses(*GALLERY, *IMAGE_ID))
 async def delete_image(image_id: ImageId, gallery: GalleryDep) -> dict:
     """Remove an image: its vectors, and its file unless another image holds the same bytes."""
     if not await asyncio.to_thread(gallery.delete, image_id):

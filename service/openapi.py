@@ -27,18 +27,6 @@ IMAGE_FORMAT = "image"
 # A multipart file part holding an image (service/images.py decodes what Pillow reads).
 FILE = {"type": "string", "format": "binary", "contentMediaType": "image/*"}
 
-# Any JSON value whose numbers fit in 64 bits (what the gallery keeps as metadata): a named, recursive component.
-JSON_VALUE_REF = REF.format(model="JsonValue")
-# What a model's schema writes for such a value (pydantic resolves every `$ref` it is given): `build` links it.
-JSON_VALUE_MARK = {"x-json-value": True}
-JSON_VALUE = {  # one schema with a list of types (alternatives would be judged one by one)
-    "type": ["string", "boolean", "null", "number", "array", "object"],
-    "minimum": -(2**63),
-    "maximum": 2**63 - 1,
-    "items": {"$ref": JSON_VALUE_REF},
-    "additionalProperties": {"$ref": JSON_VALUE_REF},
-}
-
 # status -> (when, error.type, an example message)
 ERRORS: dict[int, tuple[str, str, str]] = {
     400: ("The body is not valid JSON, or an image does not decode.", "invalid_image",
@@ -79,7 +67,8 @@ API = (401, 500)  # every route behind the API key
 BODY = (400, 413, 415, 422)  # a body read from JSON or multipart
 MODEL = (429, 501, 503, 504)  # work queued on a model
 PROBE = (503,)
-GALLERY = (*API, 422, 501, 503)  # the /gallery routes' dependencies: the retrieval model and the gallery
+GALLERY = (*API, 501, 503)  # the /gallery routes' dependencies: the retrieval model and the gallery
+IMAGE_ID = (404, 422)  # a route of one gallery image: not there, or not a valid id
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -193,16 +182,6 @@ def _bound(schema: dict[str, Any], bounds: dict[str, dict[str, Any]]) -> None:
                     option[keyword] = value
 
 
-def _link_json_values(node: Any) -> None:
-    """Each JSON_VALUE_MARK becomes a `$ref` to the JsonValue component."""
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for key, value in list(items):
-        if value == JSON_VALUE_MARK:
-            node[key] = {"$ref": JSON_VALUE_REF}
-        else:
-            _link_json_values(value)
-
-
 def _refs(node: Any) -> set[str]:
     """The component names a part of the document refers to."""
     if isinstance(node, dict):
@@ -219,8 +198,6 @@ def build(app: FastAPI, settings: Settings) -> dict[str, Any]:
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     _, defs = models_json_schema([(model, "validation") for model in BODY_MODELS.values()], ref_template=REF)
     schemas.update(defs.get("$defs", {}))
-    schemas["JsonValue"] = JSON_VALUE
-    _link_json_values(schemas)
     bounds = _bounds(settings)
     bodies = [media["schema"] for path in doc["paths"].values() for operation in path.values()
               for media in operation.get("requestBody", {}).get("content", {}).values()]  # fmt: skip

@@ -26,7 +26,7 @@ def relevance(score: float | None, itc_score: float) -> float:
 
 def integral_floats_as_ints(value: Any) -> Any:
     """JSON's numbers as JSON Schema reads them: 2.0 is an integer (a strict model would refuse it for `int`)."""
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:  # wider ones stay floats
         return int(value)
     if isinstance(value, dict):
         return {key: integral_floats_as_ints(item) for key, item in value.items()}
@@ -70,6 +70,11 @@ OptionalImages = Annotated[
 def present(name: str) -> dict[str, Any]:
     """A schema: the string field `name` is given (not absent, not null)."""
     return {"required": [name], "properties": {name: {"type": "string"}}}
+
+
+def when(condition: dict[str, Any], then: dict[str, Any], otherwise: dict[str, Any] | None = None) -> dict:
+    """if/then/else: how the document ties fields together (client generators read no oneOf of bare parts)."""
+    return {"if": condition, "then": then} | ({"else": otherwise} if otherwise else {})
 
 
 def unset(text: str, items: str) -> dict[str, Any]:
@@ -135,7 +140,7 @@ class GenerateRequest(GenerationParams):
 
 
 class EmbedRequest(Strict):
-    model_config = required(anyOf=[non_empty("images"), non_empty("texts")])
+    model_config = required(**when({"not": non_empty("images")}, then=non_empty("texts")))
     images: Annotated[
         list[str], WithJsonSchema({"type": "array", "items": {"type": "string", "format": "image"}})
     ] = Field(default_factory=list, description="Images (" + IMAGE_DOC + ") Multipart: file parts `images`.")
@@ -146,18 +151,19 @@ class EmbedRequest(Strict):
 class RetrieveRequest(Strict):
     # Exactly one query, ranking at least one candidate of the other kind (the other two absent, null or empty).
     model_config = required(
-        oneOf=[
-            {
+        **when(
+            present("text"),
+            then={
                 "required": ["text", "images"],
-                "properties": {"text": {"type": "string"}, "images": {"type": "array", "minItems": 1}}
-                | unset("image", "texts"),
+                "properties": non_empty("images")["properties"] | unset("image", "texts"),
             },
-            {
+            otherwise={
                 "required": ["image", "texts"],
-                "properties": {"image": {"type": "string"}, "texts": {"type": "array", "minItems": 1}}
+                "properties": present("image")["properties"]
+                | non_empty("texts")["properties"]
                 | unset("text", "images"),
             },
-        ]
+        )
     )
     text: str | None = Field(None, description="A text query (ranks `images`).")
     image: OptionalImage = Field(None, description="An image query (ranks `texts`). " + IMAGE_DOC)
