@@ -397,7 +397,9 @@ def schema(args, folder: Path) -> int:
         summary = [
             line for line in done.stdout.splitlines() if " generated, " in line or line.startswith("=")
         ]
-        print(done.stdout[-6000:] if done.returncode else "\n".join(summary[-2:]))
+        failures = done.stdout[done.stdout.find("=== FAILURES") :] if done.returncode else ""
+        # lines cut short: a case's base64 image would fill the screen
+        print("\n".join(line[:300] for line in failures.splitlines()) or "\n".join(summary[-2:]))
         print(f"api key {'on' if key else 'off'}: schemathesis exit code {done.returncode}")
         worst = max(worst, done.returncode)
     return worst
