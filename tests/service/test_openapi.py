@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from openapi_spec_validator import validate
-from servertools import REPO, encode, photo, start_process
+from servertools import encode, photo, start_process
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -54,14 +54,17 @@ def png_b64(name: str = "astronaut", size: int = 32) -> str:
     return base64.b64encode(encode(photo(name).resize((size, size)))).decode()
 
 
-def run_schemathesis(url: str, *extra: str, examples: int = EXAMPLES) -> subprocess.CompletedProcess:
-    """`schemathesis run` with every check, a fixed seed and the hooks that draw real images."""
+def run_schemathesis(
+    url: str, cwd: Path, *extra: str, examples: int = EXAMPLES
+) -> subprocess.CompletedProcess:
+    """`schemathesis run` with every check, a fixed seed and the hooks that draw real images (run in `cwd`,
+    where it keeps its cache)."""
     env = os.environ | {"SCHEMATHESIS_HOOKS": "schemathesis_hooks", "PYTHONPATH": str(HERE)}
     return subprocess.run(
         [str(BIN / "schemathesis"), "run", f"{url}/openapi.json", "--checks", "all", "--seed", str(SEED),
          "--max-examples", str(examples), "--workers", "1", "--request-timeout", "60", "--no-color",
          "--generation-database", "none", *extra],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+        capture_output=True, text=True, env=env, cwd=cwd, timeout=600,
     )  # fmt: skip
 
 
@@ -118,8 +121,8 @@ def test_options_answers_405_with_every_method_of_the_path(server, document):
 
 
 # -- schemathesis ------------------------------------------------------------------------------------
-def test_schemathesis_finds_nothing(server):
-    done = run_schemathesis(server)
+def test_schemathesis_finds_nothing(server, tmp_path):
+    done = run_schemathesis(server, tmp_path)
     assert "Unresolvable" not in done.stdout
     assert done.returncode == 0 and " passed" in done.stdout, report(done.stdout)
 
@@ -130,7 +133,7 @@ def test_schemathesis_finds_nothing_with_an_api_key(tmp_path):
         assert httpx.get(f"{url}/openapi.json").status_code == 401
         document = httpx.get(f"{url}/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
         assert document["paths"]["/caption"]["post"]["security"] == [{"bearer": []}]
-        done = run_schemathesis(url, "-H", f"Authorization: Bearer {KEY}", examples=EXAMPLES // 2)
+        done = run_schemathesis(url, tmp_path, "-H", f"Authorization: Bearer {KEY}", examples=EXAMPLES // 2)
     finally:
         process.kill()
         process.wait()
