@@ -44,7 +44,10 @@ class Typed(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _json_numbers(cls, data: Any) -> Any:
-        return integral_floats_as_ints(data)
+        try:
+            return integral_floats_as_ints(data)
+        except RecursionError:  # nesting deeper than Python's stack: a client's mistake (422), never a 500
+            raise ValueError("the body is nested too deep") from None
 
 
 class Strict(Typed):
