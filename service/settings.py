@@ -135,14 +135,15 @@ class Settings(BaseSettings):
     gallery_dir: str | None = Field(
         None,
         description="Folder of the persistent image gallery (/gallery routes): the image files, and the embedded "
-        "Milvus Lite database unless BLIP2_GALLERY_URI names a Milvus server. Embedded: one server process at a "
-        "time (a second is refused). Unset: the /gallery routes answer 501.",
+        "LanceDB store of its vectors unless BLIP2_GALLERY_URI names a Milvus server. Embedded: one server process "
+        "at a time (a second is refused); a gallery written by an earlier version (Milvus Lite's `milvus.db`) is "
+        "converted when opened. Unset: the /gallery routes answer 501.",
     )
     gallery_uri: str | None = Field(
         None,
         description="A Milvus server holding the gallery's vectors (`http://milvus:19530`), which several "
         "replicas may share; they must then share BLIP2_GALLERY_DIR too (the image files, for the ITM re-rank). "
-        "Unset: Milvus Lite, embedded in BLIP2_GALLERY_DIR.",
+        "Unset: LanceDB, embedded in BLIP2_GALLERY_DIR.",
     )
     gallery_token: SecretStr | None = Field(
         None, description="Token (`user:password` or an API key) for the Milvus server of BLIP2_GALLERY_URI."
@@ -150,13 +151,46 @@ class Settings(BaseSettings):
     gallery_collection: str = Field(
         "blip2_gallery",
         pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,200}$",
-        description="Name of the gallery in the vector database (galleries with different names can share one "
+        description="Name of the gallery in a Milvus server (galleries with different names can share one "
         "Milvus).",
     )
     gallery_index: Literal["FLAT", "HNSW", "IVF_FLAT", "AUTOINDEX"] = Field(
-        "FLAT",
-        description="Vector index of a new gallery (inner product over every query vector). FLAT is exact; "
-        "HNSW or AUTOINDEX suit a Milvus server with millions of images.",
+        "HNSW",
+        description="Milvus server: the vector index over each image's mean query vector, the first pass of a "
+        "search (set when the collection is created). FLAT is exact and reads every image.",
+    )
+    gallery_candidates: int = Field(
+        500,
+        ge=1,
+        le=16384,
+        description="Images the first pass of a text search returns (nearest mean query vectors, metadata filter "
+        "applied), whose exact ITC over every query vector then ranks them. A gallery of at most this many "
+        "(filtered) images is searched exactly; more candidates: higher recall, slower searches "
+        "(docs/BENCHMARKS.md).",
+    )
+    gallery_index_min_images: int = Field(
+        10000,
+        ge=256,
+        description="Embedded gallery: the size at which a background thread builds the ANN index over the mean "
+        "vectors; below it the first pass is exact (a scan of 1 kB per image).",
+    )
+    gallery_embedded_index: Literal["IVF_HNSW_SQ", "IVF_PQ", "IVF_FLAT"] = Field(
+        "IVF_HNSW_SQ", description="Embedded gallery: the kind of that ANN index (LanceDB's)."
+    )
+    gallery_nprobes: int = Field(
+        20,
+        ge=1,
+        description="IVF partitions a first pass searches (the embedded index; IVF_FLAT on a server).",
+    )
+    gallery_ef: int = Field(
+        500, ge=1, description="HNSW search breadth of a first pass (at least the number of candidates)."
+    )
+    gallery_optimize_rows: int = Field(
+        2048,
+        ge=1,
+        description="Embedded gallery: images added since the last maintenance that start the next one in the "
+        "background (compaction; new rows added to the id, sha256, tag and vector indexes). Rows not yet "
+        "indexed are searched and looked up exactly, so this bounds their cost.",
     )
     gallery_max_top_k: int = Field(
         100, ge=1, le=1000, description="Most results one /gallery/search returns."

@@ -1,0 +1,391 @@
+"""The embedded gallery store: one LanceDB table in BLIP2_GALLERY_DIR, one row per image.
+
+Why LanceDB (figures in docs/BENCHMARKS.md): a maintained engine whose every write is an atomic new version
+(data files first, then a manifest that names them), so an add that returned is on disk whole and a crash
+mid-write leaves the previous version; it opens in a fraction of a second, takes thousands of images a
+second, keeps scalar indexes (BTREE on id and sha256, LABEL_LIST on the filter tags) so an add's duplicate
+checks are look-ups by key, and an ANN index over a vector column searched with the filter applied first.
+
+A row: id, sha256, file, added_at, meta (JSON text), tags (one `key=value` per scalar metadata value: what a
+filter matches), mean (the normalised mean query vector, float32) and vectors (all query vectors, float16,
+flattened). A text search is two passes: the ANN (or, before there is an index, exact) search over `mean`
+returns C candidates (BLIP2_GALLERY_CANDIDATES), then their exact ITC from `vectors`. A gallery of at most C
+images (after the filter) is therefore searched exactly.
+
+Index rule: no vector index below BLIP2_GALLERY_INDEX_MIN_IMAGES images (an exact scan of 1 kB per image is
+cheap there, and an IVF index needs rows to train on). Once there are that many, a background thread builds
+it; after every BLIP2_GALLERY_OPTIMIZE_ROWS added rows the same thread compacts the table and adds the new
+rows to every index (LanceDB searches rows not indexed yet exactly, so results are right meanwhile). An add
+never waits for either: it commits its own version beside them.
+
+`gallery.json` names the table in use and the model whose vectors it holds; it is replaced atomically
+(rename), so creating a gallery, converting an old one and re-indexing switch at one point, and a table it
+does not name is a leftover of one that died: dropped on open.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+# Lance's Rust side logs warnings to stderr by itself (a future default of a statistic, a column it will stop
+# adding): noise for the people reading a server's output. Its errors are raised to us as exceptions anyway.
+os.environ.setdefault("LANCEDB_LOG", "error")
+os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
+
+import lancedb  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+from lancedb.index import BTree, IvfFlat, IvfHnswSq, IvfPq, LabelList  # noqa: E402
+
+from service.gallery.common import Record, Stored, best, max_sim, mean_vector  # noqa: E402
+from service.settings import Settings  # noqa: E402
+
+log = logging.getLogger("service.gallery")
+RECORD_FILE = "gallery.json"
+TABLES_DIR = "lance"
+FIELDS = ["id", "sha256", "file", "added_at", "meta"]
+VECTOR_INDEXES = {"IVF_HNSW_SQ": IvfHnswSq, "IVF_PQ": IvfPq, "IVF_FLAT": IvfFlat}
+KEEP_OLD_VERSIONS = timedelta(minutes=5)  # what a search still reading an older version may need
+
+
+def sql_text(value: str) -> str:
+    """A string as an SQL literal (quotes doubled: never spliced raw)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def filter_tag(key: str, value: Any) -> str:
+    """The tag a metadata value is found by: `key=` and the value as JSON (strings quoted, so "1" and 1 differ;
+    1 and 1.0 alike, as JSON compares them)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        value = int(value)
+    return f"{key}={json.dumps(value)}"
+
+
+def tags(metadata: dict[str, Any]) -> list[str]:
+    """The filter tags of an image's metadata: one per top-level string, number or boolean value."""
+    return [filter_tag(k, v) for k, v in metadata.items() if isinstance(v, (str, int, float, bool))]
+
+
+def tags_filter(conditions: dict[str, list[Any]] | None) -> str | None:
+    """Checked conditions (common.check_filter) -> SQL: every key matches one of its values."""
+    if not conditions:
+        return None
+    return " AND ".join(
+        "array_has_any(tags, [" + ", ".join(sql_text(filter_tag(k, v)) for v in values) + "])"
+        for k, values in conditions.items()
+    )
+
+
+def in_list(column: str, values: list[str]) -> str:
+    return f"{column} IN ({', '.join(sql_text(v) for v in values)})"
+
+
+def schema(dim: int, queries: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("sha256", pa.string(), nullable=False),
+            pa.field("file", pa.string(), nullable=False),
+            pa.field("added_at", pa.float64(), nullable=False),  # seconds since the epoch
+            pa.field("meta", pa.string(), nullable=False),
+            pa.field("tags", pa.list_(pa.string())),
+            pa.field("mean", pa.list_(pa.float32(), dim)),
+            pa.field("vectors", pa.list_(pa.float16(), queries * dim)),
+        ]
+    )
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text`, whole or not at all, and durably (file and folder synced)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    with temporary.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+class LanceStore:
+    """The gallery's records in one LanceDB table (see the module's docstring). Thread-safe: routes call it
+    from worker threads while its own thread maintains the indexes."""
+
+    engine = "lancedb"
+
+    def __init__(self, folder: Path, settings: Settings, info: dict[str, Any]) -> None:
+        self.folder, self.settings, self.info = folder, settings, info
+        self.db = lancedb.connect(folder / TABLES_DIR)
+        self.table = self.db.open_table(info["table"])
+        self._maintainer: threading.Thread | None = None
+        self._maintaining = threading.Lock()  # one maintenance run at a time
+        self._closed = False
+        self._unindexed = self._count_unindexed()
+        self._vector_index = any(index.columns == ["mean"] for index in self.table.list_indices())
+
+    # -- opening -------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, folder: Path, settings: Settings) -> LanceStore | None:
+        """The gallery in `folder`, or None when it has none yet. Tables it does not name are dropped."""
+        record = folder / RECORD_FILE
+        if not record.exists():
+            return None
+        store = cls(folder, settings, json.loads(record.read_text()))
+        store._drop_tables_but(store.info["table"])
+        store._maybe_maintain()
+        return store
+
+    @classmethod
+    def create(
+        cls, folder: Path, settings: Settings, model: dict[str, Any], publish: bool = True
+    ) -> LanceStore:
+        """A new, empty gallery for `model` ({"fingerprint", "name", "dim", "queries"}). Unpublished (publish=
+        False: a conversion fills it first), it is a leftover until `publish()`."""
+        db = lancedb.connect(folder / TABLES_DIR)
+        existing = set(db.table_names())
+        generation = 1 + max(
+            (int(n.rsplit("_", 1)[1]) for n in existing if n.startswith("images_")), default=0
+        )
+        name = f"images_{generation}"
+        table = db.create_table(name, schema=schema(model["dim"], model["queries"]))
+        # Look-ups by key from the first add on; the indexes cover new rows once maintenance adds them.
+        for column, config in (("id", BTree()), ("sha256", BTree()), ("tags", LabelList())):
+            table.create_index(column, config=config)
+        info = {
+            "format": 2,
+            "engine": cls.engine,
+            "table": name,
+            "fingerprint": model["fingerprint"],
+            "model": model["name"],
+            "dim": model["dim"],
+            "queries": model["queries"],
+            "created": time.time(),
+        }
+        store = cls(folder, settings, info)
+        if publish:
+            store.publish()
+        return store
+
+    def publish(self) -> None:
+        """Make this table the gallery (an atomic switch) and drop any other."""
+        write_atomically(self.folder / RECORD_FILE, json.dumps(self.info, indent=1))
+        self._drop_tables_but(self.info["table"])
+
+    def _drop_tables_but(self, keep: str) -> None:
+        for name in self.db.table_names():
+            if name != keep:
+                log.info(
+                    "dropping the gallery table %s, a leftover of an unfinished create or re-index", name
+                )
+                self.db.drop_table(name)
+
+    def start_rebuild(self, model: dict[str, Any]) -> LanceStore:
+        """A new, unpublished table for `model`, written while this one serves (a re-index fills it)."""
+        return self.create(self.folder, self.settings, model, publish=False)
+
+    def finish_rebuild(self, target: LanceStore) -> LanceStore:
+        """Switch the gallery to a filled rebuild (gallery.json names it) and drop this table."""
+        self.close()
+        target.publish()
+        return target
+
+    def close(self) -> None:
+        self._closed = True
+        if self._maintainer is not None:
+            self._maintainer.join()  # its commit lands, or never started: nothing half-done either way
+
+    # -- reading -------------------------------------------------------------------------------------
+    def _rows(self, where: str, columns: list[str], limit: int) -> pa.Table:
+        return self.table.search(None).where(where).select(columns).limit(limit).to_arrow()
+
+    @staticmethod
+    def _stored(row: dict[str, Any]) -> Stored:
+        return Stored(row["id"], row["sha256"], row["file"], row["added_at"], json.loads(row["meta"]))
+
+    def lookup(self, ids: list[str], hashes: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+        found_ids: dict[str, str] = {}
+        found_hashes: dict[str, str] = {}
+        if ids:
+            for row in self._rows(in_list("id", ids), ["id", "sha256"], len(ids)).to_pylist():
+                found_ids[row["id"]] = row["sha256"]
+        if hashes:
+            for row in self._rows(in_list("sha256", hashes), ["id", "sha256"], len(hashes)).to_pylist():
+                found_hashes[row["sha256"]] = row["id"]
+        return found_ids, found_hashes
+
+    def get(self, image_id: str) -> Stored | None:
+        rows = self._rows(in_list("id", [image_id]), FIELDS, 1).to_pylist()
+        return self._stored(rows[0]) if rows else None
+
+    def count(self) -> int:
+        return self.table.count_rows()
+
+    def query_vectors(self, ids: list[str]) -> dict[str, np.ndarray]:
+        if not ids:
+            return {}
+        rows = self._rows(in_list("id", ids), ["id", "vectors"], len(ids))
+        return dict(zip(rows["id"].to_pylist(), self._vectors(rows), strict=True))
+
+    def _vectors(self, rows: pa.Table) -> np.ndarray:
+        """The `vectors` column of `rows` as (rows, queries, dim) float16."""
+        flat = rows["vectors"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return flat.reshape(rows.num_rows, self.info["queries"], self.info["dim"])
+
+    def records(self, batch_size: int = 256) -> Iterator[list[Record]]:
+        for batch in self.table.search(None).select([*FIELDS, "vectors"]).to_batches(batch_size):
+            rows = pa.Table.from_batches([batch])
+            vectors = self._vectors(rows)
+            yield [
+                Record(**vars(self._stored(row)), vectors=v.astype(np.float32))
+                for row, v in zip(rows.select(FIELDS).to_pylist(), vectors, strict=True)
+            ]
+
+    # -- writing -------------------------------------------------------------------------------------
+    def _arrow(self, records: list[Record]) -> pa.Table:
+        queries, dim = self.info["queries"], self.info["dim"]
+        vectors = np.stack([np.asarray(r.vectors, dtype=np.float32) for r in records])
+        if vectors.shape[1:] != (queries, dim):
+            raise ValueError(
+                f"query vectors of shape {vectors.shape[1:]}; this gallery holds {(queries, dim)}"
+            )
+        means = np.stack([mean_vector(v) for v in vectors])
+        return pa.table(
+            {
+                "id": [r.image_id for r in records],
+                "sha256": [r.sha256 for r in records],
+                "file": [r.file for r in records],
+                "added_at": [float(r.added_at) for r in records],
+                "meta": [json.dumps(r.metadata) for r in records],
+                "tags": [tags(r.metadata) for r in records],
+                "mean": pa.FixedSizeListArray.from_arrays(pa.array(means.reshape(-1)), dim),
+                "vectors": pa.FixedSizeListArray.from_arrays(
+                    pa.array(vectors.astype(np.float16).reshape(-1)), queries * dim
+                ),
+            },
+            schema=self.table.schema,
+        )
+
+    def add(self, records: list[Record]) -> None:
+        """One commit (a new table version) for all of them."""
+        if records:
+            self.table.add(self._arrow(records))
+            self._unindexed += len(records)
+            self._maybe_maintain()
+
+    def delete(self, image_id: str) -> bool:
+        if self.get(image_id) is None:
+            return False
+        for attempt in range(5):  # a compaction committed meanwhile may conflict: the delete is tried again
+            try:
+                self.table.delete(f"id = {sql_text(image_id)}")
+                return True
+            except Exception as exc:
+                if "onflict" not in str(exc) or attempt == 4:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        return True
+
+    # -- searching -----------------------------------------------------------------------------------
+    def _first_pass(self, vector: np.ndarray, where: str | None, limit: int, columns: list[str]) -> pa.Table:
+        query = self.table.search(np.asarray(vector, dtype=np.float32), vector_column_name="mean")
+        query = query.distance_type("dot").limit(limit).select(columns)
+        if self._has_vector_index():
+            query = query.nprobes(self.settings.gallery_nprobes).ef(max(self.settings.gallery_ef, limit))
+        if where:
+            query = query.where(where, prefilter=True)
+        return query.to_arrow()
+
+    def search(
+        self, vectors: np.ndarray, k: int, conditions: dict[str, list[Any]] | None = None
+    ) -> list[tuple[Stored, float]]:
+        """Two passes: C candidates by each query vector against the mean vectors, then their exact ITC."""
+        queries = np.asarray(vectors, dtype=np.float32).reshape(-1, self.info["dim"])
+        limit, where = max(k, self.settings.gallery_candidates), tags_filter(conditions)
+        candidates: dict[str, tuple[Stored, np.ndarray]] = {}
+        for query in queries:
+            rows = self._first_pass(query, where, limit, [*FIELDS, "vectors"])
+            for row, stored_vectors in zip(rows.select(FIELDS).to_pylist(), self._vectors(rows), strict=True):
+                candidates.setdefault(row["id"], (self._stored(row), stored_vectors))
+        if not candidates:
+            return []
+        stored = [s for s, _ in candidates.values()]
+        scores = max_sim(np.stack([v for _, v in candidates.values()]), queries)
+        return best(list(zip(stored, scores.tolist(), strict=True)), k)
+
+    def similar(
+        self, vectors: np.ndarray, k: int, conditions: dict[str, list[Any]] | None = None
+    ) -> list[tuple[Stored, float]]:
+        """By the cosine of the mean vectors, exact on the candidates the index returns (a few more than k)."""
+        mean = mean_vector(vectors)
+        limit = max(k, min(4 * k, self.settings.gallery_candidates))
+        rows = self._first_pass(mean, tags_filter(conditions), limit, [*FIELDS, "mean"])
+        if rows.num_rows == 0:
+            return []
+        means = rows["mean"].combine_chunks().flatten().to_numpy().reshape(rows.num_rows, -1)
+        scored = [self._stored(row) for row in rows.select(FIELDS).to_pylist()]
+        return best(list(zip(scored, (means @ mean).tolist(), strict=True)), k)
+
+    # -- maintenance ---------------------------------------------------------------------------------
+    def _has_vector_index(self) -> bool:
+        return self._vector_index
+
+    def _count_unindexed(self) -> int:
+        try:
+            return self.table.index_stats("id_idx").num_unindexed_rows
+        except Exception:  # no such index (never expected): maintenance will make the indexes whole
+            return self.table.count_rows()
+
+    def _maybe_maintain(self) -> None:
+        """Start the background maintenance when an index is due (see the module's docstring)."""
+        if self._closed or self._maintaining.locked():
+            return
+        index_due = self.count() >= self.settings.gallery_index_min_images and not self._has_vector_index()
+        if index_due or self._unindexed >= self.settings.gallery_optimize_rows:
+            self._maintainer = threading.Thread(target=self._maintain, name="gallery-index", daemon=True)
+            self._maintaining.acquire()
+            self._maintainer.start()
+
+    def _maintain(self) -> None:
+        try:
+            started, count = time.perf_counter(), self.count()
+            if count >= self.settings.gallery_index_min_images and not self._has_vector_index():
+                config = VECTOR_INDEXES[self.settings.gallery_embedded_index](distance_type="dot")
+                self.table.create_index("mean", config=config)
+                self._vector_index = True
+                log.info(
+                    "the gallery's %s index over %d images: built in %.1f s",
+                    self.settings.gallery_embedded_index,
+                    count,
+                    time.perf_counter() - started,
+                )
+            pending = self._unindexed
+            self.table.optimize(cleanup_older_than=KEEP_OLD_VERSIONS)  # compaction, index updates, cleanup
+            self._unindexed = max(0, self._unindexed - pending)
+        except Exception as exc:  # nothing is committed by a failed run; the next add tries again
+            log.warning("gallery index maintenance failed (searches stay right, maybe slower): %s", exc)
+        finally:
+            self._maintaining.release()
+
+    def wait_for_maintenance(self) -> None:
+        """Block until a running maintenance is done (benchmarks and tests measure a settled gallery)."""
+        if self._maintainer is not None:
+            self._maintainer.join()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "engine": self.engine,
+            "location": str(self.folder / TABLES_DIR / f"{self.info['table']}.lance"),
+            "table": self.info["table"],
+            "vector_index": self.settings.gallery_embedded_index if self._has_vector_index() else None,
+        }
