@@ -140,6 +140,7 @@ def test_kill_9_mid_writes_keeps_every_acknowledged_image_whole(tmp_path):
         assert lines[-1], "the writer stopped"
     writer.kill()
     writer.wait()
+    writer.stdout.close()
     added = {i for kind, *ids in lines if kind == "added" for i in ids}
     deleted = {i for kind, *ids in lines if kind == "deleted" for i in ids}
     gallery = open_gallery(folder)
