@@ -160,12 +160,13 @@ class Settings(BaseSettings):
         "search (set when the collection is created). FLAT is exact and reads every image.",
     )
     gallery_candidates: int = Field(
-        500,
+        1000,
         ge=1,
         le=16384,
         description="Images the first pass of a text search returns (nearest mean query vectors, metadata filter "
         "applied), whose exact ITC over every query vector then ranks them. A gallery of at most this many "
-        "(filtered) images is searched exactly; more candidates: higher recall, slower searches "
+        "(filtered) images is searched exactly. Measured on the built-in model's vectors of 5,000 generated "
+        "images: recall@10 0.997 at 500, 1.000 at 1,000 (+5 ms); more: higher recall, slower searches "
         "(docs/BENCHMARKS.md).",
     )
     gallery_index_min_images: int = Field(
@@ -183,7 +184,10 @@ class Settings(BaseSettings):
         description="IVF partitions a first pass searches (the embedded index; IVF_FLAT on a server).",
     )
     gallery_ef: int = Field(
-        500, ge=1, description="HNSW search breadth of a first pass (at least the number of candidates)."
+        1000,
+        ge=1,
+        description="HNSW search breadth of a first pass (the embedded IVF_HNSW_SQ index, HNSW on a server); a "
+        "search uses at least its number of candidates.",
     )
     gallery_optimize_rows: int = Field(
         2048,

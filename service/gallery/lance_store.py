@@ -44,6 +44,7 @@ import lancedb  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 from lancedb.index import BTree, IvfFlat, IvfHnswSq, IvfPq, LabelList  # noqa: E402
+from lancedb.table import CompactionOptions  # noqa: E402
 
 from service.gallery.common import Record, Stored, best, max_sim, mean_vector  # noqa: E402
 from service.settings import Settings  # noqa: E402
@@ -53,7 +54,13 @@ RECORD_FILE = "gallery.json"
 TABLES_DIR = "lance"
 FIELDS = ["id", "sha256", "file", "added_at", "meta"]
 VECTOR_INDEXES = {"IVF_HNSW_SQ": IvfHnswSq, "IVF_PQ": IvfPq, "IVF_FLAT": IvfFlat}
-KEEP_OLD_VERSIONS = timedelta(minutes=5)  # what a search still reading an older version may need
+# What a search still reading an older version may need; files only older versions name go after that, at the
+# next maintenance (so the disk holds the live rows plus what the last minute's compaction rewrote).
+KEEP_OLD_VERSIONS = timedelta(minutes=1)
+# Compaction merges fragments smaller than this many rows (~570 MB of 32 x 256 images): a maintenance rewrites
+# the newest few fragments, never the whole table (Lance's default target, a million rows, would rewrite a
+# 16 GB fragment after every few thousand adds).
+COMPACTION = CompactionOptions(target_rows_per_fragment=32768)
 
 
 def sql_text(value: str) -> str:
@@ -385,7 +392,8 @@ class LanceStore:
                     time.perf_counter() - started,
                 )
             pending = self._unindexed
-            self.table.optimize(cleanup_older_than=KEEP_OLD_VERSIONS)  # compaction, index updates, cleanup
+            # compaction, the new rows into every index, and the files of versions older than KEEP_OLD_VERSIONS
+            self.table.optimize(cleanup_older_than=KEEP_OLD_VERSIONS, compaction_options=COMPACTION)
             self._unindexed = max(0, self._unindexed - pending)
         except Exception as exc:  # nothing is committed by a failed run; the next add tries again
             log.warning("gallery index maintenance failed (searches stay right, maybe slower): %s", exc)
