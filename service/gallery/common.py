@@ -184,19 +184,39 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+PRESELECT_MARGIN = 64  # candidates beyond k that a float16 preselection keeps for the exact scores
+
+
 def max_sim(candidates: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """The second pass: each candidate's exact ITC score, the best inner product over its query vectors
-    (candidates, queries, dim; float16 as stored) and the query's vectors (n, dim). In torch: it widens
-    float16 and multiplies 3x faster than numpy (7 ms for 500 images of 32 x 256, measured)."""
+    (candidates, queries, dim; float16 as stored) and the query's vectors (n, dim), in float32."""
     if len(candidates) == 0:
         return np.zeros(0, dtype=np.float32)
     count, per_image, dim = candidates.shape
-    flat = np.ascontiguousarray(candidates).reshape(count * per_image, dim)
-    if not flat.flags.writeable:  # a view of Arrow's buffer: torch wants memory it may write
-        flat = flat.copy()
-    flat = torch.from_numpy(flat).float()
-    scores = flat @ torch.from_numpy(np.asarray(queries, dtype=np.float32)).T  # (count * per_image, n)
-    return scores.reshape(count, -1).amax(dim=1).numpy()
+    flat = candidates.reshape(count * per_image, dim).astype(np.float32)
+    queries = np.asarray(queries, dtype=np.float32)
+    # A matrix-vector product for one text vector: numpy's matrix product with a one-column matrix is ~100x
+    # slower (measured on 2 cores).
+    scores = (flat @ queries[0])[:, None] if len(queries) == 1 else flat @ queries.T
+    return scores.reshape(count, -1).max(axis=1)
+
+
+def top_by_max_sim(candidates: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, exact scores) of the candidates that can be among the k best by max_sim. Many candidates
+    are first scored in float16 by torch's matrix-vector product, which needs no widening (0.6 ms for 1,000
+    images of 32 x 256, where widening them to float32 takes 15-30 ms, measured on 2 cores; each score within
+    ~1e-3), and only the best k + 64 of those exactly: a true top-k image is lost only if 64 others come
+    within ~1e-3 of it."""
+    keep = np.arange(len(candidates))
+    if len(candidates) > 2 * (k + PRESELECT_MARGIN):
+        count, per_image, dim = candidates.shape
+        flat = np.ascontiguousarray(candidates.reshape(count * per_image, dim))
+        flat = torch.from_numpy(flat if flat.flags.writeable else flat.copy())  # torch wants writable memory
+        half = torch.from_numpy(np.asarray(queries, dtype=np.float16).reshape(-1, dim).copy())
+        rough = torch.stack([torch.mv(flat, query) for query in half])  # (n, count * per_image)
+        best_rough = rough.float().reshape(len(half), count, per_image).amax(dim=(0, 2))
+        keep = np.sort(torch.topk(best_rough, k + PRESELECT_MARGIN).indices.numpy())
+    return keep, max_sim(candidates[keep], queries)
 
 
 def best(scored: list[tuple[Stored, float]], k: int) -> list[tuple[Stored, float]]:

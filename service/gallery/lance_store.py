@@ -46,7 +46,7 @@ import pyarrow as pa  # noqa: E402
 from lancedb.index import BTree, IvfFlat, IvfHnswSq, IvfPq, LabelList  # noqa: E402
 from lancedb.table import CompactionOptions  # noqa: E402
 
-from service.gallery.common import Record, Stored, best, max_sim, mean_vector  # noqa: E402
+from service.gallery.common import Record, Stored, best, mean_vector, top_by_max_sim  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 log = logging.getLogger("service.gallery")
@@ -339,7 +339,8 @@ class LanceStore:
             return []
         ids = np.array(rows["id"].to_pylist())
         _, first = np.unique(ids, return_index=True)  # a candidate of several query vectors, once
-        scores = max_sim(self._vectors(rows)[first], queries)
+        kept, scores = top_by_max_sim(self._vectors(rows)[first], queries, k)
+        first = first[kept]
         order = first[np.lexsort((ids[first], -scores))][:k]  # best first, ties in id order
         stored = [self._stored(row) for row in rows.select(FIELDS).take(order).to_pylist()]
         by_row = dict(zip(first.tolist(), scores.tolist(), strict=True))

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
-from service.gallery.common import GalleryError, Record, Stored, best, max_sim, mean_vector
+from service.gallery.common import GalleryError, Record, Stored, best, mean_vector, top_by_max_sim
 from service.gallery.legacy import model_of, old_records
 from service.settings import Settings
 
@@ -281,8 +281,9 @@ class MilvusStore:
                     candidates[entity["image_id"]] = (self._stored(entity), self._unpack(entity["vectors"]))
         if not candidates:
             return []
-        scores = max_sim(np.stack([v for _, v in candidates.values()]), queries)
-        return best(list(zip([s for s, _ in candidates.values()], scores.tolist(), strict=True)), k)
+        stored = [s for s, _ in candidates.values()]
+        kept, scores = top_by_max_sim(np.stack([v for _, v in candidates.values()]), queries, k)
+        return best([(stored[n], score) for n, score in zip(kept.tolist(), scores.tolist(), strict=True)], k)
 
     def similar(
         self, vectors: np.ndarray, k: int, conditions: dict[str, list[Any]] | None = None
