@@ -51,6 +51,7 @@ INDEXER_SETTINGS = (
     "gallery_index_min_images",
     "gallery_embedded_index",
     "gallery_optimize_rows",
+    "gallery_index_max_segments",
     "retrieval_model",
     "model",
     "device",

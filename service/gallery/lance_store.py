@@ -14,9 +14,11 @@ images (after the filter) is therefore searched exactly.
 
 Index rule: no vector index below BLIP2_GALLERY_INDEX_MIN_IMAGES images (an exact scan of 1 kB per image is
 cheap there, and an IVF index needs rows to train on). Once there are that many, a background thread builds
-it; after every BLIP2_GALLERY_OPTIMIZE_ROWS added rows the same thread compacts the table and adds the new
-rows to every index (LanceDB searches rows not indexed yet exactly, so results are right meanwhile). An add
-never waits for either: it commits its own version beside them.
+it. Once the rows added since are BLIP2_GALLERY_OPTIMIZE_ROWS and 5% of the gallery, the same thread compacts
+the table and adds them to every index; the ANN index takes them as one more segment, which each search walks,
+so past BLIP2_GALLERY_INDEX_MAX_SEGMENTS segments it is rebuilt as one. LanceDB searches rows not indexed yet
+exactly, so results are right meanwhile. An add never waits for any of this: it commits its own version
+beside them.
 
 `gallery.json` names the table in use and the model whose vectors it holds; it is replaced atomically
 (rename), so creating a gallery, converting an old one and re-indexing switch at one point, and a table it
@@ -61,6 +63,7 @@ KEEP_OLD_VERSIONS = timedelta(minutes=1)
 # the newest few fragments, never the whole table (Lance's default target, a million rows, would rewrite a
 # 16 GB fragment after every few thousand adds).
 COMPACTION = CompactionOptions(target_rows_per_fragment=32768)
+GROWTH_PER_MAINTENANCE = 0.05  # maintenance once the rows not yet indexed are 5% of the gallery
 
 
 def sql_text(value: str) -> str:
@@ -370,36 +373,51 @@ class LanceStore:
             return self.table.count_rows()
 
     def _maybe_maintain(self) -> None:
-        """Start the background maintenance when an index is due (see the module's docstring)."""
+        """Start the background maintenance when it is due (see the module's docstring)."""
         if self._closed or self._maintaining.locked():
             return
-        index_due = self.count() >= self.settings.gallery_index_min_images and not self._has_vector_index()
-        if index_due or self._unindexed >= self.settings.gallery_optimize_rows:
+        count = self.count()
+        index_due = count >= self.settings.gallery_index_min_images and not self._has_vector_index()
+        # A maintenance adds the new rows to the ANN index as one more segment, which every search then walks:
+        # so not after a fixed number of rows but after a share of the gallery (a few segments per doubling).
+        rows_due = max(self.settings.gallery_optimize_rows, int(count * GROWTH_PER_MAINTENANCE))
+        if index_due or self._unindexed >= rows_due:
             self._maintainer = threading.Thread(target=self._maintain, name="gallery-index", daemon=True)
             self._maintaining.acquire()
             self._maintainer.start()
 
     def _maintain(self) -> None:
         try:
-            started, count = time.perf_counter(), self.count()
-            if count >= self.settings.gallery_index_min_images and not self._has_vector_index():
-                config = VECTOR_INDEXES[self.settings.gallery_embedded_index](distance_type="dot")
-                self.table.create_index("mean", config=config)
-                self._vector_index = True
-                log.info(
-                    "the gallery's %s index over %d images: built in %.1f s",
-                    self.settings.gallery_embedded_index,
-                    count,
-                    time.perf_counter() - started,
-                )
             pending = self._unindexed
             # compaction, the new rows into every index, and the files of versions older than KEEP_OLD_VERSIONS
             self.table.optimize(cleanup_older_than=KEEP_OLD_VERSIONS, compaction_options=COMPACTION)
             self._unindexed = max(0, self._unindexed - pending)
+            count = self.count()
+            if count >= self.settings.gallery_index_min_images and (
+                not self._has_vector_index()
+                or self._vector_segments() > self.settings.gallery_index_max_segments
+            ):
+                self._build_vector_index(count)
         except Exception as exc:  # nothing is committed by a failed run; the next add tries again
             log.warning("gallery index maintenance failed (searches stay right, maybe slower): %s", exc)
         finally:
             self._maintaining.release()
+
+    def _vector_segments(self) -> int:
+        return self.table.index_stats("mean_idx").num_indices
+
+    def _build_vector_index(self, count: int) -> None:
+        """(Re)build the ANN index over every row as one segment; searches use the old one until it commits."""
+        started = time.perf_counter()
+        config = VECTOR_INDEXES[self.settings.gallery_embedded_index](distance_type="dot")
+        self.table.create_index("mean", config=config, replace=True)
+        self._vector_index = True
+        log.info(
+            "the gallery's %s index over %d images: built in %.1f s",
+            self.settings.gallery_embedded_index,
+            count,
+            time.perf_counter() - started,
+        )
 
     def wait_for_maintenance(self) -> None:
         """Block until a running maintenance is done (benchmarks and tests measure a settled gallery)."""

@@ -109,6 +109,29 @@ def test_lookups_are_by_key_and_the_index_is_built_in_the_background(tmp_path):
     gallery.close()
 
 
+def test_the_ann_index_is_rebuilt_before_its_segments_pile_up(tmp_path):
+    """Every maintenance adds its rows to the ANN index as a segment that each search walks: past
+    gallery_index_max_segments the background thread rebuilds it as one."""
+    gallery = open_gallery(
+        tmp_path / "g", gallery_index_min_images=256, gallery_optimize_rows=16, gallery_index_max_segments=2
+    )
+    added = images(480)
+    segments = []
+    for start in range(0, len(added), 16):
+        gallery.add(added[start : start + 16])
+        gallery.store.wait_for_maintenance()
+        if gallery.describe()["vector_index"]:
+            segments.append(gallery.store._vector_segments())
+    query = unit(np.random.default_rng(3).normal(size=(1, DIM)))
+    found = gallery.search(query, 5)
+    gallery.close()
+    assert max(segments) <= 2 and 2 in segments, segments  # it grew to the limit, and never past it
+    truth = {image.image_id: float((image.vectors @ query.T).max()) for image in added}
+    assert [score for _, score in found] == pytest.approx(
+        sorted(truth.values(), reverse=True)[:5], abs=FLOAT16
+    )
+
+
 WRITER = """
 import sys
 from pathlib import Path
