@@ -57,11 +57,8 @@ def old_records(
         log.warning(
             "%d images of the old gallery lack query vectors and are left out", len(images) - len(whole)
         )
-    for start in range(0, len(whole), batch_size):
-        yield [
-            Record(**vars(images[i]), vectors=vectors[i].astype(np.float32))
-            for i in whole[start : start + batch_size]
-        ]
+    for start in range(0, len(whole), batch_size):  # float16, as the new stores keep them: half the memory
+        yield [Record(**vars(images[i]), vectors=vectors[i]) for i in whole[start : start + batch_size]]
 
 
 def old_collection(client: MilvusClient, name: str) -> dict[str, Any] | None:
@@ -110,6 +107,7 @@ def read_embedded(folder: Path, collection_name: str) -> tuple[dict[str, Any], l
         info = old_collection(client, collection_name)
         if info is None:
             return None
+        log.info("converting the gallery in %s (Milvus Lite, one row per query vector) to LanceDB", folder)
         client = load_old(client, info["collection"], location)
         return info, [record for batch in old_records(client, info["collection"], info) for record in batch]
     finally:
