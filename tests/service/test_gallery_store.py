@@ -140,7 +140,8 @@ from servertools import settings_for
 from test_gallery_store import MODEL, images
 from service.gallery import Gallery
 
-gallery = Gallery.open(settings_for(None, None, gallery_dir={folder!r}), MODEL)
+settings = settings_for(None, None, gallery_dir={folder!r}, gallery_optimize_rows=8)
+gallery = Gallery.open(settings, MODEL)  # compaction and index updates run between the adds
 for batch in range(1000):
     made = images(4, seed=batch, start=4 * batch)
     gallery.add(made)
@@ -152,8 +153,9 @@ for batch in range(1000):
 
 
 def test_kill_9_mid_writes_keeps_every_acknowledged_image_whole(tmp_path):
-    """A process adding and deleting without pause is killed: every add it reported is there with all its
-    vectors and its file, nothing deleted came back, and nothing is there that it did not try to add."""
+    """A process adding and deleting without pause, its maintenance compacting and indexing in the background,
+    is killed: every add it reported is there with all its vectors and its file, nothing deleted came back,
+    and nothing is there that it did not try to add."""
     folder = tmp_path / "g"
     script = WRITER.format(tests=str(Path(__file__).parent), folder=str(folder))
     writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
