@@ -52,6 +52,7 @@ INDEXER_SETTINGS = (
     "gallery_embedded_index",
     "gallery_optimize_rows",
     "gallery_index_max_segments",
+    "gallery_index_partitions",
     "retrieval_model",
     "model",
     "device",

@@ -178,6 +178,12 @@ class Settings(BaseSettings):
     gallery_embedded_index: Literal["IVF_HNSW_SQ", "IVF_PQ", "IVF_FLAT"] = Field(
         "IVF_HNSW_SQ", description="Embedded gallery: the kind of that ANN index (LanceDB's)."
     )
+    gallery_index_partitions: int | None = Field(
+        None,
+        ge=1,
+        description="Embedded gallery: IVF partitions of that index. Unset: 1 for IVF_HNSW_SQ (one HNSW graph), "
+        "LanceDB's default (about the square root of the images) for IVF_PQ and IVF_FLAT.",
+    )
     gallery_nprobes: int = Field(
         20,
         ge=1,

@@ -409,7 +409,11 @@ class LanceStore:
     def _build_vector_index(self, count: int) -> None:
         """(Re)build the ANN index over every row as one segment; searches use the old one until it commits."""
         started = time.perf_counter()
-        config = VECTOR_INDEXES[self.settings.gallery_embedded_index](distance_type="dot")
+        kind = self.settings.gallery_embedded_index
+        # One HNSW graph unless told otherwise: with IVF partitions around it a first pass probing a few of them
+        # lost candidates (bench helper: recall@10 0.867 at 100,000 images against 1.00 for one partition).
+        partitions = self.settings.gallery_index_partitions or (1 if kind == "IVF_HNSW_SQ" else None)
+        config = VECTOR_INDEXES[kind](distance_type="dot", num_partitions=partitions)
         self.table.create_index("mean", config=config, replace=True)
         self._vector_index = True
         log.info(
