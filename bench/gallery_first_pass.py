@@ -14,6 +14,8 @@ recall@10 against the exact max-sim over every image's 32 query vectors in float
   images, then the same exact re-scoring.
 - --today CHECKOUT: the gallery of that checkout (Milvus Lite 3, `service.gallery.Gallery`), fed the same
   vectors in a child process that imports that checkout's package.
+- --store CHECKOUT: that checkout's gallery store as `gallery.py --part scale` measures it (synthetic only: it
+  makes the same images and texts from the same seeds).
 
 synthetic: clustered unit vectors as `common.synthetic` makes them (the texts are random unit vectors).
 real: the first N easy-VQA images (train, then test) and 35 colour/shape phrases through a real `blip2-serve`
@@ -336,6 +338,18 @@ def today(checkout: Path, data: VectorSet, searches: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def new_store(checkout: Path, count: int, searches: int) -> dict:
+    """`gallery.py --part scale` with that checkout's package: the same synthetic images and texts as here."""
+    command = [sys.executable, str(Path(__file__).with_name("gallery.py")), "--part", "scale"]
+    command += ["--images", str(count), "--searches", str(searches)]
+    env = {"PYTHONPATH": str(checkout), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True, check=True)
+    return {
+        "method": f"the gallery store of {checkout.name}",
+        **json.loads(out.stdout.strip().splitlines()[-1]),
+    }
+
+
 def measure(data: VectorSet, args) -> dict:
     count = len(data.vectors16)
     report = {"vectors": data.source, "images": count, "texts": len(data.texts), "rows": []}
@@ -357,6 +371,9 @@ def measure(data: VectorSet, args) -> dict:
     if args.today:
         rows.append(today(Path(args.today), data, args.today_searches))
         print(json.dumps(rows[-1]), flush=True)
+    if args.store:
+        rows.append(new_store(Path(args.store), count, len(data.texts)))
+        print(json.dumps(rows[-1]), flush=True)
     return report
 
 
@@ -377,6 +394,9 @@ def main() -> None:
         "--today", help="also measure this checkout's gallery (Milvus Lite 3) on the same vectors"
     )
     parser.add_argument("--today-searches", type=int, default=10, help="searches for --today (slow at 100k)")
+    parser.add_argument(
+        "--store", help="also measure this checkout's gallery store (gallery.py --part scale), same vectors"
+    )
     parser.add_argument("--today-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()
