@@ -53,6 +53,8 @@ INDEXER_SETTINGS = (
     "gallery_optimize_rows",
     "gallery_index_max_segments",
     "gallery_index_partitions",
+    "gallery_first_pass",
+    "gallery_centroids",
     "retrieval_model",
     "model",
     "device",

@@ -169,6 +169,16 @@ class Settings(BaseSettings):
         "images: recall@10 0.997 at 500, 1.000 at 1,000 (+5 ms); more: higher recall, slower searches "
         "(docs/BENCHMARKS.md).",
     )
+    gallery_first_pass: Literal["mean", "centroids"] = Field(
+        "mean",
+        description="Embedded gallery, chosen when it is created: what a text search's first pass compares the "
+        "text with. `mean`: each image's normalised mean query vector. `centroids`: BLIP2_GALLERY_CENTROIDS "
+        "k-means centres of its query vectors per image, in a second table (+1 kB per image and centre): "
+        "fewer candidates reach the same recall.",
+    )
+    gallery_centroids: int = Field(
+        2, ge=1, le=8, description="Centres per image for BLIP2_GALLERY_FIRST_PASS=centroids."
+    )
     gallery_index_min_images: int = Field(
         10000,
         ge=256,

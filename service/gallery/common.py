@@ -74,6 +74,25 @@ def mean_vector(vectors: np.ndarray) -> np.ndarray:
     return mean / max(float(np.linalg.norm(mean)), 1e-12)
 
 
+def centroids(vectors: np.ndarray, count: int, rounds: int = 8) -> np.ndarray:
+    """`count` unit vectors per image that sum up its query vectors (images, queries, dim) better than one mean:
+    spherical k-means, every image at once. A text near any of an image's query vectors is near one of them,
+    so they find candidates a mean misses (bench helper, real vectors: 2 per image, 200 candidates, recall@10
+    0.997; the mean needed 1,000)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    images, per_image, _ = vectors.shape
+    start = np.linspace(0, per_image - 1, count).round().astype(int)  # spread over the query tokens
+    centres = vectors[:, start, :].copy()
+    for _ in range(rounds):
+        nearest = np.einsum("iqd,icd->iqc", vectors, centres).argmax(axis=2)  # (images, queries)
+        members = np.eye(count, dtype=np.float32)[nearest]  # (images, queries, count) one-hot
+        sums = np.einsum("iqc,iqd->icd", members, vectors)
+        empty = members.sum(axis=1) == 0  # a centre nothing chose keeps its place
+        centres = np.where(empty[..., None], centres, sums)
+        centres /= np.maximum(np.linalg.norm(centres, axis=2, keepdims=True), 1e-12)
+    return centres
+
+
 def content_key(data: bytes, image_id: str | None) -> tuple[str, str]:
     """(sha256 of the bytes, the image's id): an image given no id is named by its content, so adding the
     same bytes again, by the API or by `blip2-serve gallery add`, finds it."""

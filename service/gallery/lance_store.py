@@ -12,6 +12,11 @@ flattened). A text search is two passes: the ANN (or, before there is an index, 
 returns C candidates (BLIP2_GALLERY_CANDIDATES), then their exact ITC from `vectors`. A gallery of at most C
 images (after the filter) is therefore searched exactly.
 
+With BLIP2_GALLERY_FIRST_PASS=centroids (chosen when the gallery is created) the first pass searches a second
+table instead, `probes`: a few k-means centres of each image's query vectors (id, tags, probe), which find
+images whose query vectors point several ways. An add writes its centres first and its images second, a delete
+the other way round, so a crash between the two leaves only centres of no image, which searches skip.
+
 Index rule: no vector index below BLIP2_GALLERY_INDEX_MIN_IMAGES images (an exact scan of 1 kB per image is
 cheap there, and an IVF index needs rows to train on). Once there are that many, a background thread builds
 it. Once the rows added since are BLIP2_GALLERY_OPTIMIZE_ROWS and 5% of the gallery, the same thread compacts
@@ -48,7 +53,7 @@ import pyarrow as pa  # noqa: E402
 from lancedb.index import BTree, IvfFlat, IvfHnswSq, IvfPq, LabelList  # noqa: E402
 from lancedb.table import CompactionOptions  # noqa: E402
 
-from service.gallery.common import Record, Stored, best, mean_vector, top_by_max_sim  # noqa: E402
+from service.gallery.common import Record, Stored, best, centroids, mean_vector, top_by_max_sim  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 log = logging.getLogger("service.gallery")
@@ -113,6 +118,17 @@ def schema(dim: int, queries: int) -> pa.Schema:
     )
 
 
+def probe_schema(dim: int) -> pa.Schema:
+    """The centroids table (BLIP2_GALLERY_FIRST_PASS=centroids): a few rows per image, found by `probe`."""
+    return pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("tags", pa.list_(pa.string())),
+            pa.field("probe", pa.list_(pa.float32(), dim)),
+        ]
+    )
+
+
 def write_atomically(path: Path, text: str) -> None:
     """Replace `path` with `text`, whole or not at all, and durably (file and folder synced)."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
@@ -138,11 +154,17 @@ class LanceStore:
         self.folder, self.settings, self.info = folder, settings, info
         self.db = lancedb.connect(folder / TABLES_DIR)
         self.table = self.db.open_table(info["table"])
+        self.probes = self.db.open_table(info["probes"]) if info.get("probes") else None
         self._maintainer: threading.Thread | None = None
         self._maintaining = threading.Lock()  # one maintenance run at a time
         self._closed = False
         self._unindexed = self._count_unindexed()
-        self._vector_index = any(index.columns == ["mean"] for index in self.table.list_indices())
+        self._indexed = {
+            column
+            for table, column in self._searched()
+            for index in table.list_indices()
+            if index.columns == [column]
+        }
 
     # -- opening -------------------------------------------------------------------------------------
     @classmethod
@@ -152,7 +174,7 @@ class LanceStore:
         if not record.exists():
             return None
         store = cls(folder, settings, json.loads(record.read_text()))
-        store._drop_tables_but(store.info["table"])
+        store._drop_unnamed_tables()
         store._maybe_maintain()
         return store
 
@@ -164,14 +186,18 @@ class LanceStore:
         False: a conversion fills it first), it is a leftover until `publish()`."""
         db = lancedb.connect(folder / TABLES_DIR)
         existing = set(db.table_names())
-        generation = 1 + max(
-            (int(n.rsplit("_", 1)[1]) for n in existing if n.startswith("images_")), default=0
-        )
+        generation = 1 + max((int(n.rsplit("_", 1)[1]) for n in existing), default=0)
         name = f"images_{generation}"
         table = db.create_table(name, schema=schema(model["dim"], model["queries"]))
         # Look-ups by key from the first add on; the indexes cover new rows once maintenance adds them.
         for column, config in (("id", BTree()), ("sha256", BTree()), ("tags", LabelList())):
             table.create_index(column, config=config)
+        probes = {}
+        if settings.gallery_first_pass == "centroids":
+            probes = {"probes": f"probes_{generation}", "centroids": settings.gallery_centroids}
+            probe_table = db.create_table(probes["probes"], schema=probe_schema(model["dim"]))
+            for column, config in (("id", BTree()), ("tags", LabelList())):
+                probe_table.create_index(column, config=config)
         info = {
             "format": 2,
             "engine": cls.engine,
@@ -181,7 +207,7 @@ class LanceStore:
             "dim": model["dim"],
             "queries": model["queries"],
             "created": time.time(),
-        }
+        } | probes
         store = cls(folder, settings, info)
         if publish:
             store.publish()
@@ -190,11 +216,11 @@ class LanceStore:
     def publish(self) -> None:
         """Make this table the gallery (an atomic switch) and drop any other."""
         write_atomically(self.folder / RECORD_FILE, json.dumps(self.info, indent=1))
-        self._drop_tables_but(self.info["table"])
+        self._drop_unnamed_tables()
 
-    def _drop_tables_but(self, keep: str) -> None:
+    def _drop_unnamed_tables(self) -> None:
         for name in self.db.table_names():
-            if name != keep:
+            if name not in (self.info["table"], self.info.get("probes")):
                 log.info(
                     "dropping the gallery table %s, a leftover of an unfinished create or re-index", name
                 )
@@ -302,28 +328,51 @@ class LanceStore:
     def add(self, records: list[Record]) -> None:
         """One commit (a new table version) for all of them."""
         if records:
+            if self.probes is not None:  # first: a crash between the two leaves probes of no image, ignored
+                self.probes.add(self._probe_rows(records))
             self.table.add(self._arrow(records))
             self._unindexed += len(records)
             self._maybe_maintain()
 
+    def _probe_rows(self, records: list[Record]) -> pa.Table:
+        per_image = self.info["centroids"]
+        centres = centroids(np.stack([np.asarray(r.vectors, dtype=np.float32) for r in records]), per_image)
+        return pa.table(
+            {
+                "id": [r.image_id for r in records for _ in range(per_image)],
+                "tags": [tags(r.metadata) for r in records for _ in range(per_image)],
+                "probe": pa.FixedSizeListArray.from_arrays(pa.array(centres.reshape(-1)), self.info["dim"]),
+            },
+            schema=self.probes.schema,
+        )
+
     def delete(self, image_id: str) -> bool:
         if self.get(image_id) is None:
             return False
+        self._delete_from(self.table, image_id)  # the image is gone from here on
+        if self.probes is not None:  # a crash before this leaves probes of no image: ignored by searches
+            self._delete_from(self.probes, image_id)
+        return True
+
+    @staticmethod
+    def _delete_from(table: Any, image_id: str) -> None:
         for attempt in range(5):  # a compaction committed meanwhile may conflict: the delete is tried again
             try:
-                self.table.delete(f"id = {sql_text(image_id)}")
-                return True
+                table.delete(f"id = {sql_text(image_id)}")
+                return
             except Exception as exc:
                 if "onflict" not in str(exc) or attempt == 4:
                     raise
                 time.sleep(0.05 * (attempt + 1))
-        return True
 
     # -- searching -----------------------------------------------------------------------------------
-    def _first_pass(self, vector: np.ndarray, where: str | None, limit: int, columns: list[str]) -> pa.Table:
-        query = self.table.search(np.asarray(vector, dtype=np.float32), vector_column_name="mean")
+    def _first_pass(
+        self, vector: np.ndarray, where: str | None, limit: int, columns: list[str], probes: bool = False
+    ) -> pa.Table:
+        table, column = (self.probes, "probe") if probes else (self.table, "mean")
+        query = table.search(np.asarray(vector, dtype=np.float32), vector_column_name=column)
         query = query.distance_type("dot").limit(limit).select(columns)
-        if self._has_vector_index():
+        if column in self._indexed:
             query = query.nprobes(self.settings.gallery_nprobes).ef(max(self.settings.gallery_ef, limit))
         if where:
             query = query.where(where, prefilter=True)
@@ -336,8 +385,11 @@ class LanceStore:
         Only the k best become Python objects (500 candidates' rows as dicts cost more than the search)."""
         queries = np.asarray(vectors, dtype=np.float32).reshape(-1, self.info["dim"])
         limit, where = max(k, self.settings.gallery_candidates), tags_filter(conditions)
-        found = [self._first_pass(query, where, limit, [*FIELDS, "vectors"]) for query in queries]
-        rows = found[0] if len(found) == 1 else pa.concat_tables(found)
+        if self.probes is not None:
+            rows = self._by_probes(queries, where, limit)
+        else:
+            found = [self._first_pass(query, where, limit, [*FIELDS, "vectors"]) for query in queries]
+            rows = found[0] if len(found) == 1 else pa.concat_tables(found)
         if rows.num_rows == 0:
             return []
         ids = np.array(rows["id"].to_pylist())
@@ -348,6 +400,18 @@ class LanceStore:
         stored = [self._stored(row) for row in rows.select(FIELDS).take(order).to_pylist()]
         by_row = dict(zip(first.tolist(), scores.tolist(), strict=True))
         return [(item, by_row[row]) for item, row in zip(stored, order.tolist(), strict=True)]
+
+    def _by_probes(self, queries: np.ndarray, where: str | None, limit: int) -> pa.Table:
+        """The rows of the `limit` images whose centres come nearest the query vectors (each image has
+        `centroids` of them, so that many times the rows are asked for)."""
+        ids: dict[str, None] = {}  # in order of their best centre
+        for query in queries:
+            rows = self._first_pass(query, where, limit * self.info["centroids"], ["id"], probes=True)
+            ids.update(dict.fromkeys(rows["id"].to_pylist()))
+        chosen = list(ids)[: limit * len(queries)]
+        if not chosen:
+            return self.table.schema.empty_table()
+        return self._rows(in_list("id", chosen), [*FIELDS, "vectors"], len(chosen))
 
     def similar(
         self, vectors: np.ndarray, k: int, conditions: dict[str, list[Any]] | None = None
@@ -364,7 +428,11 @@ class LanceStore:
 
     # -- maintenance ---------------------------------------------------------------------------------
     def _has_vector_index(self) -> bool:
-        return self._vector_index
+        return "mean" in self._indexed
+
+    def _searched(self) -> list[tuple[Any, str]]:
+        """(table, vector column) of each table with an ANN index: the images', and the centres' if any."""
+        return [(self.table, "mean")] + ([(self.probes, "probe")] if self.probes is not None else [])
 
     def _count_unindexed(self) -> int:
         try:
@@ -389,15 +457,17 @@ class LanceStore:
     def _maintain(self) -> None:
         try:
             pending = self._unindexed
-            # compaction, the new rows into every index, and the files of versions older than KEEP_OLD_VERSIONS
-            self.table.optimize(cleanup_older_than=KEEP_OLD_VERSIONS, compaction_options=COMPACTION)
+            for table, column in self._searched():
+                # compaction, the new rows into every index, the files of versions older than KEEP_OLD_VERSIONS
+                table.optimize(cleanup_older_than=KEEP_OLD_VERSIONS, compaction_options=COMPACTION)
+                count = self.count()
+                if count >= self.settings.gallery_index_min_images and (
+                    column not in self._indexed
+                    or table.index_stats(f"{column}_idx").num_indices
+                    > self.settings.gallery_index_max_segments
+                ):
+                    self._build_vector_index(table, column, count)
             self._unindexed = max(0, self._unindexed - pending)
-            count = self.count()
-            if count >= self.settings.gallery_index_min_images and (
-                not self._has_vector_index()
-                or self._vector_segments() > self.settings.gallery_index_max_segments
-            ):
-                self._build_vector_index(count)
         except Exception as exc:  # nothing is committed by a failed run; the next add tries again
             log.warning("gallery index maintenance failed (searches stay right, maybe slower): %s", exc)
         finally:
@@ -406,7 +476,7 @@ class LanceStore:
     def _vector_segments(self) -> int:
         return self.table.index_stats("mean_idx").num_indices
 
-    def _build_vector_index(self, count: int) -> None:
+    def _build_vector_index(self, table: Any, column: str, count: int) -> None:
         """(Re)build the ANN index over every row as one segment; searches use the old one until it commits."""
         started = time.perf_counter()
         kind = self.settings.gallery_embedded_index
@@ -414,11 +484,12 @@ class LanceStore:
         # lost candidates (bench helper: recall@10 0.867 at 100,000 images against 1.00 for one partition).
         partitions = self.settings.gallery_index_partitions or (1 if kind == "IVF_HNSW_SQ" else None)
         config = VECTOR_INDEXES[kind](distance_type="dot", num_partitions=partitions)
-        self.table.create_index("mean", config=config, replace=True)
-        self._vector_index = True
+        table.create_index(column, config=config, replace=True)
+        self._indexed.add(column)
         log.info(
-            "the gallery's %s index over %d images: built in %.1f s",
+            "the gallery's %s index on %s over %d images: built in %.1f s",
             self.settings.gallery_embedded_index,
+            column,
             count,
             time.perf_counter() - started,
         )
@@ -434,4 +505,5 @@ class LanceStore:
             "location": str(self.folder / TABLES_DIR / f"{self.info['table']}.lance"),
             "table": self.info["table"],
             "vector_index": self.settings.gallery_embedded_index if self._has_vector_index() else None,
+            "first_pass": "centroids" if self.probes is not None else "mean",
         }

@@ -50,13 +50,17 @@ def open_gallery(folder: Path, **settings) -> Gallery:
     return Gallery.open(settings_for(None, None, gallery_dir=str(folder), **settings), MODEL)
 
 
-def test_a_gallery_no_bigger_than_the_candidates_is_searched_exactly(tmp_path):
+FIRST_PASSES = ["mean", "centroids"]
+
+
+@pytest.mark.parametrize("first_pass", FIRST_PASSES)
+def test_a_gallery_no_bigger_than_the_candidates_is_searched_exactly(tmp_path, first_pass):
     added = images(300)
-    gallery = open_gallery(tmp_path / "g", gallery_candidates=300)
+    gallery = open_gallery(tmp_path / "g", gallery_candidates=300, gallery_first_pass=first_pass)
     gallery.add(added)
     query = unit(np.random.default_rng(7).normal(size=(1, DIM)))
     found = gallery.search(query, 10)
-    few = open_gallery(tmp_path / "few", gallery_candidates=20)
+    few = open_gallery(tmp_path / "few", gallery_candidates=20, gallery_first_pass=first_pass)
     few.add(added)
     approximate = few.search(query, 10)
     gallery.close()
@@ -70,11 +74,12 @@ def test_a_gallery_no_bigger_than_the_candidates_is_searched_exactly(tmp_path):
     assert all(score == pytest.approx(truth[s.image_id], abs=FLOAT16) for s, score in approximate)
 
 
-def test_the_filter_is_applied_in_the_first_pass(tmp_path):
+@pytest.mark.parametrize("first_pass", FIRST_PASSES)
+def test_the_filter_is_applied_in_the_first_pass(tmp_path, first_pass):
     """Ten candidates of 300 images hold about two north ones: filtered after the first pass, a page of ten
     north images would come back nearly empty. In the first pass, it is full, and right."""
     added = images(300)
-    gallery = open_gallery(tmp_path / "g", gallery_candidates=10)
+    gallery = open_gallery(tmp_path / "g", gallery_candidates=10, gallery_first_pass=first_pass)
     gallery.add(added)
     query = unit(np.random.default_rng(8).normal(size=(1, DIM)))
     found = gallery.search(query, 10, {"shop": ["north"]})
@@ -130,6 +135,34 @@ def test_the_ann_index_is_rebuilt_before_its_segments_pile_up(tmp_path):
     assert [score for _, score in found] == pytest.approx(
         sorted(truth.values(), reverse=True)[:5], abs=FLOAT16
     )
+
+
+def test_centroids_find_what_a_mean_misses_and_go_with_their_image(tmp_path):
+    """An image half of whose query vectors point along a text and half away from it: its mean points away
+    from the text more than the means of the 25 images of the text's cluster, so a first pass of 5 by the
+    mean misses it, though its ITC is the best; one of its centres points along the text. Deleting the image
+    deletes its centres; the ANN index is built over them too."""
+    text = unit(np.random.default_rng(0).normal(size=(12, DIM)))[:1]  # the centre of images()' first cluster
+    rng = np.random.default_rng(4)
+    away = unit(rng.normal(size=(1, DIM)))
+    away = unit(away - (float((away @ text.T)[0, 0]) + 0.3) * text)  # cosine about -0.3 with the text
+    split = unit(
+        np.repeat(np.concatenate([text, away]), QUERIES // 2, axis=0) + 0.02 * rng.normal(size=(QUERIES, DIM))
+    )
+    target = NewImage("split", content_key(b"split", None)[0], b"split", {}, split)
+    settings = dict(gallery_candidates=5, gallery_index_min_images=256, gallery_optimize_rows=64)
+    found = {}
+    for first_pass in FIRST_PASSES:
+        gallery = open_gallery(tmp_path / first_pass, gallery_first_pass=first_pass, **settings)
+        gallery.add([*images(300), target])
+        gallery.store.wait_for_maintenance()
+        found[first_pass] = [s.image_id for s, _ in gallery.search(text, 5)]
+        if first_pass == "centroids":
+            assert gallery.describe()["first_pass"] == "centroids" and "probe" in gallery.store._indexed
+            assert gallery.delete("split") and gallery.store.probes.count_rows("id = 'split'") == 0
+            assert "split" not in [s.image_id for s, _ in gallery.search(text, 5)]
+        gallery.close()
+    assert found["centroids"][0] == "split" and "split" not in found["mean"], found
 
 
 WRITER = """
