@@ -3,6 +3,7 @@
     python bench/gallery.py --part quality          # easy-VQA's 1,000 test images through a real blip2-serve
     python bench/gallery.py --part scale --images 1000,10000,100000   # synthetic vectors, in-process Gallery
     python bench/gallery.py --part by-image [--revision HEAD~1]   # search by image: precision@5, 400 images
+    python bench/gallery.py --part growth --growth 1000,16000       # HTTP, built-in model, real-vector recall
 
 quality: a `blip2-serve` with the packaged retrieval model and a fresh gallery indexes the 1,000 easy-VQA test
 images (POST /gallery/images; indexing speed one image per request, 16 clients one image each, and 16 images
@@ -19,9 +20,16 @@ the query itself, and how far apart the ranking's scores lie (`relevance` where 
 `itc_score`): the spread between the 1st and the 5th of those 5, median over the queries.
 
 scale: N images of 32 synthetic unit query vectors (256-d, correlated within an image as BLIP-2's are) go into
-a Gallery (Milvus Lite in a temporary folder) by the same code the server runs; 30 random unit "text"
-vectors are searched (k=10): recall@10 against the brute-force max-over-query-vectors ranking of the same
-vectors, latency p50/p99, insert speed, disk and resident memory per image.
+the gallery's store (vectors given, 1,024 per add, its background maintenance running as in a server); then a
+fresh process opens it (open time), searches 30 random unit "text" vectors (k=10: recall@10 against the exact
+max-over-query-vectors ranking of the float32 vectors, latency p50/p99), adds 16 new images ten times
+(look-ups, files, commit; no embedding) and reports its resident memory; disk per image. The store is the one
+of the `service` package imported (PYTHONPATH = a checkout of the commit to measure).
+
+growth: a `blip2-serve` with the packaged retrieval model grows a fresh gallery of generated shape images from
+the first size to the second through POST /gallery/images (16 per request); at each size, text searches
+(itm_top_k 0) and 16-image adds are timed, and the gallery's ranking is compared with the exact max over each
+image's query vectors from POST /embed (return_query_embeddings): recall@10, ties within 1e-4 equal.
 """
 
 from __future__ import annotations
