@@ -15,9 +15,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "service" / "default_model"
@@ -181,3 +183,42 @@ def percentile(values: list[float], q: float) -> float:
 
 def now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+# -- vectors of a gallery: synthetic ones and the exact max-sim ranking they are judged against -----------
+QUERIES, DIM = 32, 256  # BLIP-2's query vectors per image and the ITC space
+
+
+def synthetic(rng: np.random.Generator, count: int) -> np.ndarray:
+    """(count, 32, 256) unit vectors; an image's 32 share a direction, as BLIP-2's query vectors do."""
+    centre = rng.normal(size=(count, 1, DIM)).astype(np.float32)
+    vectors = centre + 0.7 * rng.normal(size=(count, QUERIES, DIM)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
+
+
+def synthetic_texts(count: int) -> np.ndarray:
+    """(count, 256) random unit "text" vectors, the same in every benchmark (seed 1)."""
+    texts = np.random.default_rng(1).normal(size=(count, DIM)).astype(np.float32)
+    return texts / np.linalg.norm(texts, axis=1, keepdims=True)
+
+
+def synthetic_gallery(count: int, batch: int = 256) -> Iterator[tuple[int, np.ndarray]]:
+    """(index of the first, vectors) of `count` synthetic images in batches, the same in every benchmark."""
+    rng = np.random.default_rng(0)
+    for start in range(0, count, batch):
+        yield start, synthetic(rng, min(batch, count - start))
+
+
+def max_sim(vectors: np.ndarray, texts: np.ndarray) -> np.ndarray:
+    """(texts, images) ITC scores: the best cosine of each text with any of an image's query vectors."""
+    return np.einsum("nqd,td->tnq", vectors.astype(np.float32), texts).max(axis=2)
+
+
+def recall_at(found: list[int], exact: np.ndarray, k: int = 10, tie: float = 1e-4) -> float:
+    """Share of `found` (image indices) whose exact score reaches the k-th best exact score, ties within `tie`."""
+    kth = np.partition(exact, len(exact) - k)[len(exact) - k]
+    return sum(exact[i] >= kth - tie for i in found[:k]) / k
+
+
+def disk_bytes(folder: Path) -> int:
+    return int(subprocess.run(["du", "-sb", str(folder)], capture_output=True, text=True).stdout.split()[0])

@@ -3,6 +3,7 @@
     python bench/gallery.py --part quality          # easy-VQA's 1,000 test images through a real blip2-serve
     python bench/gallery.py --part scale --images 1000,10000,100000   # synthetic vectors, in-process Gallery
     python bench/gallery.py --part by-image [--revision HEAD~1]   # search by image: precision@5, 400 images
+    python bench/gallery.py --part growth --growth 1000,16000       # HTTP, built-in model, real-vector recall
 
 quality: a `blip2-serve` with the packaged retrieval model and a fresh gallery indexes the 1,000 easy-VQA test
 images (POST /gallery/images; indexing speed one image per request, 16 clients one image each, and 16 images
@@ -19,9 +20,16 @@ the query itself, and how far apart the ranking's scores lie (`relevance` where 
 `itc_score`): the spread between the 1st and the 5th of those 5, median over the queries.
 
 scale: N images of 32 synthetic unit query vectors (256-d, correlated within an image as BLIP-2's are) go into
-a Gallery (Milvus Lite in a temporary folder) by the same code the server runs; 30 random unit "text"
-vectors are searched (k=10): recall@10 against the brute-force max-over-query-vectors ranking of the same
-vectors, latency p50/p99, insert speed, disk and resident memory per image.
+the gallery's store (vectors given, 1,024 per add, its background maintenance running as in a server); then a
+fresh process opens it (open time), searches 30 random unit "text" vectors (k=10: recall@10 against the exact
+max-over-query-vectors ranking of the float32 vectors, latency p50/p99), adds 16 new images ten times
+(look-ups, files, commit; no embedding) and reports its resident memory; disk per image. The store is the one
+of the `service` package imported (PYTHONPATH = a checkout of the commit to measure).
+
+growth: a `blip2-serve` with the packaged retrieval model grows a fresh gallery of generated shape images from
+the first size to the second through POST /gallery/images (16 per request); at each size, text searches
+(itm_top_k 0) and 16-image adds are timed, and the gallery's ranking is compared with the exact max over each
+image's query vectors from POST /embed (return_query_embeddings): recall@10, ties within 1e-4 equal.
 """
 
 from __future__ import annotations
@@ -41,9 +49,24 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_MODEL, Server, checkout, machine, now, percentile, png_b64, rss_bytes  # noqa: E402
-
-QUERIES, DIM = 32, 256
+from common import (  # noqa: E402
+    DEFAULT_MODEL,
+    DIM,
+    QUERIES,
+    Server,
+    checkout,
+    disk_bytes,
+    machine,
+    max_sim,
+    now,
+    percentile,
+    png_b64,
+    recall_at,
+    rss_bytes,
+    synthetic,
+    synthetic_gallery,
+    synthetic_texts,
+)
 
 
 # -- quality through the server ---------------------------------------------------------------------
@@ -158,77 +181,228 @@ def by_image(args) -> dict:
     return report
 
 
+# -- growth and real-vector recall through the server ------------------------------------------------
+def shape_images(count: int, seed: int = 0) -> list[tuple[bytes, str, str]]:
+    """`count` distinct 64x64 PNGs of one coloured shape (a third) or two (a small second one pasted on the
+    first's canvas), as (PNG bytes, colour, shape) of the main shape."""
+    import io
+    import random
+
+    from recipes.shapes import COLOURS, SHAPES, draw_shape
+
+    rng, seen, images = random.Random(seed), set(), []
+    while len(images) < count:
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        image = draw_shape(colour, shape, rng)
+        if rng.random() < 2 / 3:
+            second = draw_shape(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng, size=28)
+            mask = second.convert("L").point(lambda v: 255 if v < 250 else 0)
+            image.paste(second, (rng.randint(0, 36), rng.randint(0, 36)), mask)
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        if buffer.getvalue() not in seen:
+            seen.add(buffer.getvalue())
+            images.append((buffer.getvalue(), colour, shape))
+    return images
+
+
+def growth(args) -> dict:
+    """A gallery grown from `small` to `big` images through the HTTP API with the built-in model: search and
+    16-image add latency at both sizes, and recall@10 of the gallery's ITC ranking (itm_top_k 0) against the
+    exact max over every image's query vectors from /embed (return_query_embeddings), ties within 1e-4."""
+    from recipes.shapes import COLOURS, SHAPES
+
+    small, big = map(int, args.growth.split(","))
+    images = shape_images(big + 16 * args.adds * 2)
+    phrases = [f"a {c} {s}" for c in COLOURS for s in SHAPES] + [f"a {c} shape" for c in COLOURS]
+    phrases += [f"a {s}" for s in SHAPES]
+    folder = Path(tempfile.mkdtemp(prefix="gallery-growth-", dir=args.folder))
+    env = {
+        "BLIP2_RETRIEVAL_MODEL": str(DEFAULT_MODEL / "stage1"),
+        "BLIP2_GALLERY_DIR": str(folder),
+        "BLIP2_MAX_BATCH_SIZE": "32",
+        "BLIP2_VISION_CACHE_SIZE": "0",
+    }
+    report: dict = {
+        "model": "default_model (service/default_model/stage1)",
+        "phrases": len(phrases),
+        "sizes": [],
+    }
+    with Server(env) as server, httpx.Client(base_url=server.url, timeout=300) as client:
+
+        def embed(body: dict) -> dict:
+            response = client.post("/embed", json=body)
+            response.raise_for_status()
+            return response.json()
+
+        texts = np.array(embed({"texts": phrases})["text_embeddings"], np.float32)
+        vectors: dict[str, np.ndarray] = {}  # gallery id -> the image's query vectors from /embed
+        spare = images[big:]
+
+        def fill(upto: int) -> None:
+            for start in range(len(vectors), upto, 16):
+                batch = images[start : min(start + 16, upto)]
+                body = {"images": [png_b64(b) for b, _, _ in batch], "return_query_embeddings": True}
+                queries = embed(body)["image_query_embeddings"]
+                vectors.update(zip(post_images(client, batch), np.array(queries, np.float32), strict=True))
+
+        for size in (small, big):
+            fill(size)
+            time.sleep(args.settle)  # the store's background index build and compaction, as after a bulk load
+            searches, adds, recalls = [], [], []
+            ids = list(vectors)
+            stacked = np.stack([vectors[i] for i in ids])
+            exact = max_sim(stacked, texts)
+            position = {image_id: n for n, image_id in enumerate(ids)}
+            for _ in range(args.rounds):
+                for phrase, row in zip(phrases, exact, strict=True):
+                    started = time.perf_counter()
+                    response = client.post(
+                        "/gallery/search", json={"text": phrase, "top_k": 10, "itm_top_k": 0}
+                    )
+                    searches.append(time.perf_counter() - started)
+                    response.raise_for_status()
+                    recalls.append(recall_at([position[r["id"]] for r in response.json()["results"]], row))
+            for _ in range(args.adds):  # 16 new images per add (embedding included), removed again after
+                batch, spare = spare[:16], spare[16:]
+                started = time.perf_counter()
+                added = post_images(client, batch)
+                adds.append(time.perf_counter() - started)
+                for image_id in added:
+                    client.delete(f"/gallery/images/{image_id}").raise_for_status()
+            report["sizes"].append(
+                {
+                    "images": size,
+                    "text search ms p50 (itm_top_k 0)": round(1000 * percentile(searches, 50), 1),
+                    "16-image add ms p50 (embedding included)": round(1000 * percentile(adds, 50), 1),
+                    "recall@10 vs exact max over /embed query vectors": round(statistics.fmean(recalls), 4),
+                    "gallery": client.get("/gallery").json(),
+                }
+            )
+            print(json.dumps(report["sizes"][-1]), flush=True)
+    first, last = report["sizes"]
+    for key in ("text search ms p50 (itm_top_k 0)", "16-image add ms p50 (embedding included)"):
+        report[f"{key}: {big} / {small}"] = round(last[key] / first[key], 2)
+    shutil.rmtree(folder, ignore_errors=True)
+    return report
+
+
 # -- recall and cost at scale, synthetic vectors ----------------------------------------------------
-def synthetic(rng: np.random.Generator, count: int) -> np.ndarray:
-    """(count, 32, 256) unit vectors; an image's 32 share a direction, as BLIP-2's query vectors do."""
-    centre = rng.normal(size=(count, 1, DIM)).astype(np.float32)
-    vectors = centre + 0.7 * rng.normal(size=(count, QUERIES, DIM)).astype(np.float32)
-    return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
+MODEL = {"fingerprint": "synthetic", "name": "synthetic", "dim": DIM, "queries": QUERIES}
 
 
-def disk_bytes(folder: Path) -> int:
-    return int(subprocess.run(["du", "-sb", str(folder)], capture_output=True, text=True).stdout.split()[0])
+def scale(count: int, args) -> dict:
+    """Build a gallery of `count` synthetic images through the store (vectors given), then measure it opened
+    afresh in a child process; recall against the exact max-sim of the float32 vectors, computed here."""
+    from service.gallery import Gallery, Record
+    from service.settings import Settings
+
+    folder = Path(tempfile.mkdtemp(prefix=f"gallery-{count}-", dir=args.folder))
+    texts = synthetic_texts(args.searches)
+    exact = np.empty((args.searches, count), np.float32)
+    gallery = Gallery.open(Settings(gallery_dir=str(folder)), MODEL)
+    batch, insert_s = [], 0.0
+    for start, part in synthetic_gallery(count):
+        exact[:, start : start + len(part)] = max_sim(part, texts)
+        batch += [Record(f"{start + n}", f"{start + n:064x}", "", 0.0, {}, v) for n, v in enumerate(part)]
+        if len(batch) >= 1024 or start + len(part) == count:
+            started = time.perf_counter()
+            gallery.store.add(batch)  # one commit per 1,024 images, as bulk indexing makes them
+            insert_s += time.perf_counter() - started
+            batch = []
+    # The index and the compaction run in the store's own thread; wait until they cover every row (a benchmark
+    # calls the store's maintenance directly when the last add came while one was running).
+    started = time.perf_counter()
+    gallery.store.wait_for_maintenance()
+    gallery.store._maybe_maintain()
+    gallery.store.wait_for_maintenance()
+    settle_s = time.perf_counter() - started
+    described = gallery.describe()
+    gallery.close()
+    command = [sys.executable, __file__, "--part", "scale-open", "--folder", str(folder)]
+    command += ["--searches", str(args.searches)]
+    opened = json.loads(
+        subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+    )
+    recalls = [
+        recall_at([int(i) for i in found], row) for found, row in zip(opened.pop("found"), exact, strict=True)
+    ]
+    report = {
+        "images": count,
+        "store": described,
+        "insert images/s (vectors given, 1,024 per add)": round(count / insert_s),
+        "index + compaction after the last add s": round(settle_s, 1),
+        **opened,
+        "recall@10": round(statistics.fmean(recalls), 4),
+        "disk bytes/image": round(disk_bytes(folder) / count),
+    }
+    if not args.keep:
+        shutil.rmtree(folder, ignore_errors=True)
+    return report
 
 
-def scale(count: int, index: str, searches: int) -> dict:
+def scale_open(args) -> dict:
+    """In a fresh process: open the gallery, search, add 16 images ten times; time and memory."""
     from service.gallery import Gallery, NewImage
     from service.settings import Settings
 
-    folder = Path(tempfile.mkdtemp(prefix=f"gallery-{count}-"))
-    settings = Settings(gallery_dir=str(folder), gallery_index=index)
-    model = {"fingerprint": "synthetic", "name": "synthetic", "dim": DIM, "queries": QUERIES}
-    rng = np.random.default_rng(0)
     rss_before = rss_bytes()
-    gallery = Gallery.open(settings, model)
-    vectors = np.empty((count, QUERIES, DIM), np.float32)
     started = time.perf_counter()
-    # The gallery's own rows, one insert per 256 images and a flush per 10,000, without the duplicate look-up
-    # each add makes (at 100k images Milvus Lite takes seconds per look-up; adds are timed by --part quality).
-    for start in range(0, count, 256):
-        part = synthetic(rng, min(256, count - start))
-        vectors[start : start + len(part)] = part
-        images = [NewImage(f"{start + n}", f"{start + n:064x}", b"", {}, v) for n, v in enumerate(part)]
-        gallery.client.insert(gallery.name, [row for i in images for row in gallery._rows(i, "", 0)])
-        if (start + 256) % 10240 == 0 or start + 256 >= count:
-            gallery.client.flush(gallery.name)
-    insert_s = time.perf_counter() - started
-    texts = rng.normal(size=(searches, DIM)).astype(np.float32)
-    texts /= np.linalg.norm(texts, axis=1, keepdims=True)
-    recalls, latencies = [], []
-    gallery.search(texts[:1], 10)  # the first search loads what the engine keeps lazily
+    gallery = Gallery.open(Settings(gallery_dir=str(args.folder)), MODEL)
+    open_s = time.perf_counter() - started
+    texts, latencies, found = synthetic_texts(args.searches), [], []
+    gallery.search(texts[:1], 10)
     for text in texts:
         started = time.perf_counter()
-        found = gallery.search(text[None], 10)
+        results = gallery.search(text[None], 10)
         latencies.append(time.perf_counter() - started)
-        exact = np.argsort(-(vectors @ text).max(axis=1), kind="stable")[:10]
-        recalls.append(len({s.image_id for s, _ in found} & {str(i) for i in exact}) / 10)
-    report = {
-        "images": count,
-        "index": index,
-        "insert images/s": round(count / insert_s, 1),
-        "recall@10": statistics.fmean(recalls),
+        found.append([stored.image_id for stored, _ in results])
+    rss_search = rss_bytes()
+    rng, adds = np.random.default_rng(2), []
+    for round_ in range(10):  # 16 new images per add: look-ups by id and content, files, one commit
+        vectors = synthetic(rng, 16)
+        images = [
+            NewImage(f"new-{round_}-{n}", f"f{round_:031x}{n:032x}", b"%d-%d" % (round_, n), {}, v)
+            for n, v in enumerate(vectors)
+        ]
+        started = time.perf_counter()
+        assert set(gallery.add(images).values()) == {"added"}
+        adds.append(time.perf_counter() - started)
+    gallery.close()
+    return {
+        "open s": round(open_s, 2),
         "search ms p50": round(1000 * percentile(latencies, 50), 1),
         "search ms p99": round(1000 * percentile(latencies, 99), 1),
-        "disk bytes/image": round(disk_bytes(folder / "milvus.db") / count),
-        "rss bytes/image": round((rss_bytes() - rss_before) / count),
+        "16-image add ms p50 (storage: look-ups, files, commit)": round(1000 * percentile(adds, 50), 1),
+        "16-image add ms max": round(1000 * max(adds), 1),
+        "RSS after open and searches MB": round(rss_search / 2**20),
+        "RSS growth by open and searches MB": round((rss_search - rss_before) / 2**20),
+        "found": found,
     }
-    gallery.close()
-    shutil.rmtree(folder, ignore_errors=True)
-    return report
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--part", choices=["quality", "by-image", "scale", "all"], default="all")
+    parser.add_argument(
+        "--part", choices=["quality", "by-image", "scale", "scale-open", "growth", "all"], default="all"
+    )
+    parser.add_argument("--growth", default="1000,16000", help="--part growth: the two gallery sizes")
+    parser.add_argument("--rounds", type=int, default=2, help="--part growth: searches per phrase per size")
+    parser.add_argument("--adds", type=int, default=10, help="--part growth: 16-image adds per size")
+    parser.add_argument("--settle", type=float, default=30, help="--part growth: seconds before measuring")
     parser.add_argument("--by-image-count", type=int, default=400, help="gallery size for --part by-image")
     parser.add_argument("--revision", help="--part by-image: serve this git revision's service package")
     parser.add_argument("--images", default="1000,10000,100000", help="gallery sizes for --part scale")
-    parser.add_argument("--index", default="FLAT", help="BLIP2_GALLERY_INDEX for --part scale")
+    parser.add_argument("--folder", type=Path, help="--part scale: make galleries under this folder")
+    parser.add_argument("--keep", action="store_true", help="--part scale: keep the galleries")
     parser.add_argument("--searches", type=int, default=30, help="searches per size for --part scale")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()
+    if args.part == "scale-open":
+        print(json.dumps(scale_open(args)))
+        return
     report = {"date": now(), "machine": machine()}
     print(json.dumps(report), flush=True)
     if args.part in ("quality", "all"):
@@ -237,10 +411,13 @@ def main() -> None:
     if args.part in ("by-image", "all"):
         report["by_image"] = by_image(args)
         print(json.dumps(report["by_image"]), flush=True)
+    if args.part in ("growth", "all"):
+        report["growth"] = growth(args)
+        print(json.dumps(report["growth"]), flush=True)
     if args.part in ("scale", "all"):
         report["scale"] = []
         for count in map(int, args.images.split(",")):
-            report["scale"].append(scale(count, args.index, args.searches))
+            report["scale"].append(scale(count, args))
             print(json.dumps(report["scale"][-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

@@ -26,7 +26,15 @@ from tqdm import tqdm
 
 from service.cli import add_settings_arguments, configure_logging
 from service.errors import ApiError
-from service.gallery import Gallery, GalleryError, NewImage, check_metadata, check_name, open_gallery
+from service.gallery import (
+    Gallery,
+    GalleryError,
+    NewImage,
+    check_metadata,
+    check_name,
+    model_description,
+    open_gallery,
+)
 from service.images import decode_image
 from service.inference import Runner
 from service.jobs import EmbedJob
@@ -40,6 +48,13 @@ INDEXER_SETTINGS = (
     "gallery_token",
     "gallery_collection",
     "gallery_index",
+    "gallery_index_min_images",
+    "gallery_embedded_index",
+    "gallery_optimize_rows",
+    "gallery_index_max_segments",
+    "gallery_index_partitions",
+    "gallery_first_pass",
+    "gallery_centroids",
     "retrieval_model",
     "model",
     "device",
@@ -167,7 +182,9 @@ def main(argv: list[str]) -> int:
     try:
         if command == "reindex":
             done = gallery.reindex(
-                lambda data: embed(runner, [decode_image(d, settings) for d in data]), batch_size
+                lambda data: embed(runner, [decode_image(d, settings) for d in data]),
+                model_description(models.retrieval.model),
+                batch_size,
             )
             summary = {"reindexed": done, "model": gallery.info["model"]}
         else:

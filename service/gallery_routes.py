@@ -5,7 +5,7 @@ ITM re-rank of a text search's best k reads those images back from disk and runs
 scores are LAVIS's, as /retrieve's are; a search by image compares mean query vectors (no ITM for image
 pairs). Every result has one `relevance` it is sorted by (schemas.RELEVANCE_DOC). An add answers image by
 image: what is wrong with one image rejects that image, named, and the rest is stored. Storage calls block
-(gRPC, disk), so they run in a thread.
+(disk, network), so they run in a thread.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from service.gallery import (
     NewImage,
     Planned,
     Stored,
+    check_filter,
     check_metadata,
     check_name,
-    metadata_filter,
 )
 from service.images import bytes_from_string, decode_image, read_upload
 from service.jobs import EmbedJob, RetrieveJob
@@ -476,8 +476,9 @@ async def search(
     gallery: GalleryDep,
     given: Annotated[Parsed[SearchRequest], parsed(SearchRequest)],
 ) -> SearchResponse:
-    """Text -> the best images: ITC over every query vector of every image, then ITM on the best. Image -> the
-    images most like it, by the cosine of mean query vectors. Sorted by `relevance`."""
+    """Text -> the best images: ITC over every query vector of the gallery's best candidates (two passes:
+    candidates by mean query vector, then the exact ITC of each), then ITM on the best. Image -> the images
+    most like it, by the cosine of mean query vectors. Sorted by `relevance`."""
     body = given.body
     image_query = body.image is not None or "image" in given.files
     if image_query == (body.text is not None):
@@ -489,26 +490,26 @@ async def search(
         raise unprocessable(f"itm_top_k: at most {settings.max_retrieve_candidates}")
     conditions = _metadata(body.filter, "filter") if body.filter is not None else {}
     try:
-        where = metadata_filter(conditions)
+        wanted = check_filter(conditions)
     except ValueError as exc:
         raise unprocessable(f"filter: {exc}") from None
     if image_query:
         out = await run_job(request, EmbedJob([await given.image()], [], query_vectors=True))
-        hits = await asyncio.to_thread(_similar, gallery, out["image_queries"][0].numpy(), body.top_k, where)
+        hits = await asyncio.to_thread(_similar, gallery, out["image_queries"][0].numpy(), body.top_k, wanted)
         return SearchResponse(model=gallery.info["model"], results=hits)
     text = check_text(settings, "text", body.text)
     vectors = (await run_job(request, EmbedJob([], [text])))["text"].numpy()
-    found = await asyncio.to_thread(gallery.search, vectors, body.top_k, where)
+    found = await asyncio.to_thread(gallery.search, vectors, body.top_k, wanted)
     hits = [Hit(id=s.image_id, relevance=itc, itc_score=itc, metadata=s.metadata) for s, itc in found]
     if itm_top_k > 0 and found:
         await _rerank(request, gallery, settings, text, found[:itm_top_k], hits)
     return SearchResponse(model=gallery.info["model"], results=hits)
 
 
-def _similar(gallery: Gallery, queries: np.ndarray, k: int, where: str) -> list[Hit]:
+def _similar(gallery: Gallery, queries: np.ndarray, k: int, wanted: dict[str, list[Any]]) -> list[Hit]:
     """Images like the query image, by mean-vector cosine; `itc_score` is still the max over query-vector
     pairs (nearly 1 for any two images of a small model: shown, not ranked by)."""
-    found = gallery.similar(queries, k, where)
+    found = gallery.similar(queries, k, wanted)
     stored = gallery.query_vectors([s.image_id for s, _ in found])
     return [
         Hit(

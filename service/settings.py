@@ -144,14 +144,15 @@ class Settings(BaseSettings):
     gallery_dir: str | None = Field(
         None,
         description="Folder of the persistent image gallery (/gallery routes): the image files, and the embedded "
-        "Milvus Lite database unless BLIP2_GALLERY_URI names a Milvus server. Embedded: one server process at a "
-        "time (a second is refused). Unset: the /gallery routes answer 501.",
+        "LanceDB store of its vectors unless BLIP2_GALLERY_URI names a Milvus server. Embedded: one server process "
+        "at a time (a second is refused); a gallery written by an earlier version (Milvus Lite's `milvus.db`) is "
+        "converted when opened. Unset: the /gallery routes answer 501.",
     )
     gallery_uri: str | None = Field(
         None,
         description="A Milvus server holding the gallery's vectors (`http://milvus:19530`), which several "
         "replicas may share; they must then share BLIP2_GALLERY_DIR too (the image files, for the ITM re-rank). "
-        "Unset: Milvus Lite, embedded in BLIP2_GALLERY_DIR.",
+        "Unset: LanceDB, embedded in BLIP2_GALLERY_DIR.",
     )
     gallery_token: SecretStr | None = Field(
         None, description="Token (`user:password` or an API key) for the Milvus server of BLIP2_GALLERY_URI."
@@ -159,13 +160,73 @@ class Settings(BaseSettings):
     gallery_collection: str = Field(
         "blip2_gallery",
         pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,200}$",
-        description="Name of the gallery in the vector database (galleries with different names can share one "
+        description="Name of the gallery in a Milvus server (galleries with different names can share one "
         "Milvus).",
     )
     gallery_index: Literal["FLAT", "HNSW", "IVF_FLAT", "AUTOINDEX"] = Field(
-        "FLAT",
-        description="Vector index of a new gallery (inner product over every query vector). FLAT is exact; "
-        "HNSW or AUTOINDEX suit a Milvus server with millions of images.",
+        "HNSW",
+        description="Milvus server: the vector index over each image's mean query vector, the first pass of a "
+        "search (set when the collection is created). FLAT is exact and reads every image.",
+    )
+    gallery_candidates: int = Field(
+        1000,
+        ge=1,
+        le=16384,
+        description="Images the first pass of a text search returns (nearest mean query vectors, metadata filter "
+        "applied), whose exact ITC over every query vector then ranks them. A gallery of at most this many "
+        "(filtered) images is searched exactly. Measured on the built-in model's vectors of 5,000 generated "
+        "images: recall@10 0.997 at 500, 1.000 at 1,000 (+5 ms); more: higher recall, slower searches "
+        "(docs/BENCHMARKS.md).",
+    )
+    gallery_first_pass: Literal["mean", "centroids"] = Field(
+        "mean",
+        description="Embedded gallery, chosen when it is created: what a text search's first pass compares the "
+        "text with. `mean`: each image's normalised mean query vector. `centroids`: BLIP2_GALLERY_CENTROIDS "
+        "k-means centres of its query vectors per image, in a second table (+1 kB per image and centre): "
+        "fewer candidates reach the same recall.",
+    )
+    gallery_centroids: int = Field(
+        2, ge=1, le=8, description="Centres per image for BLIP2_GALLERY_FIRST_PASS=centroids."
+    )
+    gallery_index_min_images: int = Field(
+        10000,
+        ge=256,
+        description="Embedded gallery: the size at which a background thread builds the ANN index over the mean "
+        "vectors; below it the first pass is exact (a scan of 1 kB per image).",
+    )
+    gallery_embedded_index: Literal["IVF_HNSW_SQ", "IVF_PQ", "IVF_FLAT"] = Field(
+        "IVF_HNSW_SQ", description="Embedded gallery: the kind of that ANN index (LanceDB's)."
+    )
+    gallery_index_partitions: int | None = Field(
+        None,
+        ge=1,
+        description="Embedded gallery: IVF partitions of that index. Unset: 1 for IVF_HNSW_SQ (one HNSW graph), "
+        "LanceDB's default (about the square root of the images) for IVF_PQ and IVF_FLAT.",
+    )
+    gallery_nprobes: int = Field(
+        20,
+        ge=1,
+        description="IVF partitions a first pass searches (the embedded index; IVF_FLAT on a server).",
+    )
+    gallery_ef: int = Field(
+        1000,
+        ge=1,
+        description="HNSW search breadth of a first pass (the embedded IVF_HNSW_SQ index, HNSW on a server); a "
+        "search uses at least its number of candidates.",
+    )
+    gallery_optimize_rows: int = Field(
+        2048,
+        ge=1,
+        description="Embedded gallery: the fewest images added since the last maintenance that start the next one "
+        "in the background (also at least 5% of the gallery): compaction, and the new rows added to the id, "
+        "sha256, tag and vector indexes. Rows not yet indexed are searched and looked up exactly meanwhile.",
+    )
+    gallery_index_max_segments: int = Field(
+        4,
+        ge=1,
+        description="Embedded gallery: each maintenance adds its rows to the ANN index as one more segment, which "
+        "every search walks; past this many the background thread rebuilds it as one (minutes at 100,000 "
+        "images on 2 cores; searches use the old index meanwhile).",
     )
     gallery_max_top_k: int = Field(
         100, ge=1, le=1000, description="Most results one /gallery/search returns."

@@ -1,13 +1,13 @@
-"""The persistent gallery against the real embedded engine (Milvus Lite in a temporary folder, no mocks): its
-routes, its ranking (ITC over every query vector, then ITM as /retrieve scores it), and what it keeps through
-crashes: kill -9 after acknowledged adds, a torn write-ahead log, a second server, another model, and a bulk
-indexer killed half-way."""
+"""The persistent gallery against the real embedded engine (LanceDB in a temporary folder, no mocks) and a
+Milvus-protocol server: its routes, its ranking (ITC over every query vector, then ITM as /retrieve scores it),
+and what it keeps through crashes: kill -9 after acknowledged adds, a second server, another model, and a bulk
+indexer killed half-way. The stores themselves (two-pass search, look-ups by key, conversion of old galleries,
+kill -9 mid-write) are tested in test_gallery_store.py."""
 
 from __future__ import annotations
 
 import io
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,7 +30,9 @@ from servertools import (
 )
 
 from service.__main__ import main as serve_main
-from service.gallery import Gallery, NewImage, content_key, metadata_filter
+from service.gallery import Gallery, NewImage, check_filter, content_key
+from service.gallery.lance_store import tags_filter
+from service.gallery.milvus_store import metadata_filter
 from service.gallery_cli import Indexer
 
 SERVE = Path(sys.executable).parent / "blip2-serve"
@@ -77,7 +79,7 @@ def test_add_get_delete(gallery_app, distinct):
     assert (
         info["count"] == before + 3
         and info["query_vectors"] == QUERIES
-        and info["storage"]["engine"] == "milvus-lite"
+        and info["storage"]["engine"] == "lancedb"
     )
     assert client.delete("/gallery/images/third").json() == {"id": "third", "deleted": True}
     assert client.get("/gallery/images/third").status_code == 404
@@ -126,8 +128,8 @@ def test_text_search_is_itc_over_every_query_vector_then_itm(gallery_app, distin
     order = [ids[i] for i in np.argsort(-itc)[:5]]
     assert {r["id"] for r in found} == set(order)
     assert [r["id"] for r in found[3:]] == [i for i in order if i not in {r["id"] for r in found[:3]}]
-    for result in found:
-        assert result["itc_score"] == pytest.approx(itc[ids.index(result["id"])], abs=1e-5)
+    for result in found:  # the gallery keeps query vectors in float16: ITC to within ~1e-4
+        assert result["itc_score"] == pytest.approx(itc[ids.index(result["id"])], abs=2e-4)
     # The best 3 by ITC are re-ranked by ITM + ITC, as /retrieve scores the same images.
     reranked = found[:3]
     assert {r["id"] for r in reranked} == set(order[:3]) and all(r["itm_score"] is not None for r in reranked)
@@ -160,10 +162,13 @@ def test_image_search_and_metadata_filter(gallery_app, distinct):
 
 
 def test_filters_never_splice_text():
-    assert metadata_filter({"q": 'a" or true or "'}) == '(meta["q"] == "a\\" or true or \\"")'
+    assert metadata_filter({"q": ['a" or true or "']}) == '(meta["q"] == "a\\" or true or \\"")'
     assert metadata_filter({"n": [1, True]}) == '(meta["n"] == 1 or meta["n"] == true)'
-    with pytest.raises(ValueError):
-        metadata_filter({'x"]': 1})
+    assert tags_filter({"q": ["a') OR true OR ('"]}) == "array_has_any(tags, ['q=\"a'') OR true OR (''\"'])"
+    assert tags_filter({"n": [1, 1.0, True]}) == "array_has_any(tags, ['n=1', 'n=1', 'n=true'])"
+    for bad in ({'x"]': 1}, {"k": [[1]]}, {"k": []}):
+        with pytest.raises(ValueError):
+            check_filter(bad)
 
 
 def test_bad_requests(gallery_app, distinct, opt8):
@@ -193,17 +198,6 @@ def small_gallery(folder: Path) -> tuple[Gallery, list[NewImage]]:
         for n in range(3)
     ]
     return Gallery.open(settings_for(None, None, gallery_dir=str(folder)), SMALL_MODEL), images
-
-
-def reopen_cut(live: Path, crashed: Path, files: list[Path], size: int) -> tuple[Gallery, dict[str, int]]:
-    """A copy of a closed gallery's folder whose `files` (relative to it) are cut to `size` bytes, as a crash
-    mid-write leaves them, reopened: the gallery and its vectors per image."""
-    shutil.copytree(live, crashed, ignore=shutil.ignore_patterns("LOCK"))
-    for name in files:
-        with (crashed / name).open("r+b") as handle:
-            handle.truncate(min(size, (crashed / name).stat().st_size))
-    gallery = Gallery.open(settings_for(None, None, gallery_dir=str(crashed)), SMALL_MODEL)
-    return gallery, gallery.vector_counts()
 
 
 def test_one_plan_for_every_kind_of_add(tmp_path):
@@ -237,70 +231,6 @@ def test_one_plan_for_every_kind_of_add(tmp_path):
         ("conflict", "other"),
         ("new", content_key(b"no id", None)[1]),
     ]
-
-
-def test_a_gallery_without_mean_vectors_gets_them_when_opened(tmp_path):
-    """Search by image compares each image's normalised mean query vector, a row of its own (query -1). A
-    gallery written before those rows existed gets them from its stored query vectors when it is opened."""
-    gallery, images = small_gallery(tmp_path / "g")
-    old_rows = [row for image in images for row in gallery._rows(image, "x", 0) if row["query"] >= 0]
-    gallery.client.insert(gallery.name, old_rows)
-    gallery.client.flush(gallery.name)
-    assert gallery.similar(images[0].vectors, 3) == []
-    gallery.close()
-    gallery = Gallery.open(settings_for(None, None, gallery_dir=str(tmp_path / "g")), SMALL_MODEL)
-    found = gallery.similar(images[0].vectors, 3)
-    counts = gallery.vector_counts()
-    gallery.close()
-    means = np.array([v.mean(axis=0) / np.linalg.norm(v.mean(axis=0)) for v in (i.vectors for i in images)])
-    expected = np.argsort(-(means @ means[0]))
-    assert [s.image_id for s, _ in found] == [images[n].image_id for n in expected]
-    assert [score for _, score in found] == pytest.approx(sorted(means @ means[0], reverse=True), abs=1e-5)
-    assert counts == {i.image_id: QUERIES for i in images}  # the query vectors as they were
-
-
-def test_a_crash_mid_insert_leaves_no_half_image(tmp_path):
-    """Milvus Lite appends each insert (all rows of an add) to its log as one record batch, then the gallery
-    flushes it into a segment (an atomic manifest switch). Stop between the two, cut the log at any byte as a
-    crash mid-write would, and reopen: every image has all its vectors or none."""
-    gallery, images = small_gallery(tmp_path / "live")
-    for image in images:  # Gallery.add's insert, not its flush
-        gallery.client.insert(gallery.name, gallery._rows(image, "x", 0))
-    logs = sorted(p.relative_to(tmp_path / "live") for p in (tmp_path / "live" / "milvus.db").rglob("wal/*"))
-    assert logs, "Milvus Lite keeps unflushed inserts in a write-ahead log"
-    size = max((tmp_path / "live" / p).stat().st_size for p in logs)
-    survivors = set()
-    for cut in [*range(0, size, max(1, size // 9)), size]:
-        reopened, counts = reopen_cut(tmp_path / "live", tmp_path / f"cut{cut}", logs, cut)
-        reopened.close()
-        assert set(counts.values()) <= {QUERIES}, (cut, counts)
-        assert sorted(counts) == [f"image-{n}" for n in range(len(counts))]  # a prefix of the adds
-        survivors.add(len(counts))
-    gallery.close()
-    assert survivors == {0, 1, 2, 3}  # the cuts fell before, inside and after each add
-
-
-def test_a_torn_index_file_is_rebuilt_not_fatal(tmp_path):
-    """Milvus Lite writes a segment's index files in place after a flush, so kill -9 while it writes one leaves
-    a truncated file (seen: empty, or cut inside a vector array) that fails every later load. Cut each index
-    file at a few points and reopen: the gallery loads, with every image and the same search results."""
-    gallery, images = small_gallery(tmp_path / "live")
-    for image in images:
-        gallery.add([image])
-    query = np.random.default_rng(1).normal(size=(1, 4)).astype(np.float32)
-    expected = [(stored.image_id, score) for stored, score in gallery.search(query, 3)]
-    gallery.close()
-    index_files = sorted((tmp_path / "live" / "milvus.db").rglob("indexes/*"))
-    assert {p.name.split(".")[-2] for p in index_files} >= {"flat", "inverted"}
-    for path in index_files:
-        inside = path.relative_to(tmp_path / "live")
-        for keep in (0, path.stat().st_size // 2):
-            reopened, counts = reopen_cut(tmp_path / "live", tmp_path / f"{path.name}-{keep}", [inside], keep)
-            found = [(stored.image_id, score) for stored, score in reopened.search(query, 3)]
-            reopened.close()
-            assert counts == {f"image-{n}": QUERIES for n in range(3)}, (path.name, keep)
-            assert [i for i, _ in found] == [i for i, _ in expected], (path.name, keep)
-            assert [s for _, s in found] == pytest.approx([s for _, s in expected]), (path.name, keep)
 
 
 def test_another_model_is_refused_until_reindexed(checkpoints, tmp_path, distinct):

@@ -31,5 +31,5 @@ def test_server_start_with_a_new_gallery_prints_no_alarm(tmp_path, alarming_line
     assert answer.status_code == 200 and answer.json()["answer"] == "red", answer.text
     assert added.status_code == 200 and found.status_code == 200, (added.text, found.text)
     assert process.returncode == 0, output
-    assert "MilvusLite server started" in output and "INFO service.app ready" in output, output
+    assert "gallery: 0 images (lancedb)" in output and "INFO service.app ready" in output, output
     assert alarming_lines(output) == [], output

@@ -1,0 +1,300 @@
+"""The gallery's stores, called directly with given vectors (no model): the two-pass search (exact while the
+gallery is no bigger than the first pass's candidates, the filter applied in the first pass), look-ups by key,
+the background index, kill -9 in the middle of adds and deletes, and the conversion of galleries written by
+earlier versions (Milvus Lite's milvus.db, and the same format on a Milvus server)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from legacy_gallery import insert_old_rows, write_old_gallery
+from pymilvus import MilvusClient
+from servertools import free_port, settings_for, wait_for
+
+from service.gallery import Gallery, NewImage, Record, content_key
+from service.gallery.legacy import release_embedded
+
+QUERIES, DIM = 8, 16
+MODEL = {"fingerprint": "f" * 64, "name": "synthetic", "dim": DIM, "queries": QUERIES}
+FLOAT16 = 2e-3  # how far a score from float16 vectors may be from float32's (unit vectors of 16 values)
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def images(count: int, seed: int = 0, start: int = 0) -> list[NewImage]:
+    """Synthetic images: clustered unit query vectors (as real images' are), every fifth tagged north."""
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.normal(size=(12, DIM)))
+    made = []
+    for n in range(start, start + count):
+        vectors = unit(centres[n % 12] + 0.6 * rng.normal(size=(QUERIES, DIM)))
+        data = f"image {n}".encode()
+        metadata = {"shop": "north" if n % 5 == 0 else "south", "n": n}
+        made.append(NewImage(f"image-{n}", content_key(data, None)[0], data, metadata, vectors))
+    return made
+
+
+def exact(stored: list[NewImage], query: np.ndarray, k: int) -> list[tuple[str, float]]:
+    scores = [(image.image_id, float((image.vectors @ query.T).max())) for image in stored]
+    return sorted(scores, key=lambda pair: (-pair[1], pair[0]))[:k]
+
+
+def open_gallery(folder: Path, **settings) -> Gallery:
+    return Gallery.open(settings_for(None, None, gallery_dir=str(folder), **settings), MODEL)
+
+
+FIRST_PASSES = ["mean", "centroids"]
+
+
+@pytest.mark.parametrize("first_pass", FIRST_PASSES)
+def test_a_gallery_no_bigger_than_the_candidates_is_searched_exactly(tmp_path, first_pass):
+    added = images(300)
+    gallery = open_gallery(tmp_path / "g", gallery_candidates=300, gallery_first_pass=first_pass)
+    gallery.add(added)
+    query = unit(np.random.default_rng(7).normal(size=(1, DIM)))
+    found = gallery.search(query, 10)
+    few = open_gallery(tmp_path / "few", gallery_candidates=20, gallery_first_pass=first_pass)
+    few.add(added)
+    approximate = few.search(query, 10)
+    gallery.close()
+    few.close()
+    expected = exact(added, query, 10)
+    assert [s.image_id for s, _ in found] == [i for i, _ in expected]
+    assert [score for _, score in found] == pytest.approx([s for _, s in expected], abs=FLOAT16)
+    # With fewer candidates the second pass still scores each one exactly (by all its query vectors).
+    truth = {image.image_id: float((image.vectors @ query.T).max()) for image in added}
+    assert len(approximate) == 10
+    assert all(score == pytest.approx(truth[s.image_id], abs=FLOAT16) for s, score in approximate)
+
+
+@pytest.mark.parametrize("first_pass", FIRST_PASSES)
+def test_the_filter_is_applied_in_the_first_pass(tmp_path, first_pass):
+    """Ten candidates of 300 images hold about two north ones: filtered after the first pass, a page of ten
+    north images would come back nearly empty. In the first pass, it is full, and right."""
+    added = images(300)
+    gallery = open_gallery(tmp_path / "g", gallery_candidates=10, gallery_first_pass=first_pass)
+    gallery.add(added)
+    query = unit(np.random.default_rng(8).normal(size=(1, DIM)))
+    found = gallery.search(query, 10, {"shop": ["north"]})
+    mixed = gallery.search(query, 10, {"shop": ["north"], "n": [0, 5, 7]})
+    gallery.close()
+    assert len(found) == 10 and all(s.metadata["shop"] == "north" for s, _ in found)
+    assert sorted(s.image_id for s, _ in mixed) == ["image-0", "image-5"]
+
+
+def test_lookups_are_by_key_and_the_index_is_built_in_the_background(tmp_path):
+    """Past gallery_index_min_images the ANN index over the mean vectors is built by a background thread,
+    and maintenance adds new rows to the id and sha256 indexes, which an add's checks then use."""
+    gallery = open_gallery(tmp_path / "g", gallery_index_min_images=256, gallery_optimize_rows=64)
+    added = images(320)
+    for start in range(0, len(added), 16):
+        gallery.add(added[start : start + 16])
+    gallery.store.wait_for_maintenance()
+    late = images(4, seed=1, start=1000)
+    gallery.add(late)  # after the index: searched exactly until the next maintenance
+    assert gallery.describe()["vector_index"] == "IVF_HNSW_SQ"
+    for column in ("id", "sha256"):
+        plan = gallery.store.table.search(None).where(f"{column} IN ('x')").select(["id"]).explain_plan()
+        assert f"{column}_idx(BTree)" in plan, plan
+    for image in (added[3], late[2]):
+        assert gallery.similar(image.vectors, 1)[0][0].image_id == image.image_id
+    plans = gallery.plan([(b"image 3", None), (b"image 3", "other"), (b"new", "image-4")])
+    assert [(p.status, p.holder) for p in plans] == [
+        ("duplicate", "image-3"),
+        ("duplicate", "image-3"),
+        ("conflict", "image-4"),
+    ]
+    gallery.close()
+
+
+def test_the_ann_index_is_rebuilt_before_its_segments_pile_up(tmp_path):
+    """Every maintenance adds its rows to the ANN index as a segment that each search walks: past
+    gallery_index_max_segments the background thread rebuilds it as one."""
+    gallery = open_gallery(
+        tmp_path / "g", gallery_index_min_images=256, gallery_optimize_rows=16, gallery_index_max_segments=2
+    )
+    added = images(480)
+    segments = []
+    for start in range(0, len(added), 16):
+        gallery.add(added[start : start + 16])
+        gallery.store.wait_for_maintenance()
+        if gallery.describe()["vector_index"]:
+            segments.append(gallery.store._vector_segments())
+    query = unit(np.random.default_rng(3).normal(size=(1, DIM)))
+    found = gallery.search(query, 5)
+    gallery.close()
+    assert max(segments) <= 2 and 2 in segments, segments  # it grew to the limit, and never past it
+    truth = {image.image_id: float((image.vectors @ query.T).max()) for image in added}
+    assert [score for _, score in found] == pytest.approx(
+        sorted(truth.values(), reverse=True)[:5], abs=FLOAT16
+    )
+
+
+def test_centroids_find_what_a_mean_misses_and_go_with_their_image(tmp_path):
+    """An image half of whose query vectors point along a text and half away from it: its mean points away
+    from the text more than the means of the 25 images of the text's cluster, so a first pass of 5 by the
+    mean misses it, though its ITC is the best; one of its centres points along the text. Deleting the image
+    deletes its centres; the ANN index is built over them too."""
+    text = unit(np.random.default_rng(0).normal(size=(12, DIM)))[:1]  # the centre of images()' first cluster
+    rng = np.random.default_rng(4)
+    away = unit(rng.normal(size=(1, DIM)))
+    away = unit(away - (float((away @ text.T)[0, 0]) + 0.3) * text)  # cosine about -0.3 with the text
+    split = unit(
+        np.repeat(np.concatenate([text, away]), QUERIES // 2, axis=0) + 0.02 * rng.normal(size=(QUERIES, DIM))
+    )
+    target = NewImage("split", content_key(b"split", None)[0], b"split", {}, split)
+    settings = dict(gallery_candidates=5, gallery_index_min_images=256, gallery_optimize_rows=64)
+    found = {}
+    for first_pass in FIRST_PASSES:
+        gallery = open_gallery(tmp_path / first_pass, gallery_first_pass=first_pass, **settings)
+        gallery.add([*images(300), target])
+        gallery.store.wait_for_maintenance()
+        found[first_pass] = [s.image_id for s, _ in gallery.search(text, 5)]
+        if first_pass == "centroids":
+            assert gallery.describe()["first_pass"] == "centroids" and "probe" in gallery.store._indexed
+            assert gallery.delete("split") and gallery.store.probes.count_rows("id = 'split'") == 0
+            assert "split" not in [s.image_id for s, _ in gallery.search(text, 5)]
+        gallery.close()
+    assert found["centroids"][0] == "split" and "split" not in found["mean"], found
+
+
+WRITER = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from servertools import settings_for
+from test_gallery_store import MODEL, images
+from service.gallery import Gallery
+
+settings = settings_for(None, None, gallery_dir={folder!r}, gallery_optimize_rows=8)
+gallery = Gallery.open(settings, MODEL)  # compaction and index updates run between the adds
+for batch in range(1000):
+    made = images(4, seed=batch, start=4 * batch)
+    gallery.add(made)
+    print("added", *[i.image_id for i in made], flush=True)
+    if batch % 3 == 2:
+        gallery.delete(made[0].image_id)
+        print("deleted", made[0].image_id, flush=True)
+"""
+
+
+def test_kill_9_mid_writes_keeps_every_acknowledged_image_whole(tmp_path):
+    """A process adding and deleting without pause, its maintenance compacting and indexing in the background,
+    is killed: every add it reported is there with all its vectors and its file, nothing deleted came back,
+    and nothing is there that it did not try to add."""
+    folder = tmp_path / "g"
+    script = WRITER.format(tests=str(Path(__file__).parent), folder=str(folder))
+    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    lines = []
+    while len(lines) < 40:
+        lines.append(writer.stdout.readline().split())
+        assert lines[-1], "the writer stopped"
+    writer.kill()
+    writer.wait()
+    writer.stdout.close()
+    added = {i for kind, *ids in lines if kind == "added" for i in ids}
+    deleted = {i for kind, *ids in lines if kind == "deleted" for i in ids}
+    gallery = open_gallery(folder)
+    counts = gallery.vector_counts()
+    files = {image_id: (gallery.images_dir / gallery.get(image_id).file).exists() for image_id in counts}
+    gallery.close()
+    assert added - deleted <= set(counts) and not deleted & set(counts)
+    assert set(counts.values()) == {QUERIES} and all(files.values())
+    tried = {f"image-{n}" for n in range(4 * len(lines))}  # at most one add went past the last line read
+    assert set(counts) <= tried
+
+
+def old_records(count: int) -> list[Record]:
+    return [
+        Record(
+            i.image_id, i.sha256, f"{i.sha256[:2]}/{i.sha256}", 1_700_000_000.123 + n, i.metadata, i.vectors
+        )
+        for n, i in enumerate(images(count))
+    ]
+
+
+def check_converted(gallery: Gallery, records: list[Record]) -> None:
+    """Every image, id, sha256, file, time and metadata of `records` is in `gallery`, with its vectors."""
+    assert gallery.count() == len(records)
+    vectors = gallery.query_vectors([r.image_id for r in records])
+    for record in records:
+        stored = gallery.get(record.image_id)
+        assert (stored.sha256, stored.file, stored.metadata) == (record.sha256, record.file, record.metadata)
+        assert stored.added_at == pytest.approx(record.added_at, abs=1e-3)
+        np.testing.assert_allclose(vectors[record.image_id], record.vectors, atol=1e-3)
+    query = unit(np.random.default_rng(9).normal(size=(1, DIM)))
+    expected = exact([NewImage(r.image_id, r.sha256, b"", r.metadata, r.vectors) for r in records], query, 5)
+    assert [s.image_id for s, _ in gallery.search(query, 5)] == [i for i, _ in expected]
+    assert gallery.similar(records[3].vectors, 1)[0][0].image_id == records[3].image_id
+
+
+def test_an_old_embedded_gallery_is_converted_when_opened(tmp_path):
+    """A Milvus Lite gallery (milvus.db), some of it flushed and some only in its write-ahead log, as the old
+    code left it after a kill -9: opened, it becomes a LanceDB one with nothing lost, and the old database is
+    kept aside under another name."""
+    folder = tmp_path / "g"
+    folder.mkdir()
+    records = old_records(40)
+    location = folder / "milvus.db"
+    client = MilvusClient(uri=str(location))
+    write_old_gallery(client, MODEL, records[:30], flush=True)
+    insert_old_rows(client, records[30:])  # in its write-ahead log only
+    release_embedded(client, location)
+    gallery = open_gallery(folder)
+    check_converted(gallery, records)
+    gallery.close()
+    assert not location.exists() and (folder / "milvus.db.converted").exists()
+    gallery = open_gallery(folder)  # opened again: the converted gallery, nothing converted twice
+    assert gallery.count() == len(records) and gallery.describe()["engine"] == "lancedb"
+    gallery.close()
+
+
+@pytest.fixture
+def milvus_uri(tmp_path):
+    """A Milvus-protocol server (Milvus Lite's own gRPC server) in another process."""
+    port = free_port()
+    command = [
+        str(Path(sys.executable).parent / "milvus-lite"),
+        "server",
+        "--data-dir",
+        str(tmp_path / "milvus"),
+    ]
+    server = subprocess.Popen(
+        [*command, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for(lambda: _listening(port), "the Milvus server did not start")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_milvus_server_gallery_searches_in_two_passes_and_old_ones_are_converted(tmp_path, milvus_uri):
+    records = old_records(30)
+    client = MilvusClient(uri=milvus_uri)
+    write_old_gallery(client, MODEL, records, flush=False)
+    client.close()
+    settings = dict(gallery_uri=milvus_uri, gallery_candidates=10)
+    gallery = open_gallery(tmp_path / "shared", **settings | {"gallery_candidates": 30})
+    check_converted(gallery, records)
+    gallery.close()
+    gallery = open_gallery(tmp_path / "shared", **settings)
+    query = unit(np.random.default_rng(8).normal(size=(1, DIM)))
+    found = gallery.search(query, 5, {"shop": ["north"]})
+    assert len(found) == 5 and all(s.metadata["shop"] == "north" for s, _ in found)
+    assert gallery.describe()["engine"] == "milvus" and gallery.delete(records[0].image_id)
+    assert gallery.get(records[0].image_id) is None and gallery.count() == len(records) - 1
+    gallery.close()
