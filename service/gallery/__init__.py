@@ -4,6 +4,7 @@ legacy.py the conversion of galleries written by earlier versions."""
 
 from service.gallery.common import (
     MAX_METADATA_BYTES,
+    NAME_PATTERN,
     NAME_RULE,
     GalleryError,
     NewImage,
@@ -21,6 +22,7 @@ from service.gallery.gallery import Gallery, model_description, open_gallery, op
 
 __all__ = [
     "MAX_METADATA_BYTES",
+    "NAME_PATTERN",
     "NAME_RULE",
     "Gallery",
     "GalleryError",

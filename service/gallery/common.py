@@ -40,6 +40,14 @@ def check_name(value: str, what: str) -> str:
     return value
 
 
+def _wide_integer(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(_wide_integer(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_wide_integer(v) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63
+
+
 def check_metadata(metadata: Any) -> dict[str, Any]:
     """`metadata` if a gallery can keep it (a JSON object, its keys valid names, small); a ValueError saying
     why not otherwise. Only top-level keys are filtered on, so only they follow the name rule."""
@@ -47,6 +55,8 @@ def check_metadata(metadata: Any) -> dict[str, Any]:
         raise ValueError("metadata must be a JSON object")
     for key in metadata:
         check_name(key, "metadata key")
+    if _wide_integer(metadata):  # a Milvus server's JSON holds 64-bit integers; wider ones failed the insert
+        raise ValueError("metadata: integers must fit in 64 bits")
     if len(json.dumps(metadata)) > MAX_METADATA_BYTES:
         raise ValueError(f"metadata: at most {MAX_METADATA_BYTES} bytes of JSON")
     return metadata
@@ -64,6 +74,10 @@ def check_filter(conditions: dict[str, Any]) -> dict[str, list[Any]]:
         for value in values:
             if not isinstance(value, (str, int, float, bool)):
                 raise ValueError(f"{value!r}: a filter value is a string, number or boolean")
+            if _wide_integer(value):  # what metadata may hold; a Milvus server refused wider ones (a 500)
+                raise ValueError(f"{value!r}: a filter integer fits in 64 bits")
+            if isinstance(value, str) and any(ord(c) < 0x20 for c in value):  # Milvus refused them (a 500)
+                raise ValueError(f"{value!r}: a filter string holds no control characters")
         checked[key] = values
     return checked
 
