@@ -26,6 +26,9 @@ NOISE: dict[str, str] = {
     "torchao.kernel.intmm": r"Detected no triton",
     "torch.utils._pytree": r"is an Enum subclass and is now natively supported",
     "grpc._server": r"^Exception calling application: Method not implemented!$",
+    # `blip2-train init` grows the LLM's vocabulary for its image token; transformers' mean-and-covariance
+    # initialisation of the new rows is the intended one, and its notice reads like a warning to act on.
+    "transformers.modeling_utils": r"^The new embeddings will be initialized from a multivariate normal",
 }
 QUIET_BELOW_WARNING = ("faiss",)
 
