@@ -271,3 +271,24 @@ def metric(text: str, name: str, **labels) -> float:
         if line.startswith(target + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+@contextlib.contextmanager
+def milvus_server(data_dir: Path) -> Iterator[str]:
+    """A Milvus-protocol server (Milvus Lite's own gRPC server) in another process; yields its URI."""
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "milvus-lite"), "server", "--data-dir", str(data_dir)]
+    server = subprocess.Popen(
+        [*command, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for(lambda: _listening(port), "the Milvus server did not start")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0

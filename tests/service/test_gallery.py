@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,12 +20,11 @@ from servertools import (
     REPO,
     b64,
     encode,
-    free_port,
     metric,
+    milvus_server,
     running_app,
     settings_for,
     start_process,
-    wait_for,
 )
 
 from service.__main__ import main as serve_main
@@ -342,27 +340,10 @@ def test_the_bulk_indexer_keeps_the_add_rules(tmp_path, distinct):
 def test_replicas_share_a_milvus_server_by_uri(checkpoints, tmp_path, distinct):
     """BLIP2_GALLERY_URI: the same calls against a Milvus server (here Milvus Lite's own gRPC server in another
     process, which speaks Milvus's protocol); two servers share it and the image folder, with no folder lock."""
-    port = free_port()
-    milvus = subprocess.Popen(
-        [
-            str(SERVE.parent / "milvus-lite"),
-            "server",
-            "--data-dir",
-            str(tmp_path / "milvus"),
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    with milvus_server(tmp_path / "milvus") as uri:
         settings = settings_for(
-            None,
-            checkpoints["tiny-opt"] / "stage1",
-            gallery_dir=str(tmp_path / "shared"),
-            gallery_uri=f"http://127.0.0.1:{port}",
+            None, checkpoints["tiny-opt"] / "stage1", gallery_dir=str(tmp_path / "shared"), gallery_uri=uri
         )
-        wait_for(lambda: _listening(port), "the Milvus server did not start")
         with running_app(settings) as first, running_app(settings) as second:
             ids = [a["id"] for a in add(first, distinct[:3])]
             assert second.get("/gallery").json()["storage"]["engine"] == "milvus"
@@ -370,14 +351,6 @@ def test_replicas_share_a_milvus_server_by_uri(checkpoints, tmp_path, distinct):
             found = second.post("/gallery/search", json={"text": "a photo", "top_k": 3}).json()["results"]
             assert {r["id"] for r in found} == set(ids) and found[0]["itm_score"] is not None
             assert add(second, [distinct[0]]) == [{"index": 0, "id": ids[0], "status": "exists"}]
-    finally:
-        milvus.kill()
-        milvus.wait()
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_gallery_routes_take_the_api_key_and_count_in_the_metrics(checkpoints, tmp_path):

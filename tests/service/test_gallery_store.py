@@ -5,7 +5,6 @@ earlier versions (Milvus Lite's milvus.db, and the same format on a Milvus serve
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 from legacy_gallery import insert_old_rows, write_old_gallery
 from pymilvus import MilvusClient
-from servertools import free_port, settings_for, wait_for
+from servertools import milvus_server, settings_for
 
 from service.gallery import Gallery, NewImage, Record, content_key
 from service.gallery.legacy import release_embedded
@@ -258,28 +257,8 @@ def test_an_old_embedded_gallery_is_converted_when_opened(tmp_path):
 
 @pytest.fixture
 def milvus_uri(tmp_path):
-    """A Milvus-protocol server (Milvus Lite's own gRPC server) in another process."""
-    port = free_port()
-    command = [
-        str(Path(sys.executable).parent / "milvus-lite"),
-        "server",
-        "--data-dir",
-        str(tmp_path / "milvus"),
-    ]
-    server = subprocess.Popen(
-        [*command, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        wait_for(lambda: _listening(port), "the Milvus server did not start")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.kill()
-        server.wait()
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+    with milvus_server(tmp_path / "milvus") as uri:
+        yield uri
 
 
 def test_a_milvus_server_gallery_searches_in_two_passes_and_old_ones_are_converted(tmp_path, milvus_uri):
