@@ -37,10 +37,11 @@ def child(variant: str, folder: str, questions: int, batch: int) -> dict:
 
     from PIL import Image
 
+    from blip2.prompts import VQA_DEFAULTS
     from service.inference import Runner
     from service.jobs import GenerateJob
     from service.loading import load_models
-    from service.prompts import VQA_DEFAULTS, family_prompt
+    from service.prompts import family_prompt
     from service.schemas import VqaRequest
     from service.settings import Settings
     from service.submit import make_options, model_defaults

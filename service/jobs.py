@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from PIL import Image
 
+from blip2.prompts import GENERATE_DEFAULTS
+
 if TYPE_CHECKING:
     import torch
 
@@ -21,16 +23,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    """Settings of one generate call; requests share a batch only when these are equal."""
+    """Settings of one generate call; requests share a batch only when these are equal. Unset, plain greedy
+    decoding: /generate's defaults."""
 
-    max_new_tokens: int = 30
-    min_new_tokens: int = 0
-    num_beams: int = 1
+    max_new_tokens: int = GENERATE_DEFAULTS["max_new_tokens"]
+    min_new_tokens: int = GENERATE_DEFAULTS["min_new_tokens"]
+    num_beams: int = GENERATE_DEFAULTS["num_beams"]
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
-    length_penalty: float = 1.0
+    length_penalty: float = GENERATE_DEFAULTS["length_penalty"]
 
     def generate_kwargs(self) -> dict[str, Any]:
         kwargs = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -1,23 +1,16 @@
-"""Prompts and generation defaults per task and model family: the paper's, kept in the service's own copy
-(the service never imports training; a test holds this copy equal to training's)."""
+"""The server's prompts: the default caption prompt and VQA template of the loaded model family (the texts
+themselves, and the routes' generation defaults, are the core's: `blip2.prompts`), and `Prompt`, which keeps
+a person's text apart from the server's templates."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
+from blip2.prompts import INSTRUCT_CAPTION_PROMPT, VQA_TEMPLATE_DECODER, VQA_TEMPLATE_SHORT
 from blip2.text import TextProcessing
 from service.loading import GenerationModel
 from service.settings import Settings
-
-# The paper's settings: captions with beam 5, 8-30 tokens; VQA with beam 5, at most 10 tokens, length
-# penalty -1 (short answers). /generate defaults to plain greedy decoding.
-CAPTION_DEFAULTS = {"max_new_tokens": 30, "min_new_tokens": 8, "num_beams": 5, "length_penalty": 1.0}
-VQA_DEFAULTS = {"max_new_tokens": 10, "min_new_tokens": 0, "num_beams": 5, "length_penalty": -1.0}
-GENERATE_DEFAULTS = {"max_new_tokens": 30, "min_new_tokens": 0, "num_beams": 1, "length_penalty": 1.0}
-INSTRUCT_CAPTION_PROMPT = "A short image description:"
-VQA_TEMPLATE_DECODER = "Question: {} Answer:"  # OPT, per the paper
-VQA_TEMPLATE_SHORT = "Question: {} Short answer:"  # Flan-T5 and InstructBLIP
 
 
 def family_prompt(gen: GenerationModel, settings: Settings) -> tuple[str, str]:

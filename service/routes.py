@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from blip2.prompts import CAPTION_DEFAULTS, GENERATE_DEFAULTS, VQA_DEFAULTS
 from service import schemas
 from service.deps import (
     CaptionInput,
@@ -21,7 +22,7 @@ from service.deps import (
 from service.errors import unavailable, unprocessable
 from service.jobs import EmbedJob, RetrieveJob
 from service.openapi import API, BODY, MODEL, PROBE, error_responses, request_body
-from service.prompts import CAPTION_DEFAULTS, GENERATE_DEFAULTS, VQA_DEFAULTS, Prompt, family_prompt
+from service.prompts import Prompt, family_prompt
 from service.state import Phase
 from service.submit import check_text, generate_text, make_options, model_defaults, run_job
 

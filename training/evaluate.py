@@ -14,12 +14,12 @@ import logging
 import sys
 from pathlib import Path
 
+from blip2.prompts import GENERATION_DEFAULTS, resolve_prompt
 from blip2.text import MODES as TEXT_PROCESSING_MODES
 from blip2.text import TextProcessing, load_text_processing, resolve_text_processing
 from training.data import caption_ids, group_by_image, image_problem, read_manifest, write_jsonl
 from training.inference import generate_texts, load_generation_model, pick_device
 from training.metrics import VQA_SCORING, caption_metrics, retrieval_recall, vqa_metrics
-from training.prompts import GENERATION_DEFAULTS, resolve_prompt
 from training.scoring import retrieval_scores
 from training.settings import EvalSettings
 
@@ -27,9 +27,9 @@ log = logging.getLogger(__name__)
 
 
 def _options(s: EvalSettings) -> dict:
-    defaults = GENERATION_DEFAULTS[s.task]
+    defaults = GENERATION_DEFAULTS[s.task]  # the beam width comes from --num-beams (its default: the paper's)
     options = {k: defaults[k] if getattr(s, k) is None else getattr(s, k) for k in defaults}
-    return options | {"num_beams": s.num_beams, "do_sample": False}
+    return options | {"do_sample": False}
 
 
 def _generate(s: EvalSettings, model, processor, paths, prompts, options) -> list[str]:

@@ -18,9 +18,9 @@ import logging
 from torch import nn
 from transformers import PretrainedConfig
 
+from blip2.prompts import DEFAULT_PROMPTS, resolve_prompt
 from blip2.text import TextProcessing
 from training.data import Collator, text_tokens, training_text_processing
-from training.prompts import DEFAULT_PROMPTS, resolve_prompt
 from training.settings import FinetuneSettings
 from training.stages import join_target
 

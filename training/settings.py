@@ -9,9 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from blip2.prompts import CAPTION_DEFAULTS, CAPTION_PREFIX, DEFAULT_PROMPTS, PAPER_NUM_BEAMS, VQA_DEFAULTS
+
 
 def arg(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
+
+
+def _task_defaults(option: str) -> str:
+    """How `eval --help` states the paper's default of one generation setting per task."""
+    return f"vqa {VQA_DEFAULTS[option]:g}, caption {CAPTION_DEFAULTS[option]:g}"
 
 
 @dataclass
@@ -119,7 +126,8 @@ class FinetuneSettings(TrainSettings, DataSourceSettings):
     )
     prompt: str | None = arg(
         None,
-        "caption: text before each caption (default 'a photo of'); vqa: template with {} for the question (default 'Question: {} Short answer:')",
+        f"caption: text before each caption (default {DEFAULT_PROMPTS['caption']!r}); vqa: template with {{}} for the "
+        f"question (default {DEFAULT_PROMPTS['vqa']!r})",
     )
     train_vit: bool = arg(False, "caption: train the ViT too (kept in fp32)")
     same_caption_positives: bool = arg(False, "retrieval: " + SAME_CAPTION_HELP)
@@ -142,12 +150,19 @@ class EvalSettings:
     limit: int = arg(0, "evaluate only the first N manifest rows (0: all)")
     prompt: str | None = arg(
         None,
-        "vqa: template with {} (default 'Question: {} Short answer:'); caption: prefix (default 'a photo of')",
+        f"vqa: template with {{}} (default {DEFAULT_PROMPTS['vqa']!r}); caption: prefix (default "
+        f"{DEFAULT_PROMPTS['caption']!r})",
     )
-    num_beams: int = arg(5, "beam width")
-    max_new_tokens: int | None = arg(None, "most generated tokens (default: vqa 10, caption 30)")
-    min_new_tokens: int | None = arg(None, "fewest generated tokens (default: vqa 0, caption 8)")
-    length_penalty: float | None = arg(None, "beam length penalty (default: vqa -1, caption 1)")
+    num_beams: int = arg(PAPER_NUM_BEAMS, "beam width")
+    max_new_tokens: int | None = arg(
+        None, f"most generated tokens (default: {_task_defaults('max_new_tokens')})"
+    )
+    min_new_tokens: int | None = arg(
+        None, f"fewest generated tokens (default: {_task_defaults('min_new_tokens')})"
+    )
+    length_penalty: float | None = arg(
+        None, f"beam length penalty (default: {_task_defaults('length_penalty')})"
+    )
     k_test: int = arg(128, "retrieval: candidates re-ranked by ITM per query")
     same_caption_positives: bool = arg(False, "retrieval: " + SAME_CAPTION_HELP)
     max_text_length: int = arg(35, "retrieval: tokens per text")
@@ -207,7 +222,7 @@ class CapfiltSettings:
     output: str = arg("data/capfilt.jsonl", "new manifest (plus <stem>.candidates.jsonl with every score)")
     num_captions: int = arg(10, "captions sampled per image")
     keep: int = arg(2, "captions kept per image (synthetic or original, by ITC rank)")
-    prompt: str = arg("a photo of", "captioner prompt")
+    prompt: str = arg(CAPTION_PREFIX, "captioner prompt")
     top_p: float = arg(0.9, "nucleus sampling threshold")
     max_new_tokens: int = arg(30, "most tokens per synthetic caption")
     min_new_tokens: int = arg(5, "fewest tokens per synthetic caption")

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from blip2.prompts import DEFAULT_PROMPTS, INSTRUCT_CAPTION_PROMPT
 from training.data import read_jsonl
-from training.prompts import DEFAULT_PROMPTS, INSTRUCT_CAPTION_PROMPT
 from training.trainer import JsonLog
 
 # The prompts the server uses for an InstructBLIP model: the shipped model is trained on them.

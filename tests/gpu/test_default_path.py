@@ -13,10 +13,10 @@ import logging
 import pytest
 import torch
 
+from blip2.prompts import INSTRUCT_CAPTION_PROMPT, VQA_TEMPLATE_SHORT
 from service.inference import Runner
 from service.jobs import GenerateJob, GenerationOptions
 from service.loading import load_models
-from service.prompts import INSTRUCT_CAPTION_PROMPT, VQA_TEMPLATE_SHORT
 from service.settings import DEFAULT_MODEL_DIR, Settings
 from service.vision import VisionCache
 

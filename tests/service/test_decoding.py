@@ -203,7 +203,7 @@ def test_default_model_1000_questions_and_200_captions_equal_generate():
     import easy_vqa
     from PIL import Image
 
-    from service.prompts import CAPTION_DEFAULTS, INSTRUCT_CAPTION_PROMPT, VQA_DEFAULTS, VQA_TEMPLATE_SHORT
+    from blip2.prompts import CAPTION_DEFAULTS, INSTRUCT_CAPTION_PROMPT, VQA_DEFAULTS, VQA_TEMPLATE_SHORT
 
     models = load_models(settings_for(DEFAULT_MODEL_DIR / "generation"))
     fast, slow = both(models)

@@ -197,3 +197,16 @@ def test_eval_names_its_scoring_and_warns_on_the_python_tokenizer(workspace, cap
     unknown = ["eval", "--task", "vqa", "--manifest", str(data / "vqa_test.jsonl"), *common, "--vqa-scoring", "x"]  # fmt: skip
     with pytest.raises(SystemExit, match="--vqa-scoring"):
         main(unknown)
+
+
+def test_eval_takes_the_papers_generation_settings_unless_told_otherwise():
+    """`eval` starts from the core's task defaults (those the server's routes take); each flag overrides its
+    own setting only, and the beam width is `--num-beams`'."""
+    from blip2.prompts import CAPTION_DEFAULTS, VQA_DEFAULTS
+    from training.evaluate import _options
+    from training.settings import EvalSettings
+
+    assert _options(EvalSettings(task="vqa")) == VQA_DEFAULTS | {"do_sample": False}
+    assert _options(EvalSettings(task="caption")) == CAPTION_DEFAULTS | {"do_sample": False}
+    told = _options(EvalSettings(task="caption", num_beams=2, min_new_tokens=3))
+    assert told == CAPTION_DEFAULTS | {"num_beams": 2, "min_new_tokens": 3, "do_sample": False}
