@@ -8,7 +8,6 @@ tied LM head breaks bitsandbytes' 8-bit layer.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import warnings
@@ -16,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tokenizers import models
 from transformers import (
     AutoConfig,
     AutoProcessor,
@@ -28,7 +26,9 @@ from transformers import (
     TorchAoConfig,
 )
 
+from blip2.prompts import TASK_GENERATION_OPTIONS
 from blip2.text import TextProcessing, load_text_processing, resolve_text_processing
+from blip2.vocab import unreachable_special_pieces, vocabulary_problem
 from service.settings import Settings
 
 log = logging.getLogger("service.loading")
@@ -36,7 +36,6 @@ log = logging.getLogger("service.loading")
 # Kept out of quantisation: everything but the LLM's transformer blocks.
 SKIP_QUANTISATION = ["vision_model", "qformer", "query_tokens", "language_projection", "lm_head"]
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl")
-ROUTE_GENERATION_OPTIONS = ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty")
 
 
 class _Once(logging.Filter):
@@ -226,33 +225,12 @@ def check_qformer_tokenizer(source: str, processor) -> None:
         )
 
 
-def unreachable_special_pieces(tokenizer) -> None:
-    """SentencePiece Unigram vocabularies (T5, Flan-T5) hold their control tokens as pieces with the best
-    score there is (0.0), so even with `split_special_tokens` a typed `</s>` tokenises to eos. SentencePiece
-    itself never makes control pieces from text; here each is renamed to a spelling with spaces, which the
-    Metaspace pre-tokenizer never lets through. Ids, added tokens and decoding stay as they are. training.vocab
-    does the same when it loads a folder."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    model = json.loads(backend.to_str())["model"] if backend is not None else {}
-    if model.get("type") != "Unigram":
-        return  # BPE merges and BERT's punctuation split already keep `</s>` and `[SEP]` apart
-    special = set(tokenizer.all_special_tokens)
-    vocab = [(f" {piece} " if piece in special else piece, score) for piece, score in model["vocab"]]
-    backend.model = models.Unigram(vocab, model["unk_id"], model.get("byte_fallback", False))
-
-
 def check_vocabulary(source: str, what: str, tokenizer, embeddings: torch.nn.Embedding, placed=()) -> None:
-    """Refuse a folder whose tokenizer gives an id its embedding table has no row for: such a model fails on
-    some input. User text is tokenised as text, so the ids are the base vocabulary, non-special added tokens
-    and the tokenizer's own special tokens, plus ids the server's template places (`placed`). training.vocab
-    checks the same when it writes a folder."""
-    added = [i for i, token in tokenizer.added_tokens_decoder.items() if not token.special]
-    highest = max(tokenizer.vocab_size - 1, *tokenizer.all_special_ids, *added, *placed)
-    if highest >= embeddings.num_embeddings:
-        raise ModelLoadError(
-            f"{source!r}: the {what} tokenizer gives ids up to {highest} but the embedding table has "
-            f"{embeddings.num_embeddings} rows"
-        )
+    """Refuse a folder whose tokenizer gives an id its embedding table has no row for (`blip2.vocab`, the
+    rule training checks too): such a model fails on some input. `placed`: ids the server's template places."""
+    problem = vocabulary_problem(tokenizer, embeddings, placed)
+    if problem is not None:
+        raise ModelLoadError(f"{source!r}: the {what} {problem}")
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
@@ -312,7 +290,7 @@ def load_generation(
         max_positions=None if encoder_decoder else getattr(text_config, "max_position_embeddings", None),
         eos_token_ids=eos_token_ids(model, processor.tokenizer),
         generation_defaults={
-            k: v for k, v in model.generation_config.to_diff_dict().items() if k in ROUTE_GENERATION_OPTIONS
+            k: v for k, v in model.generation_config.to_diff_dict().items() if k in TASK_GENERATION_OPTIONS
         },
         text_processing=model_text_processing(source, settings),
     )

@@ -32,13 +32,9 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
+from blip2.vocab import check_vocabulary
 from training.model import Stage1Model
-from training.vocab import (
-    check_generation_vocabulary,
-    check_vocabulary,
-    preset_llm_tokenizer,
-    qformer_tokenizer,
-)
+from training.vocab import check_generation_vocabulary, preset_llm_tokenizer, qformer_tokenizer
 
 PRESETS = ("tiny-opt", "tiny-t5")
 INIT_STD = 0.02

