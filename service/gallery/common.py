@@ -88,24 +88,9 @@ def mean_vector(vectors: np.ndarray) -> np.ndarray:
     return mean / max(float(np.linalg.norm(mean)), 1e-12)
 
 
-def centroids(vectors: np.ndarray, count: int, rounds: int = 8) -> np.ndarray:
-    """`count` unit vectors per image that sum up its query vectors (images, queries, dim) better than one mean:
-    spherical k-means, every image at once. A text near any of an image's query vectors is near one of them,
-    so they find candidates a mean misses (bench helper, real vectors: 2 per image, 200 candidates, recall@10
-    0.997; the mean needed 1,000)."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    images, per_image, _ = vectors.shape
-    start = np.linspace(0, per_image - 1, count).round().astype(int)  # spread over the query tokens
-    centres = vectors[:, start, :].copy()
-    for _ in range(rounds):
-        # batched matrix products, not einsum: 10x faster for a thousand images
-        nearest = (vectors @ centres.transpose(0, 2, 1)).argmax(axis=2)  # (images, queries)
-        members = np.eye(count, dtype=np.float32)[nearest]  # (images, queries, count) one-hot
-        sums = members.transpose(0, 2, 1) @ vectors  # (images, count, dim)
-        empty = members.sum(axis=1) == 0  # a centre nothing chose keeps its place
-        centres = np.where(empty[..., None], centres, sums)
-        centres /= np.maximum(np.linalg.norm(centres, axis=2, keepdims=True), 1e-12)
-    return centres
+def model_of(info: dict[str, Any]) -> dict[str, Any]:
+    """A gallery's record (any format) as the model description a new store is created for."""
+    return {key: info[key] for key in ("fingerprint", "dim", "queries")} | {"name": info["model"]}
 
 
 def content_key(data: bytes, image_id: str | None) -> tuple[str, str]:

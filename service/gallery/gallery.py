@@ -39,6 +39,7 @@ from service.gallery.common import (
     Stored,
     content_key,
     model_fingerprint,
+    model_of,
 )
 from service.gallery.lance_store import LanceStore
 from service.settings import Settings
@@ -69,7 +70,7 @@ def _convert_embedded(folder: Path, settings: Settings) -> LanceStore | None:
         return None
     info, records = old
     started = time.perf_counter()
-    store = LanceStore.create(folder, settings, legacy.model_of(info), publish=False)
+    store = LanceStore.create(folder, settings, model_of(info), publish=False)
     for start in range(0, len(records), 1024):
         store.add(records[start : start + 1024])
     store.publish()

@@ -1,33 +1,36 @@
-"""The embedded gallery store: one LanceDB table in BLIP2_GALLERY_DIR, one row per image.
+"""The embedded gallery store: one LanceDB table in BLIP2_GALLERY_DIR, one row per image, and the mean
+vectors of all its images in memory.
 
 Why LanceDB (figures in docs/BENCHMARKS.md): a maintained engine whose every write is an atomic new version
 (data files first, then a manifest that names them), so an add that returned is on disk whole and a crash
 mid-write leaves the previous version; it opens in a fraction of a second, takes thousands of images a
 second, keeps scalar indexes (BTREE on id and sha256, LABEL_LIST on the filter tags) so an add's duplicate
-checks are look-ups by key, and an ANN index over a vector column searched with the filter applied first.
+checks and a filter are look-ups by key, and reads rows back by their stable row id.
 
 A row: id, sha256, file, added_at, meta (JSON text), tags (one `key=value` per scalar metadata value: what a
 filter matches), mean (the normalised mean query vector, float32) and vectors (all query vectors, float16,
-flattened). A text search is two passes: the ANN (or, before there is an index, exact) search over `mean`
-returns C candidates (BLIP2_GALLERY_CANDIDATES), then their exact ITC from `vectors`. A gallery of at most C
-images (after the filter) is therefore searched exactly.
+flattened). The table is created with stable row ids, so a row keeps its id through compaction.
 
-With BLIP2_GALLERY_FIRST_PASS=centroids (chosen when the gallery is created) the first pass searches a second
-table instead, `probes`: a few k-means centres of each image's query vectors (id, tags, probe), which find
-images whose query vectors point several ways. An add writes its centres first and its images second, a delete
-the other way round, so a crash between the two leaves only centres of no image, which searches skip.
+A text search is two passes, both exact:
+1. every image's mean vector, held in memory as float16 (512 bytes per image: 51 MB at 100,000 images),
+   times the text's vector: one matrix-vector product over the whole gallery (~3 ms at 100,000 images on 2
+   cores), the metadata filter applied as a mask before the top C (BLIP2_GALLERY_CANDIDATES) are taken;
+2. those C rows read back by row id and ranked by their exact ITC, the best inner product over all their
+   query vectors.
+No ANN index: at a million images the scan reads 512 MB per search, which an HNSW or IVF index would cut, but
+on vectors like these (one direction per image, texts in any direction) the ANN indexes measured lost 1-20%
+of the true top 10 that an exact scan keeps (docs/BENCHMARKS.md, issue 21), and they cost minutes of
+background building that slowed adds. The memory copy is rebuilt from the table when the gallery opens.
 
-Index rule: no vector index below BLIP2_GALLERY_INDEX_MIN_IMAGES images (an exact scan of 1 kB per image is
-cheap there, and an IVF index needs rows to train on). Once there are that many, a background thread builds
-it. Once the rows added since are BLIP2_GALLERY_OPTIMIZE_ROWS and 5% of the gallery, the same thread compacts
-the table and adds them to every index; the ANN index takes them as one more segment, which each search walks,
-so past BLIP2_GALLERY_INDEX_MAX_SEGMENTS segments it is rebuilt as one. LanceDB searches rows not indexed yet
-exactly, so results are right meanwhile. An add never waits for any of this: it commits its own version
-beside them.
+Maintenance: once the rows added since the last one are BLIP2_GALLERY_OPTIMIZE_ROWS and 5% of the gallery, a
+background thread compacts the table, adds the new rows to the scalar indexes and deletes the files of
+versions older than a minute. An add never waits for it. Rows not indexed yet are looked up by a scan of
+themselves meanwhile, so results are right throughout.
 
 `gallery.json` names the table in use and the model whose vectors it holds; it is replaced atomically
 (rename), so creating a gallery, converting an old one and re-indexing switch at one point, and a table it
-does not name is a leftover of one that died: dropped on open.
+does not name is a leftover of one that died: dropped on open. A gallery of format 2 (this store before
+stable row ids and the in-memory first pass) is copied into a new table when opened.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -45,22 +49,30 @@ from typing import Any
 # Lance's Rust side logs warnings to stderr by itself (a future default of a statistic, a column it will stop
 # adding): noise for the people reading a server's output. Its errors are raised to us as exceptions anyway.
 os.environ.setdefault("LANCEDB_LOG", "error")
-os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
 
 import lancedb  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
-from lancedb.index import BTree, IvfFlat, IvfHnswSq, IvfPq, LabelList  # noqa: E402
+import torch  # noqa: E402
+from lancedb.index import BTree, LabelList  # noqa: E402
 from lancedb.table import CompactionOptions  # noqa: E402
 
-from service.gallery.common import Record, Stored, best, centroids, mean_vector, top_by_max_sim  # noqa: E402
+from service.gallery.common import (  # noqa: E402
+    PRESELECT_MARGIN,
+    Record,
+    Stored,
+    best,
+    mean_vector,
+    model_of,
+    top_by_max_sim,
+)
 from service.settings import Settings  # noqa: E402
 
 log = logging.getLogger("service.gallery")
 RECORD_FILE = "gallery.json"
 TABLES_DIR = "lance"
+FORMAT = 3  # 2: no stable row ids, an ANN index over `mean`; copied into a new table when opened
 FIELDS = ["id", "sha256", "file", "added_at", "meta"]
-VECTOR_INDEXES = {"IVF_HNSW_SQ": IvfHnswSq, "IVF_PQ": IvfPq, "IVF_FLAT": IvfFlat}
 # What a search still reading an older version may need; files only older versions name go after that, at the
 # next maintenance (so the disk holds the live rows plus what the last minute's compaction rewrote).
 KEEP_OLD_VERSIONS = timedelta(minutes=1)
@@ -69,6 +81,7 @@ KEEP_OLD_VERSIONS = timedelta(minutes=1)
 # 16 GB fragment after every few thousand adds).
 COMPACTION = CompactionOptions(target_rows_per_fragment=32768)
 GROWTH_PER_MAINTENANCE = 0.05  # maintenance once the rows not yet indexed are 5% of the gallery
+STABLE_ROW_IDS = {"new_table_enable_stable_row_ids": "true"}
 
 
 def sql_text(value: str) -> str:
@@ -118,14 +131,14 @@ def schema(dim: int, queries: int) -> pa.Schema:
     )
 
 
-def probe_schema(dim: int) -> pa.Schema:
-    """The centroids table (BLIP2_GALLERY_FIRST_PASS=centroids): a few rows per image, found by `probe`."""
-    return pa.schema(
-        [
-            pa.field("id", pa.string(), nullable=False),
-            pa.field("tags", pa.list_(pa.string())),
-            pa.field("probe", pa.list_(pa.float32(), dim)),
-        ]
+def column_values(rows: pa.Table, name: str, dtype: type) -> np.ndarray:
+    """A fixed-size-list column's values, flat, read from Arrow's buffer in place where it can be (pyarrow
+    converts float16 to numpy value by value: 100 ms for 500 images)."""
+    values = rows[name].combine_chunks().flatten()  # the child array, sliced as the column is
+    if len(values) == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.frombuffer(
+        values.buffers()[1], dtype=dtype, count=len(values), offset=values.offset * np.dtype(dtype).itemsize
     )
 
 
@@ -144,6 +157,58 @@ def write_atomically(path: Path, text: str) -> None:
         os.close(folder)
 
 
+class MeanVectors:
+    """The first pass: every stored image's mean vector (float16) and row id, in row-id order (stable row ids
+    only grow, and adds append under the store's write lock). A deleted image's slot is marked dead, and the
+    dead are dropped once they are a quarter. A search reads one snapshot (row ids, means, alive): a write
+    replaces it whole, except for the dead marks, which a search in progress may or may not see."""
+
+    def __init__(self, dim: int) -> None:
+        empty = torch.zeros((0, dim), dtype=torch.float16)
+        self.snapshot = (np.zeros(0, dtype=np.uint64), empty, np.zeros(0, dtype=bool))
+
+    def append(self, row_ids: np.ndarray, means: np.ndarray) -> None:
+        known, matrix, alive = self.snapshot
+        order = np.argsort(row_ids, kind="stable")
+        row_ids = np.asarray(row_ids, dtype=np.uint64)[order]
+        if len(known) and len(row_ids) and row_ids[0] <= known[-1]:
+            raise RuntimeError("row ids out of order: the in-memory first pass no longer matches the table")
+        self.snapshot = (
+            np.concatenate([known, row_ids]),
+            torch.cat([matrix, torch.from_numpy(np.asarray(means, dtype=np.float16)[order])]),
+            np.concatenate([alive, np.ones(len(row_ids), dtype=bool)]),
+        )
+
+    @staticmethod
+    def _slots(known: np.ndarray, row_ids: np.ndarray) -> np.ndarray:
+        """The slots in `known` (sorted row ids) of those of `row_ids` that are there."""
+        if len(known) == 0:
+            return np.zeros(0, dtype=np.int64)
+        row_ids = np.asarray(row_ids, dtype=np.uint64)
+        found = np.searchsorted(known, row_ids).clip(max=len(known) - 1)
+        return found[known[found] == row_ids]
+
+    def remove(self, row_ids: np.ndarray) -> None:
+        known, matrix, alive = self.snapshot
+        alive[self._slots(known, row_ids)] = False
+        if (~alive).sum() > max(1024, len(alive) // 4):
+            keep = np.flatnonzero(alive)
+            self.snapshot = (known[keep], matrix[torch.from_numpy(keep)], alive[keep])
+
+    def top(self, queries: np.ndarray, limit: int, allowed: np.ndarray | None = None) -> np.ndarray:
+        """The row ids of the `limit` best images by the best inner product of their mean vector with any of
+        `queries` (n, dim), among the live ones (and among the `allowed` row ids, if given), best first."""
+        known, matrix, alive = self.snapshot
+        if allowed is not None:  # a filter: only its images' means are read
+            slots = self._slots(known, allowed)
+            known, matrix, alive = known[slots], matrix[torch.from_numpy(slots)], alive[slots]
+        half = torch.from_numpy(np.asarray(queries, dtype=np.float16).reshape(-1, matrix.shape[1]).copy())
+        scores = torch.stack([torch.mv(matrix, query) for query in half]).amax(dim=0).float()
+        scores[torch.from_numpy(~alive)] = -torch.inf
+        found = torch.topk(scores, min(limit, len(known)))
+        return known[found.indices.numpy()[np.isfinite(found.values.numpy())]]
+
+
 class LanceStore:
     """The gallery's records in one LanceDB table (see the module's docstring). Thread-safe: routes call it
     from worker threads while its own thread maintains the indexes."""
@@ -154,29 +219,46 @@ class LanceStore:
         self.folder, self.settings, self.info = folder, settings, info
         self.db = lancedb.connect(folder / TABLES_DIR)
         self.table = self.db.open_table(info["table"])
-        self.probes = self.db.open_table(info["probes"]) if info.get("probes") else None
+        self.means = MeanVectors(info["dim"])
+        self._writing = threading.Lock()  # an add or delete changes the table and `means` as one step
         self._maintainer: threading.Thread | None = None
         self._maintaining = threading.Lock()  # one maintenance run at a time
         self._closed = False
         self._unindexed = self._count_unindexed()
-        self._indexed = {
-            column
-            for table, column in self._searched()
-            for index in table.list_indices()
-            if index.columns == [column]
-        }
 
     # -- opening -------------------------------------------------------------------------------------
     @classmethod
     def open(cls, folder: Path, settings: Settings) -> LanceStore | None:
-        """The gallery in `folder`, or None when it has none yet. Tables it does not name are dropped."""
+        """The gallery in `folder`, or None when it has none yet. Tables it does not name are dropped; a
+        gallery of an older format is copied into a new table first."""
         record = folder / RECORD_FILE
         if not record.exists():
             return None
-        store = cls(folder, settings, json.loads(record.read_text()))
+        info = json.loads(record.read_text())
+        store = cls(folder, settings, info)
         store._drop_unnamed_tables()
+        if info.get("format", 2) < FORMAT:
+            store = store._upgraded()
+        else:
+            store._load_means()
         store._maybe_maintain()
         return store
+
+    def _upgraded(self) -> LanceStore:
+        """This older-format gallery copied, image by image as stored, into a new table of this format."""
+        started = time.perf_counter()
+        target = self.start_rebuild(model_of(self.info))
+        for records in self.records(1024):
+            target.add(records)
+        log.info(
+            "converted the gallery in %s from format %s to %s: %d images in %.1f s",
+            self.folder,
+            self.info.get("format", 2),
+            FORMAT,
+            target.count(),
+            time.perf_counter() - started,
+        )
+        return self.finish_rebuild(target)
 
     @classmethod
     def create(
@@ -188,18 +270,14 @@ class LanceStore:
         existing = set(db.table_names())
         generation = 1 + max((int(n.rsplit("_", 1)[1]) for n in existing), default=0)
         name = f"images_{generation}"
-        table = db.create_table(name, schema=schema(model["dim"], model["queries"]))
+        table = db.create_table(
+            name, schema=schema(model["dim"], model["queries"]), storage_options=STABLE_ROW_IDS
+        )
         # Look-ups by key from the first add on; the indexes cover new rows once maintenance adds them.
         for column, config in (("id", BTree()), ("sha256", BTree()), ("tags", LabelList())):
             table.create_index(column, config=config)
-        probes = {}
-        if settings.gallery_first_pass == "centroids":
-            probes = {"probes": f"probes_{generation}", "centroids": settings.gallery_centroids}
-            probe_table = db.create_table(probes["probes"], schema=probe_schema(model["dim"]))
-            for column, config in (("id", BTree()), ("tags", LabelList())):
-                probe_table.create_index(column, config=config)
         info = {
-            "format": 2,
+            "format": FORMAT,
             "engine": cls.engine,
             "table": name,
             "fingerprint": model["fingerprint"],
@@ -207,7 +285,7 @@ class LanceStore:
             "dim": model["dim"],
             "queries": model["queries"],
             "created": time.time(),
-        } | probes
+        }
         store = cls(folder, settings, info)
         if publish:
             store.publish()
@@ -220,11 +298,18 @@ class LanceStore:
 
     def _drop_unnamed_tables(self) -> None:
         for name in self.db.table_names():
-            if name not in (self.info["table"], self.info.get("probes")):
+            if name != self.info["table"]:
                 log.info(
                     "dropping the gallery table %s, a leftover of an unfinished create or re-index", name
                 )
                 self.db.drop_table(name)
+
+    def _load_means(self) -> None:
+        """The in-memory first pass, read from the table (a column of 1 kB per image)."""
+        rows = self.table.search(None).select(["mean"]).with_row_id(True).to_arrow()
+        self.means.append(
+            rows["_rowid"].to_numpy(), column_values(rows, "mean", np.float32).reshape(-1, self.info["dim"])
+        )
 
     def start_rebuild(self, model: dict[str, Any]) -> LanceStore:
         """A new, unpublished table for `model`, written while this one serves (a re-index fills it)."""
@@ -240,10 +325,16 @@ class LanceStore:
         self._closed = True
         if self._maintainer is not None:
             self._maintainer.join()  # its commit lands, or never started: nothing half-done either way
+        # No search of this process reads an old version any more, and no other process opens the gallery (the
+        # folder's lock): what only old versions name can go now, which Lance warns about for the general case.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"optimize\(cleanup_older_than=0\)")
+            self.table.optimize(cleanup_older_than=timedelta(0), compaction_options=COMPACTION)
 
     # -- reading -------------------------------------------------------------------------------------
-    def _rows(self, where: str, columns: list[str], limit: int) -> pa.Table:
-        return self.table.search(None).where(where).select(columns).limit(limit).to_arrow()
+    def _rows(self, where: str, columns: list[str], limit: int, row_ids: bool = False) -> pa.Table:
+        query = self.table.search(None).where(where).select(columns).limit(limit)
+        return query.with_row_id(row_ids).to_arrow()
 
     @staticmethod
     def _stored(row: dict[str, Any]) -> Stored:
@@ -274,22 +365,8 @@ class LanceStore:
         return dict(zip(rows["id"].to_pylist(), self._vectors(rows), strict=True))
 
     def _vectors(self, rows: pa.Table) -> np.ndarray:
-        """The `vectors` column of `rows` as (rows, queries, dim) float16, read from Arrow's buffer in place
-        (pyarrow converts float16 to numpy value by value: 100 ms for 500 images)."""
-        return self._column(rows, "vectors", np.float16).reshape(-1, self.info["queries"], self.info["dim"])
-
-    @staticmethod
-    def _column(rows: pa.Table, name: str, dtype: type) -> np.ndarray:
-        """A fixed-size-list column's values, flat, without a copy where Arrow allows."""
-        values = rows[name].combine_chunks().flatten()  # the child array, sliced as the column is
-        if len(values) == 0:
-            return np.zeros(0, dtype=dtype)
-        return np.frombuffer(
-            values.buffers()[1],
-            dtype=dtype,
-            count=len(values),
-            offset=values.offset * np.dtype(dtype).itemsize,
-        )
+        """The `vectors` column of `rows` as (rows, queries, dim) float16."""
+        return column_values(rows, "vectors", np.float16).reshape(-1, self.info["queries"], self.info["dim"])
 
     def records(self, batch_size: int = 256) -> Iterator[list[Record]]:
         for batch in self.table.search(None).select([*FIELDS, "vectors"]).to_batches(batch_size):
@@ -301,7 +378,7 @@ class LanceStore:
             ]
 
     # -- writing -------------------------------------------------------------------------------------
-    def _arrow(self, records: list[Record]) -> pa.Table:
+    def _arrow(self, records: list[Record]) -> tuple[pa.Table, np.ndarray]:
         queries, dim = self.info["queries"], self.info["dim"]
         vectors = np.stack([np.asarray(r.vectors, dtype=np.float32) for r in records])
         if vectors.shape[1:] != (queries, dim):
@@ -309,7 +386,7 @@ class LanceStore:
                 f"query vectors of shape {vectors.shape[1:]}; this gallery holds {(queries, dim)}"
             )
         means = np.stack([mean_vector(v) for v in vectors])
-        return pa.table(
+        table = pa.table(
             {
                 "id": [r.image_id for r in records],
                 "sha256": [r.sha256 for r in records],
@@ -324,116 +401,86 @@ class LanceStore:
             },
             schema=self.table.schema,
         )
+        return table, means
 
     def add(self, records: list[Record]) -> None:
-        """One commit (a new table version) for all of them."""
-        if records:
-            if self.probes is not None:  # first: a crash between the two leaves probes of no image, ignored
-                self.probes.add(self._probe_rows(records))
-            self.table.add(self._arrow(records))
+        """One commit (a new table version) for all of them; then their row ids into the first pass."""
+        if not records:
+            return
+        table, means = self._arrow(records)
+        with self._writing:
+            self.table.add(table)
+            added = self._rows(in_list("id", [r.image_id for r in records]), ["id"], len(records), True)
+            position = {image_id: n for n, image_id in enumerate(table["id"].to_pylist())}
+            order = [position[image_id] for image_id in added["id"].to_pylist()]
+            self.means.append(added["_rowid"].to_numpy(), means[order])
             self._unindexed += len(records)
-            self._maybe_maintain()
-
-    def _probe_rows(self, records: list[Record]) -> pa.Table:
-        per_image = self.info["centroids"]
-        centres = centroids(np.stack([np.asarray(r.vectors, dtype=np.float32) for r in records]), per_image)
-        return pa.table(
-            {
-                "id": [r.image_id for r in records for _ in range(per_image)],
-                "tags": [tags(r.metadata) for r in records for _ in range(per_image)],
-                "probe": pa.FixedSizeListArray.from_arrays(pa.array(centres.reshape(-1)), self.info["dim"]),
-            },
-            schema=self.probes.schema,
-        )
+        self._maybe_maintain()
 
     def delete(self, image_id: str) -> bool:
-        if self.get(image_id) is None:
-            return False
-        self._delete_from(self.table, image_id)  # the image is gone from here on
-        if self.probes is not None:  # a crash before this leaves probes of no image: ignored by searches
-            self._delete_from(self.probes, image_id)
+        with self._writing:
+            found = self._rows(in_list("id", [image_id]), ["id"], 1, True)
+            if found.num_rows == 0:
+                return False
+            # a compaction committed meanwhile may conflict: the delete is tried again
+            for attempt in range(5):
+                try:
+                    self.table.delete(f"id = {sql_text(image_id)}")
+                    break
+                except Exception as exc:
+                    if "onflict" not in str(exc) or attempt == 4:
+                        raise
+                    time.sleep(0.05 * (attempt + 1))
+            self.means.remove(found["_rowid"].to_numpy())
         return True
 
-    @staticmethod
-    def _delete_from(table: Any, image_id: str) -> None:
-        for attempt in range(5):  # a compaction committed meanwhile may conflict: the delete is tried again
-            try:
-                table.delete(f"id = {sql_text(image_id)}")
-                return
-            except Exception as exc:
-                if "onflict" not in str(exc) or attempt == 4:
-                    raise
-                time.sleep(0.05 * (attempt + 1))
-
     # -- searching -----------------------------------------------------------------------------------
-    def _first_pass(
-        self, vector: np.ndarray, where: str | None, limit: int, columns: list[str], probes: bool = False
-    ) -> pa.Table:
-        table, column = (self.probes, "probe") if probes else (self.table, "mean")
-        query = table.search(np.asarray(vector, dtype=np.float32), vector_column_name=column)
-        query = query.distance_type("dot").limit(limit).select(columns)
-        if column in self._indexed:
-            query = query.nprobes(self.settings.gallery_nprobes).ef(max(self.settings.gallery_ef, limit))
-        if where:
-            query = query.where(where, prefilter=True)
-        return query.to_arrow()
+    def _allowed(self, conditions: dict[str, list[Any]] | None) -> np.ndarray | None:
+        """The row ids of the images a filter lets through (by the tags' LABEL_LIST index), or None for no
+        filter."""
+        where = tags_filter(conditions)
+        if where is None:
+            return None
+        rows = self._rows(where, ["id"], max(1, self.count()), row_ids=True)
+        return rows["_rowid"].to_numpy()
+
+    def _take(self, row_ids: np.ndarray, columns: list[str]) -> pa.Table:
+        """Rows by row id (one that was deleted meanwhile is simply missing)."""
+        if len(row_ids) == 0:
+            return self.table.schema.empty_table().select(columns)
+        return self.table.take_row_ids(row_ids.tolist()).select(columns).to_arrow()
 
     def search(
         self, vectors: np.ndarray, k: int, conditions: dict[str, list[Any]] | None = None
     ) -> list[tuple[Stored, float]]:
-        """Two passes: C candidates by each query vector against the mean vectors, then their exact ITC.
-        Only the k best become Python objects (500 candidates' rows as dicts cost more than the search)."""
+        """Two passes: C candidates by the mean vectors in memory, then their exact ITC. Only the k best
+        become Python objects (1,000 candidates' rows as dicts cost more than the search)."""
         queries = np.asarray(vectors, dtype=np.float32).reshape(-1, self.info["dim"])
-        limit, where = max(k, self.settings.gallery_candidates), tags_filter(conditions)
-        if self.probes is not None:
-            rows = self._by_probes(queries, where, limit)
-        else:
-            found = [self._first_pass(query, where, limit, [*FIELDS, "vectors"]) for query in queries]
-            rows = found[0] if len(found) == 1 else pa.concat_tables(found)
+        limit = max(k, self.settings.gallery_candidates)
+        row_ids = self.means.top(queries, limit, self._allowed(conditions))
+        rows = self._take(row_ids, [*FIELDS, "vectors"])
         if rows.num_rows == 0:
             return []
+        kept, scores = top_by_max_sim(self._vectors(rows), queries, k)
         ids = np.array(rows["id"].to_pylist())
-        _, first = np.unique(ids, return_index=True)  # a candidate of several query vectors, once
-        kept, scores = top_by_max_sim(self._vectors(rows)[first], queries, k)
-        first = first[kept]
-        order = first[np.lexsort((ids[first], -scores))][:k]  # best first, ties in id order
-        stored = [self._stored(row) for row in rows.select(FIELDS).take(order).to_pylist()]
-        by_row = dict(zip(first.tolist(), scores.tolist(), strict=True))
-        return [(item, by_row[row]) for item, row in zip(stored, order.tolist(), strict=True)]
-
-    def _by_probes(self, queries: np.ndarray, where: str | None, limit: int) -> pa.Table:
-        """The rows of the `limit` images whose centres come nearest the query vectors (each image has
-        `centroids` of them, so that many times the rows are asked for)."""
-        ids: dict[str, None] = {}  # in order of their best centre
-        for query in queries:
-            rows = self._first_pass(query, where, limit * self.info["centroids"], ["id"], probes=True)
-            ids.update(dict.fromkeys(rows["id"].to_pylist()))
-        chosen = list(ids)[: limit * len(queries)]
-        if not chosen:
-            return self.table.schema.empty_table()
-        return self._rows(in_list("id", chosen), [*FIELDS, "vectors"], len(chosen))
+        order = np.lexsort((ids[kept], -scores))[:k]  # best first, ties in id order
+        stored = [self._stored(row) for row in rows.select(FIELDS).take(kept[order]).to_pylist()]
+        return list(zip(stored, scores[order].tolist(), strict=True))
 
     def similar(
         self, vectors: np.ndarray, k: int, conditions: dict[str, list[Any]] | None = None
     ) -> list[tuple[Stored, float]]:
-        """By the cosine of the mean vectors, exact on the candidates the index returns (a few more than k)."""
+        """By the cosine of the mean vectors: the best k + a margin in float16, then their exact cosines."""
         mean = mean_vector(vectors)
-        limit = max(k, min(4 * k, self.settings.gallery_candidates))
-        rows = self._first_pass(mean, tags_filter(conditions), limit, [*FIELDS, "mean"])
+        row_ids = self.means.top(mean[None], k + PRESELECT_MARGIN, self._allowed(conditions))
+        rows = self._take(row_ids, [*FIELDS, "mean"])
         if rows.num_rows == 0:
             return []
-        means = self._column(rows, "mean", np.float32).reshape(rows.num_rows, -1)
+        means = column_values(rows, "mean", np.float32).reshape(rows.num_rows, -1)
         scored = [self._stored(row) for row in rows.select(FIELDS).to_pylist()]
         return best(list(zip(scored, (means @ mean).tolist(), strict=True)), k)
 
     # -- maintenance ---------------------------------------------------------------------------------
-    def _has_vector_index(self) -> bool:
-        return "mean" in self._indexed
-
-    def _searched(self) -> list[tuple[Any, str]]:
-        """(table, vector column) of each table with an ANN index: the images', and the centres' if any."""
-        return [(self.table, "mean")] + ([(self.probes, "probe")] if self.probes is not None else [])
-
     def _count_unindexed(self) -> int:
         try:
             return self.table.index_stats("id_idx").num_unindexed_rows
@@ -444,12 +491,8 @@ class LanceStore:
         """Start the background maintenance when it is due (see the module's docstring)."""
         if self._closed or self._maintaining.locked():
             return
-        count = self.count()
-        index_due = count >= self.settings.gallery_index_min_images and not self._has_vector_index()
-        # A maintenance adds the new rows to the ANN index as one more segment, which every search then walks:
-        # so not after a fixed number of rows but after a share of the gallery (a few segments per doubling).
-        rows_due = max(self.settings.gallery_optimize_rows, int(count * GROWTH_PER_MAINTENANCE))
-        if index_due or self._unindexed >= rows_due:
+        rows_due = max(self.settings.gallery_optimize_rows, int(self.count() * GROWTH_PER_MAINTENANCE))
+        if self._unindexed >= rows_due:
             self._maintainer = threading.Thread(target=self._maintain, name="gallery-index", daemon=True)
             self._maintaining.acquire()
             self._maintainer.start()
@@ -457,42 +500,14 @@ class LanceStore:
     def _maintain(self) -> None:
         try:
             pending = self._unindexed
-            for table, column in self._searched():
-                # compaction, the new rows into every index, the files of versions older than KEEP_OLD_VERSIONS
-                table.optimize(cleanup_older_than=KEEP_OLD_VERSIONS, compaction_options=COMPACTION)
-                count = self.count()
-                if count >= self.settings.gallery_index_min_images and (
-                    column not in self._indexed
-                    or table.index_stats(f"{column}_idx").num_indices
-                    > self.settings.gallery_index_max_segments
-                ):
-                    self._build_vector_index(table, column, count)
+            # compaction (row ids stay: the table has stable ones), the new rows into the scalar indexes, the
+            # files of versions older than KEEP_OLD_VERSIONS
+            self.table.optimize(cleanup_older_than=KEEP_OLD_VERSIONS, compaction_options=COMPACTION)
             self._unindexed = max(0, self._unindexed - pending)
         except Exception as exc:  # nothing is committed by a failed run; the next add tries again
-            log.warning("gallery index maintenance failed (searches stay right, maybe slower): %s", exc)
+            log.warning("gallery maintenance failed (searches stay right, maybe slower): %s", exc)
         finally:
             self._maintaining.release()
-
-    def _vector_segments(self) -> int:
-        return self.table.index_stats("mean_idx").num_indices
-
-    def _build_vector_index(self, table: Any, column: str, count: int) -> None:
-        """(Re)build the ANN index over every row as one segment; searches use the old one until it commits."""
-        started = time.perf_counter()
-        kind = self.settings.gallery_embedded_index
-        # One HNSW graph unless told otherwise: with IVF partitions around it a first pass probing a few of them
-        # lost candidates (bench helper: recall@10 0.867 at 100,000 images against 1.00 for one partition).
-        partitions = self.settings.gallery_index_partitions or (1 if kind == "IVF_HNSW_SQ" else None)
-        config = VECTOR_INDEXES[kind](distance_type="dot", num_partitions=partitions)
-        table.create_index(column, config=config, replace=True)
-        self._indexed.add(column)
-        log.info(
-            "the gallery's %s index on %s over %d images: built in %.1f s",
-            self.settings.gallery_embedded_index,
-            column,
-            count,
-            time.perf_counter() - started,
-        )
 
     def wait_for_maintenance(self) -> None:
         """Block until a running maintenance is done (benchmarks and tests measure a settled gallery)."""
@@ -504,6 +519,6 @@ class LanceStore:
             "engine": self.engine,
             "location": str(self.folder / TABLES_DIR / f"{self.info['table']}.lance"),
             "table": self.info["table"],
-            "vector_index": self.settings.gallery_embedded_index if self._has_vector_index() else None,
-            "first_pass": "centroids" if self.probes is not None else "mean",
+            "first_pass": "exact, mean vectors in memory",
+            "candidates": self.settings.gallery_candidates,
         }

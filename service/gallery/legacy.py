@@ -124,13 +124,3 @@ def retire_embedded(folder: Path) -> None:
             location,
             CONVERTED_SUFFIX,
         )
-
-
-def model_of(info: dict[str, Any]) -> dict[str, Any]:
-    """An old record as the model description a new store is created for."""
-    return {
-        "fingerprint": info["fingerprint"],
-        "name": info["model"],
-        "dim": info["dim"],
-        "queries": info["queries"],
-    }

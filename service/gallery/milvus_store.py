@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
-from service.gallery.common import GalleryError, Record, Stored, best, mean_vector, top_by_max_sim
-from service.gallery.legacy import model_of, old_records
+from service.gallery.common import GalleryError, Record, Stored, best, mean_vector, model_of, top_by_max_sim
+from service.gallery.legacy import old_records
 from service.settings import Settings
 
 log = logging.getLogger("service.gallery")

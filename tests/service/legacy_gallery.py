@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,3 +73,45 @@ def insert_old_rows(client: MilvusClient, records: list[Record]) -> None:
             for query, vector in numbered
         ]
         client.insert(NAME, rows)
+
+
+def write_format2_gallery(folder: Path, model: dict[str, Any], records: list[Record]) -> None:
+    """A LanceDB gallery as the first one-record-per-image store wrote it (gallery.json format 2): a table
+    without stable row ids, its row as today's (the mean float32, the vectors float16), an ANN index on
+    `mean`, and a compaction after the adds, which moves rows to new addresses."""
+    import lancedb
+    import pyarrow as pa
+    from lancedb.index import IvfFlat
+
+    queries, dim = model["queries"], model["dim"]
+    vectors = np.stack([r.vectors for r in records]).astype(np.float32)
+    table = pa.table(
+        {
+            "id": [r.image_id for r in records],
+            "sha256": [r.sha256 for r in records],
+            "file": [r.file for r in records],
+            "added_at": [r.added_at for r in records],
+            "meta": [json.dumps(r.metadata) for r in records],
+            "tags": [[f"{k}={json.dumps(v)}" for k, v in r.metadata.items()] for r in records],
+            "mean": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.stack([mean_vector(v) for v in vectors]).reshape(-1)), dim
+            ),
+            "vectors": pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors.astype(np.float16).reshape(-1)), queries * dim
+            ),
+        }
+    )
+    db = lancedb.connect(folder / "lance")
+    created = db.create_table("images_1", data=table.slice(0, len(records) // 2))
+    created.add(table.slice(len(records) // 2))
+    created.create_index("mean", config=IvfFlat(distance_type="dot", num_partitions=2))
+    created.optimize()
+    info = {
+        "format": 2,
+        "engine": "lancedb",
+        "table": "images_1",
+        "model": model["name"],
+        "created": time.time(),
+    }
+    info |= {key: model[key] for key in ("fingerprint", "dim", "queries")}
+    (folder / "gallery.json").write_text(json.dumps(info))

@@ -1,7 +1,7 @@
 """The gallery's stores, called directly with given vectors (no model): the two-pass search (exact while the
 gallery is no bigger than the first pass's candidates, the filter applied in the first pass), look-ups by key,
-the background index, kill -9 in the middle of adds and deletes, and the conversion of galleries written by
-earlier versions (Milvus Lite's milvus.db, and the same format on a Milvus server)."""
+the background maintenance, kill -9 in the middle of adds and deletes, and the conversion of galleries written
+by earlier versions (Milvus Lite's milvus.db, the same format on a Milvus server, the first LanceDB format)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from legacy_gallery import insert_old_rows, write_old_gallery
+from legacy_gallery import insert_old_rows, write_format2_gallery, write_old_gallery
 from pymilvus import MilvusClient
 from servertools import milvus_server, settings_for
 
-from service.gallery import Gallery, NewImage, Record, content_key
+from service.gallery import Gallery, NewImage, Record, content_key, mean_vector
 from service.gallery.legacy import release_embedded
 
 QUERIES, DIM = 8, 16
@@ -45,21 +45,24 @@ def exact(stored: list[NewImage], query: np.ndarray, k: int) -> list[tuple[str, 
     return sorted(scores, key=lambda pair: (-pair[1], pair[0]))[:k]
 
 
+def two_passes(stored: list[NewImage], query: np.ndarray, candidates: int, k: int) -> list[tuple[str, float]]:
+    """What the embedded store's search must find: the best `candidates` by mean vector, then exactly."""
+    means = np.stack([mean_vector(image.vectors) for image in stored])
+    first = np.argsort(-(means @ query[0]), kind="stable")[:candidates]
+    return exact([stored[n] for n in first], query, k)
+
+
 def open_gallery(folder: Path, **settings) -> Gallery:
     return Gallery.open(settings_for(None, None, gallery_dir=str(folder), **settings), MODEL)
 
 
-FIRST_PASSES = ["mean", "centroids"]
-
-
-@pytest.mark.parametrize("first_pass", FIRST_PASSES)
-def test_a_gallery_no_bigger_than_the_candidates_is_searched_exactly(tmp_path, first_pass):
+def test_a_gallery_no_bigger_than_the_candidates_is_searched_exactly(tmp_path):
     added = images(300)
-    gallery = open_gallery(tmp_path / "g", gallery_candidates=300, gallery_first_pass=first_pass)
+    gallery = open_gallery(tmp_path / "g", gallery_candidates=300)
     gallery.add(added)
     query = unit(np.random.default_rng(7).normal(size=(1, DIM)))
     found = gallery.search(query, 10)
-    few = open_gallery(tmp_path / "few", gallery_candidates=20, gallery_first_pass=first_pass)
+    few = open_gallery(tmp_path / "few", gallery_candidates=20)
     few.add(added)
     approximate = few.search(query, 10)
     gallery.close()
@@ -73,12 +76,11 @@ def test_a_gallery_no_bigger_than_the_candidates_is_searched_exactly(tmp_path, f
     assert all(score == pytest.approx(truth[s.image_id], abs=FLOAT16) for s, score in approximate)
 
 
-@pytest.mark.parametrize("first_pass", FIRST_PASSES)
-def test_the_filter_is_applied_in_the_first_pass(tmp_path, first_pass):
+def test_the_filter_is_applied_in_the_first_pass(tmp_path):
     """Ten candidates of 300 images hold about two north ones: filtered after the first pass, a page of ten
     north images would come back nearly empty. In the first pass, it is full, and right."""
     added = images(300)
-    gallery = open_gallery(tmp_path / "g", gallery_candidates=10, gallery_first_pass=first_pass)
+    gallery = open_gallery(tmp_path / "g", gallery_candidates=10)
     gallery.add(added)
     query = unit(np.random.default_rng(8).normal(size=(1, DIM)))
     found = gallery.search(query, 10, {"shop": ["north"]})
@@ -88,80 +90,41 @@ def test_the_filter_is_applied_in_the_first_pass(tmp_path, first_pass):
     assert sorted(s.image_id for s, _ in mixed) == ["image-0", "image-5"]
 
 
-def test_lookups_are_by_key_and_the_index_is_built_in_the_background(tmp_path):
-    """Past gallery_index_min_images the ANN index over the mean vectors is built by a background thread,
-    and maintenance adds new rows to the id and sha256 indexes, which an add's checks then use."""
-    gallery = open_gallery(tmp_path / "g", gallery_index_min_images=256, gallery_optimize_rows=64)
+def test_lookups_are_by_key_and_row_ids_outlive_maintenance(tmp_path):
+    """Maintenance compacts the table in the background and adds new rows to the id and sha256 indexes, which
+    an add's checks then use; the in-memory first pass finds rows by their row ids, which stay through
+    compaction, so searches stay exact across it, across deletes and in a reopened gallery."""
+    gallery = open_gallery(tmp_path / "g", gallery_optimize_rows=64, gallery_candidates=40)
     added = images(320)
     for start in range(0, len(added), 16):
         gallery.add(added[start : start + 16])
     gallery.store.wait_for_maintenance()
+    assert gallery.store.table.stats()["fragment_stats"]["num_fragments"] < 4  # 20 adds, compacted
     late = images(4, seed=1, start=1000)
-    gallery.add(late)  # after the index: searched exactly until the next maintenance
-    assert gallery.describe()["vector_index"] == "IVF_HNSW_SQ"
+    gallery.add(late)  # after the maintenance: looked up by a scan of the new rows until the next one
     for column in ("id", "sha256"):
         plan = gallery.store.table.search(None).where(f"{column} IN ('x')").select(["id"]).explain_plan()
         assert f"{column}_idx(BTree)" in plan, plan
-    for image in (added[3], late[2]):
-        assert gallery.similar(image.vectors, 1)[0][0].image_id == image.image_id
     plans = gallery.plan([(b"image 3", None), (b"image 3", "other"), (b"new", "image-4")])
     assert [(p.status, p.holder) for p in plans] == [
         ("duplicate", "image-3"),
         ("duplicate", "image-3"),
         ("conflict", "image-4"),
     ]
+    removed = [image.image_id for image in added[::7]]
+    for image_id in removed:
+        assert gallery.delete(image_id)
+    kept = [image for image in added + late if image.image_id not in removed]
+    queries = unit(np.random.default_rng(5).normal(size=(3, 1, DIM)))
+    expected = [[i for i, _ in two_passes(kept, query, 40, 10)] for query in queries]
+    for reopened in (False, True):
+        if reopened:
+            gallery.close()
+            gallery = open_gallery(tmp_path / "g", gallery_candidates=40)
+        assert [[s.image_id for s, _ in gallery.search(query, 10)] for query in queries] == expected
+        # each image's mean vector in memory leads to its own row
+        assert all(gallery.similar(image.vectors, 1)[0][0].image_id == image.image_id for image in kept)
     gallery.close()
-
-
-def test_the_ann_index_is_rebuilt_before_its_segments_pile_up(tmp_path):
-    """Every maintenance adds its rows to the ANN index as a segment that each search walks: past
-    gallery_index_max_segments the background thread rebuilds it as one."""
-    gallery = open_gallery(
-        tmp_path / "g", gallery_index_min_images=256, gallery_optimize_rows=16, gallery_index_max_segments=2
-    )
-    added = images(480)
-    segments = []
-    for start in range(0, len(added), 16):
-        gallery.add(added[start : start + 16])
-        gallery.store.wait_for_maintenance()
-        if gallery.describe()["vector_index"]:
-            segments.append(gallery.store._vector_segments())
-    query = unit(np.random.default_rng(3).normal(size=(1, DIM)))
-    found = gallery.search(query, 5)
-    gallery.close()
-    assert max(segments) <= 2 and 2 in segments, segments  # it grew to the limit, and never past it
-    truth = {image.image_id: float((image.vectors @ query.T).max()) for image in added}
-    assert [score for _, score in found] == pytest.approx(
-        sorted(truth.values(), reverse=True)[:5], abs=FLOAT16
-    )
-
-
-def test_centroids_find_what_a_mean_misses_and_go_with_their_image(tmp_path):
-    """An image half of whose query vectors point along a text and half away from it: its mean points away
-    from the text more than the means of the 25 images of the text's cluster, so a first pass of 5 by the
-    mean misses it, though its ITC is the best; one of its centres points along the text. Deleting the image
-    deletes its centres; the ANN index is built over them too."""
-    text = unit(np.random.default_rng(0).normal(size=(12, DIM)))[:1]  # the centre of images()' first cluster
-    rng = np.random.default_rng(4)
-    away = unit(rng.normal(size=(1, DIM)))
-    away = unit(away - (float((away @ text.T)[0, 0]) + 0.3) * text)  # cosine about -0.3 with the text
-    split = unit(
-        np.repeat(np.concatenate([text, away]), QUERIES // 2, axis=0) + 0.02 * rng.normal(size=(QUERIES, DIM))
-    )
-    target = NewImage("split", content_key(b"split", None)[0], b"split", {}, split)
-    settings = dict(gallery_candidates=5, gallery_index_min_images=256, gallery_optimize_rows=64)
-    found = {}
-    for first_pass in FIRST_PASSES:
-        gallery = open_gallery(tmp_path / first_pass, gallery_first_pass=first_pass, **settings)
-        gallery.add([*images(300), target])
-        gallery.store.wait_for_maintenance()
-        found[first_pass] = [s.image_id for s, _ in gallery.search(text, 5)]
-        if first_pass == "centroids":
-            assert gallery.describe()["first_pass"] == "centroids" and "probe" in gallery.store._indexed
-            assert gallery.delete("split") and gallery.store.probes.count_rows("id = 'split'") == 0
-            assert "split" not in [s.image_id for s, _ in gallery.search(text, 5)]
-        gallery.close()
-    assert found["centroids"][0] == "split" and "split" not in found["mean"], found
 
 
 WRITER = """
@@ -232,6 +195,21 @@ def check_converted(gallery: Gallery, records: list[Record]) -> None:
     expected = exact([NewImage(r.image_id, r.sha256, b"", r.metadata, r.vectors) for r in records], query, 5)
     assert [s.image_id for s, _ in gallery.search(query, 5)] == [i for i, _ in expected]
     assert gallery.similar(records[3].vectors, 1)[0][0].image_id == records[3].image_id
+
+
+def test_a_first_format_lancedb_gallery_is_converted_when_opened(tmp_path):
+    """A LanceDB gallery of format 2 (no stable row ids: compaction moved its rows) is copied into a new table
+    when opened, nothing lost, and its old table dropped."""
+    folder = tmp_path / "g"
+    folder.mkdir()
+    records = old_records(40)
+    write_format2_gallery(folder, MODEL, records)
+    gallery = open_gallery(folder)
+    check_converted(gallery, records)
+    assert gallery.store.info["format"] == 3 and gallery.store.db.table_names() == [
+        gallery.store.info["table"]
+    ]
+    gallery.close()
 
 
 def test_an_old_embedded_gallery_is_converted_when_opened(tmp_path):
