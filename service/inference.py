@@ -19,6 +19,7 @@ from PIL import Image
 from torch.nn import functional as F
 from transformers.generation.streamers import BaseStreamer
 
+from blip2 import scores as qformer_scores
 from service.batching import InvalidInput
 from service.decoding import FastDecoder, graph_blocker, unsupported
 from service.jobs import EmbedJob, Generated, GenerateJob, GenerationOptions, RetrieveJob
@@ -352,13 +353,7 @@ class Runner:
 
     def query_features(self, vision: torch.Tensor) -> torch.Tensor:
         """Q-Former queries over the image -> projected, L2-normalised: (images, queries, 256)."""
-        model = self._retrieval().model
-        mask = torch.ones(vision.shape[:-1], dtype=torch.long, device=vision.device)
-        queries = model.query_tokens.expand(vision.shape[0], -1, -1)
-        out = model.qformer(query_embeds=queries, encoder_hidden_states=vision, encoder_attention_mask=mask)
-        hidden = out.last_hidden_state.to(model.vision_projection.weight.dtype)
-        # Normalise in fp32: in fp16 the norms are off by ~1e-3.
-        return F.normalize(model.vision_projection(hidden).float(), dim=-1)
+        return qformer_scores.query_features(self._retrieval().model, vision)
 
     def _tokens(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Token ids of search texts (/embed, /retrieve, the gallery's search): the one place they enter the
@@ -380,14 +375,9 @@ class Runner:
 
     def text_features(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """The [CLS] output of the Q-Former's text side -> projected, L2-normalised: (texts, 256)."""
-        model = self._retrieval().model
-        out = model.qformer(
-            query_embeds=model.embeddings(input_ids=tokens["input_ids"]),
-            query_length=0,
-            attention_mask=tokens["attention_mask"],
+        return qformer_scores.text_features(
+            self._retrieval().model, tokens["input_ids"], tokens["attention_mask"]
         )
-        hidden = out.last_hidden_state[:, 0, :].to(model.text_projection.weight.dtype)
-        return F.normalize(model.text_projection(hidden).float(), dim=-1)
 
     def itm_logits(self, vision: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """Image-text matching logits (pairs, 2), averaged over the query outputs, as transformers does."""
@@ -401,8 +391,7 @@ class Runner:
             encoder_hidden_states=vision,
             encoder_attention_mask=torch.ones(vision.shape[:-1], dtype=torch.long, device=vision.device),
         )
-        hidden = out.last_hidden_state[:, : queries.shape[1], :].to(model.itm_head.weight.dtype)
-        return model.itm_head(hidden).mean(dim=1).float()
+        return qformer_scores.itm_head_logits(model, out.last_hidden_state[:, : queries.shape[1], :])
 
     def embed(self, jobs: list[EmbedJob]) -> list[dict[str, Any]]:
         """All images of all jobs in one ViT + Q-Former pass, all texts in one text pass, then split."""
@@ -432,11 +421,11 @@ class Runner:
         if job.query_text is not None:
             vision = self.vision_features(job.pixels)
             tokens = self._tokens([job.query_text])
-            itc = (self.query_features(vision) @ self.text_features(tokens)[0]).amax(dim=1)
+            itc = qformer_scores.itc_similarity(self.query_features(vision), self.text_features(tokens))[:, 0]
         else:
             vision = self.vision_features(job.pixels)
             tokens = self._tokens(job.candidate_texts)
-            itc = (self.query_features(vision)[0] @ self.text_features(tokens).T).amax(dim=0)
+            itc = qformer_scores.itc_similarity(self.query_features(vision), self.text_features(tokens))[0]
         k = min(job.top_k, itc.numel())
         top = torch.topk(itc, k).indices
         if job.query_text is not None:
@@ -445,7 +434,7 @@ class Runner:
             logits = self.itm_logits(vision.expand(k, -1, -1), {name: t[top] for name, t in tokens.items()})
         # To the host once (one sync each), not an .item() per candidate.
         probabilities = logits.softmax(dim=-1)[:, 1].tolist()
-        scores = (logits[:, 1] + itc[top]).tolist()
+        scores = qformer_scores.reranked_score(logits, itc[top]).tolist()
         itc_scores, top = itc.tolist(), top.tolist()
         ranked = [
             {"index": i, "itc_score": itc_scores[i], "itm_score": probabilities[n], "score": scores[n]}

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
+from blip2.scores import itc_similarity
 from training.data import group_by_image, read_manifest, text_tokens, write_jsonl
 from training.inference import generate_texts, load_generation_model, pick_device
-from training.scoring import itc_image_features, itc_similarity, itc_text_features
+from training.scoring import itc_image_features, itc_text_features
 from training.settings import CapfiltSettings
 
 

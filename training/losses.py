@@ -3,7 +3,8 @@
 `stage1_losses` is the public entry point: from the frozen vision tower's output, token ids and the
 attention mask it returns the three losses of LAVIS's `Blip2Qformer.forward`, on one process or
 across ranks. It runs three Q-Former passes, each with its own mask (see `training.masks`; the passes,
-ITC features and the ITM head are `training.scoring`'s, which evaluation and CapFilt score with too):
+ITC features and the ITM head are the core's, `blip2.scores`, which evaluation, CapFilt and the server
+score with too):
 
 1. ITC, unimodal mask: queries over the image and the text on its own, in one pass. Similarity is
    the max over queries of cosine(query, [CLS]) divided by a learned temperature; cross-entropy both
@@ -24,10 +25,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from blip2.scores import project_queries, project_text
 from training import distributed
 from training.masks import multimodal_causal_mask, unimodal_mask
 from training.model import Stage1Model
-from training.scoring import itc_image_feats, itc_text_feat, itm_logits, qformer_pass
+from training.scoring import itm_logits, qformer_pass
 
 LABEL_SMOOTHING = 0.1
 # LAVIS adds this floor to the softmax weights, so every negative keeps a chance of being drawn.
@@ -84,8 +86,8 @@ def stage1_losses(
 
     # ITC
     hidden = qformer_pass(model, image_embeds, input_ids, attention_mask, unimodal_mask)
-    image_feats = itc_image_feats(model, hidden[:, :num_queries])
-    text_feat = itc_text_feat(model, hidden[:, num_queries])
+    image_feats = project_queries(retrieval, hidden[:, :num_queries])
+    text_feat = project_text(retrieval, hidden[:, num_queries])
     image_feats_all = distributed.gather(image_feats, with_grad=True)
     text_feat_all = distributed.gather(text_feat, with_grad=True)
     sim_i2t = torch.einsum("bqd,nd->bnq", image_feats, text_feat_all).amax(-1) / model.temp

@@ -1,9 +1,10 @@
 """Q-Former scoring of image-text pairs, for the stage-1 losses, retrieval evaluation and CapFilt.
 
-ITC compares an image's projected, normalised query outputs with a text's projected [CLS] output: the
-best cosine over the queries. ITM runs the queries and the text together (bidirectional mask) and
-averages its 2-way head over the query outputs. Retrieval follows LAVIS: ITC similarity for every pair,
-then each query's top k candidates re-ranked by ITM, final score ITM logit + ITC similarity.
+The ITC features, the ITM head and the scores are the core's (`blip2.scores`), which the server computes
+with too; here are the Q-Former passes under training's explicit stage-1 masks (`training.masks`) and the
+batched evaluation. ITM runs the queries and the text together (bidirectional mask). Retrieval follows
+LAVIS: ITC similarity for every pair, then each query's top k candidates re-ranked by ITM, final score
+ITM logit + ITC similarity.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
+from blip2.scores import itc_similarity, itm_head_logits, query_features, reranked_score, text_features
 from training.data import text_tokens
 from training.inference import images_or_blanks, progress_bar
 from training.masks import additive, bidirectional_mask
@@ -39,27 +40,12 @@ def qformer_pass(
     ).last_hidden_state
 
 
-def itc_image_feats(model: Stage1Model, query_output: torch.Tensor) -> torch.Tensor:
-    """(B, queries, D): the query outputs projected and normalised, one ITC feature per query."""
-    return F.normalize(model.retrieval.vision_projection(query_output), dim=-1)
-
-
-def itc_text_feat(model: Stage1Model, cls_output: torch.Tensor) -> torch.Tensor:
-    """(B, D): the text's [CLS] output projected and normalised."""
-    return F.normalize(model.retrieval.text_projection(cls_output), dim=-1)
-
-
-def itc_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
-    """(images, texts): the best cosine over the image's query features, as BLIP-2's ITC (no temperature)."""
-    return torch.einsum("iqd,td->itq", image_feats, text_feats).amax(-1)
-
-
 def itm_logits(
     model: Stage1Model, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """(B, 2): the ITM head's (no match, match) logits, averaged over the query outputs."""
     hidden = qformer_pass(model, image_embeds, input_ids, attention_mask, bidirectional_mask)
-    return model.retrieval.itm_head(hidden[:, : model.num_query_tokens]).mean(dim=1)
+    return itm_head_logits(model.retrieval, hidden[:, : model.num_query_tokens])
 
 
 @torch.no_grad()
@@ -82,26 +68,20 @@ def itc_image_features(
         images, _ = images_or_blanks(image_paths[start : start + batch_size])
         pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device)
         embeds = retrieval.vision_model(pixel_values=pixels).last_hidden_state
-        queries = retrieval.query_tokens.expand(embeds.shape[0], -1, -1)
-        query_out = retrieval.qformer(query_embeds=queries, encoder_hidden_states=embeds).last_hidden_state
         if keep_vit_output:
             image_embeds.append(embeds)
-        image_feats.append(itc_image_feats(model, query_out))
+        image_feats.append(query_features(retrieval, embeds))
     return (torch.cat(image_embeds) if keep_vit_output else None), torch.cat(image_feats)
 
 
 @torch.no_grad()
 def itc_text_features(model: Stage1Model, tokens: dict, batch_size: int) -> torch.Tensor:
     """Per text: the ITC feature of the Q-Former's text-only pass."""
-    retrieval = model.retrieval
     feats = []
     for start in range(0, tokens["input_ids"].shape[0], batch_size):
         ids = tokens["input_ids"][start : start + batch_size]
         mask = tokens["attention_mask"][start : start + batch_size]
-        hidden = retrieval.qformer(
-            query_embeds=retrieval.embeddings(input_ids=ids), query_length=0, attention_mask=mask
-        ).last_hidden_state
-        feats.append(itc_text_feat(model, hidden[:, 0]))
+        feats.append(text_features(model.retrieval, ids, mask))
     return torch.cat(feats)
 
 
@@ -127,8 +107,9 @@ def retrieval_scores(
         scores = []
         for start in range(0, len(image_index), batch_size):
             i, t = image_index[start : start + batch_size], text_index[start : start + batch_size]
-            logits = itm_logits(model, image_embeds[i], tokens["input_ids"][t], tokens["attention_mask"][t])
-            scores.append(logits[:, 1])
+            scores.append(
+                itm_logits(model, image_embeds[i], tokens["input_ids"][t], tokens["attention_mask"][t])
+            )
         return torch.cat(scores)
 
     final = {}
@@ -144,6 +125,6 @@ def retrieval_scores(
         for start in progress_bar(chunks, progress, f"ITM re-rank {name} (k={k})"):
             end = start + batch_size * 8
             matched.append(itm(image_index[start:end], text_index[start:end]))
-        scores[pairs] = torch.cat(matched) + sims[pairs]
+        scores[pairs] = reranked_score(torch.cat(matched), sims[pairs])
         final[name] = scores
     return {"itc_i2t": itc, "itc_t2i": itc.T, "i2t": final["i2t"], "t2i": final["t2i"]}
