@@ -2,6 +2,7 @@
 
     python bench/gallery.py --part quality          # easy-VQA's 1,000 test images through a real blip2-serve
     python bench/gallery.py --part scale --images 1000,10000,100000   # synthetic vectors, in-process Gallery
+    python bench/gallery.py --part scale --images 1000000 --folder F --keep; ... --part scale-measure --folder F/gallery-*
     python bench/gallery.py --part by-image [--revision HEAD~1]   # search by image: precision@5, 400 images
     python bench/gallery.py --part growth --growth 1000,16000       # HTTP, built-in model, real-vector recall
 
@@ -24,7 +25,9 @@ the gallery's store (vectors given, 1,024 per add, its background maintenance ru
 fresh process opens it (open time), searches 30 random unit "text" vectors (k=10: recall@10 against the exact
 max-over-query-vectors ranking of the float32 vectors, latency p50/p99), adds 16 new images ten times
 (look-ups, files, commit; no embedding) and reports its resident memory; disk per image. The store is the one
-of the `service` package imported (PYTHONPATH = a checkout of the commit to measure).
+of the `service` package imported (PYTHONPATH = a checkout of the commit to measure). With --keep the gallery
+and its exact scores stay, and `--part scale-measure --folder <that gallery>` measures it again (a quieter
+machine, another commit) without building it again.
 
 growth: a `blip2-serve` with the packaged retrieval model grows a fresh gallery of generated shape images from
 the first size to the second through POST /gallery/images (16 per request); at each size, text searches
@@ -319,6 +322,22 @@ def scale(count: int, args) -> dict:
     settle_s = time.perf_counter() - started
     described = gallery.describe()
     gallery.close()
+    if args.keep:  # what `--part scale-measure` needs to measure this gallery again later
+        np.save(folder / "exact.npy", exact)
+    report = {
+        "images": count,
+        "store": described,
+        "insert images/s (vectors given, 1,024 per add)": round(count / insert_s),
+        "maintenance after the last add s": round(settle_s, 1),
+        **measure_opened(folder, exact, args),
+    }
+    if not args.keep:
+        shutil.rmtree(folder, ignore_errors=True)
+    return report
+
+
+def measure_opened(folder: Path, exact: np.ndarray, args) -> dict:
+    """Open, search and add in a fresh process (`scale-open`); recall against `exact`; disk per image."""
     command = [sys.executable, __file__, "--part", "scale-open", "--folder", str(folder)]
     command += ["--searches", str(args.searches)]
     opened = json.loads(
@@ -327,18 +346,19 @@ def scale(count: int, args) -> dict:
     recalls = [
         recall_at([int(i) for i in found], row) for found, row in zip(opened.pop("found"), exact, strict=True)
     ]
-    report = {
-        "images": count,
-        "store": described,
-        "insert images/s (vectors given, 1,024 per add)": round(count / insert_s),
-        "index + compaction after the last add s": round(settle_s, 1),
+    count, kept_scores = exact.shape[1], folder / "exact.npy"
+    disk = disk_bytes(folder) - (kept_scores.stat().st_size if kept_scores.exists() else 0)
+    return {
         **opened,
         "recall@10": round(statistics.fmean(recalls), 4),
-        "disk bytes/image": round(disk_bytes(folder) / count),
+        "disk bytes/image": round(disk / count),
     }
-    if not args.keep:
-        shutil.rmtree(folder, ignore_errors=True)
-    return report
+
+
+def scale_measure(args) -> dict:
+    """A gallery kept by `--part scale --keep`, measured again (on a quieter machine, or by another commit)."""
+    exact = np.load(args.folder / "exact.npy")[: args.searches]
+    return {"images": exact.shape[1], "folder": str(args.folder), **measure_opened(args.folder, exact, args)}
 
 
 def scale_open(args) -> dict:
@@ -386,7 +406,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--part", choices=["quality", "by-image", "scale", "scale-open", "growth", "all"], default="all"
+        "--part",
+        choices=["quality", "by-image", "scale", "scale-open", "scale-measure", "growth", "all"],
+        default="all",
     )
     parser.add_argument("--growth", default="1000,16000", help="--part growth: the two gallery sizes")
     parser.add_argument("--rounds", type=int, default=2, help="--part growth: searches per phrase per size")
@@ -395,13 +417,20 @@ def main() -> None:
     parser.add_argument("--by-image-count", type=int, default=400, help="gallery size for --part by-image")
     parser.add_argument("--revision", help="--part by-image: serve this git revision's service package")
     parser.add_argument("--images", default="1000,10000,100000", help="gallery sizes for --part scale")
-    parser.add_argument("--folder", type=Path, help="--part scale: make galleries under this folder")
+    parser.add_argument(
+        "--folder",
+        type=Path,
+        help="--part scale: make galleries under this folder; scale-measure: the gallery",
+    )
     parser.add_argument("--keep", action="store_true", help="--part scale: keep the galleries")
     parser.add_argument("--searches", type=int, default=30, help="searches per size for --part scale")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()
     if args.part == "scale-open":
         print(json.dumps(scale_open(args)))
+        return
+    if args.part == "scale-measure":
+        print(json.dumps(scale_measure(args)))
         return
     report = {"date": now(), "machine": machine()}
     print(json.dumps(report), flush=True)
