@@ -78,11 +78,14 @@ def child(rank: int, steps: int, batch_size: int) -> dict:
         features=str(WORK / "features"), output=str(WORK / f"run-r{rank}"), steps=steps, batch_size=batch_size,
         lora_rank=rank, lr=1e-4, warmup_steps=1, log_every=1, save_every=10**6, progress=False,
     )  # fmt: skip
-    task, collate, _, text_field = build_finetune(settings)
-    parameters = count_parameters(task)  # before training: the adapters are merged away when it saves
-    trainable_bytes = sum(p.numel() * p.element_size() for p in task.parameters() if p.requires_grad)
+    setup = build_finetune(settings)
+    parameters = count_parameters(setup.task)  # before training: the adapters are merged away when it saves
+    trainable_bytes = sum(p.numel() * p.element_size() for p in setup.task.parameters() if p.requires_grad)
     summary = train(
-        task, FeatureDataset(settings.train_manifest, settings.features, text_field), collate, settings
+        setup.task,
+        FeatureDataset(settings.train_manifest, settings.features, setup.text_field),
+        setup.collate,
+        settings,
     )
     return {
         "rank": rank,

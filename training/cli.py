@@ -133,8 +133,8 @@ def run_finetune(s: FinetuneSettings) -> dict:
     from training.finetune import build_finetune
     from training.trainer import train
 
-    task, collate, vision_config, text_field = build_finetune(s)
-    return train(task, build_dataset(s, vision_config, text_field), collate, s)
+    setup = build_finetune(s)
+    return train(setup.task, build_dataset(s, setup.vision_config, setup.text_field), setup.collate, s)
 
 
 def run_eval(s: EvalSettings) -> dict:

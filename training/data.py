@@ -3,7 +3,7 @@
 A manifest line is `{"image": path, "text": ...}` (optionally `"image_id"`); relative image paths are
 resolved against the manifest's folder. A missing or corrupt image, or a text no tokenizer can take (not a
 string, or not valid Unicode), is skipped and counted, never fatal: the collator drops it and reports how
-many it dropped in `batch["skipped"]`. Texts are tokenised as text (`split_special_tokens`): a caption that
+many it dropped in `Batch.skipped`. Texts are tokenised as text (`split_special_tokens`): a caption that
 spells `[SEP]` or `</s>` gets those characters, not the control token.
 """
 
@@ -28,6 +28,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from blip2.text import TextProcessing
 from training import distributed
+from training.batch import Batch
 from training.errors import InputError
 from training.settings import DataSourceSettings
 
@@ -381,22 +382,22 @@ class Collator:
         self.tokenizer, self.max_text_length = tokenizer, max_text_length
         self.text_processing = text_processing
 
-    def __call__(self, samples: list[dict | None]) -> dict:
+    def __call__(self, samples: list[dict | None]) -> Batch:
         kept = [s for s in samples if s is not None]
-        batch: dict = {"skipped": len(samples) - len(kept), "size": len(kept)}
+        batch = Batch(size=len(kept), skipped=len(samples) - len(kept))
         if not kept:
             return batch
-        for key in ("pixel_values", "vision_hidden"):
+        for key in ("pixel_values", "vision_hidden"):  # a dataset gives one of the two
             if key in kept[0]:
-                batch[key] = torch.stack([s[key] for s in kept])
+                setattr(batch, key, torch.stack([s[key] for s in kept]))
         texts = [s["text"] for s in kept]
         if self.text_processing is not None:
             texts = [self.text_processing.caption(text) for text in texts]
         if self.tokenizer is not None:
             tokens = text_tokens(self.tokenizer, texts, self.max_text_length)
-            batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
-        batch["image_ids"] = torch.tensor([s["image_id"] for s in kept])
-        batch["texts"] = texts
-        batch["caption_ids"] = caption_ids(batch["texts"])  # for --same-caption-positives
-        batch["rows"] = [s["row"] for s in kept]
+            batch.input_ids, batch.attention_mask = tokens["input_ids"], tokens["attention_mask"]
+        batch.image_ids = torch.tensor([s["image_id"] for s in kept])
+        batch.texts = texts
+        batch.caption_ids = caption_ids(texts)  # for --same-caption-positives
+        batch.rows = [s["row"] for s in kept]
         return batch

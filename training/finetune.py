@@ -13,13 +13,17 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import nn
 from transformers import PretrainedConfig
 
 from blip2.prompts import DEFAULT_PROMPTS, resolve_prompt
 from blip2.text import TextProcessing
+from training.batch import Batch
 from training.data import Collator, text_tokens, training_text_processing
 from training.settings import FinetuneSettings
 from training.stages import join_target
@@ -54,40 +58,36 @@ class PromptCollator:
             question = self.text_processing.question(question)
         return row.get("prompt", self.prompt).format(question)
 
-    def __call__(self, samples: list[dict | None]) -> dict:
+    def __call__(self, samples: list[dict | None]) -> Batch:
         batch = self.collate(samples)
-        if batch["size"] == 0:
+        if batch.size == 0:
             return batch
-        prompts = [self._prompt(row) for row in batch["rows"]]
-        batch["prompts"] = prompts
-        batch["texts"] = [join_target(p, t) for p, t in zip(prompts, batch["texts"], strict=True)]
+        prompts = [self._prompt(row) for row in batch.rows]
+        batch.prompts = prompts
+        batch.texts = [join_target(p, t) for p, t in zip(prompts, batch.texts, strict=True)]
         if self.qformer_tokenizer is not None:
             tokens = text_tokens(self.qformer_tokenizer, prompts, self.max_text_length)
-            batch["qformer_input_ids"], batch["qformer_attention_mask"] = (
+            batch.qformer_input_ids, batch.qformer_attention_mask = (
                 tokens["input_ids"],
                 tokens["attention_mask"],
             )
         return batch
 
 
-def _merge_lora_on_save(task: nn.Module, tuner) -> None:
-    """The saved folder holds merged weights: plain transformers loads it without peft."""
-    save = task.save_model
+@dataclass
+class FinetuneSetup:
+    """What `finetune --task` trains: its task module and collate function, the vision tower's config (at
+    the training image size, for the image transform) and the manifest field that holds the target."""
 
-    def save_model(folder):
-        from training.lora import merge_lora
-
-        merge_lora(tuner)
-        save(folder)
-
-    task.save_model = save_model
+    task: nn.Module
+    collate: Callable[[list[dict | None]], Batch]
+    vision_config: PretrainedConfig
+    text_field: str
 
 
-def build_finetune(s: FinetuneSettings) -> tuple[nn.Module, object, PretrainedConfig, str]:
-    """The task module, the collate function, the vision tower's config (at the training image size) and
-    the manifest's target field."""
+def build_finetune(s: FinetuneSettings) -> FinetuneSetup:
     from training.instructblip import load_vqa_model
-    from training.lora import add_qformer_lora, count_parameters
+    from training.lora import add_qformer_lora, count_parameters, merge_lora
     from training.model import resize_vision_tower
     from training.stages import Stage1Task, Stage2Task, load_generation, load_stage1
 
@@ -132,6 +132,7 @@ def build_finetune(s: FinetuneSettings) -> tuple[nn.Module, object, PretrainedCo
     task.text_processing = text_processing
     if s.lora_rank > 0:
         tuner = add_qformer_lora(qformer, s.lora_rank, s.lora_alpha, s.lora_dropout, frozen=frozen)
-        _merge_lora_on_save(task, tuner)
+        # The saved folder holds merged weights: plain transformers loads it without peft.
+        task.before_save = functools.partial(merge_lora, tuner)
     log.info("finetune %s: parameters %s", s.task, count_parameters(task))
-    return task, collate, vision.config, text_field
+    return FinetuneSetup(task, collate, vision.config, text_field)

@@ -9,6 +9,7 @@ frozen and kept in eval mode, and its final LayerNorm trains with the Q-Former, 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVision
 from blip2.text import TextProcessing, save_text_processing
 from blip2.vocab import check_vocabulary, unreachable_special_pieces
 from training.assemble import copy_stage1_into_generation
+from training.batch import Batch
 from training.losses import stage1_losses
 from training.model import (
     Stage1Model,
@@ -42,6 +44,8 @@ class _FrozenVisionTask(nn.Module):
     train_vit: bool = False
     # The text processing the batches' texts went through (their collator's), recorded beside the weights.
     text_processing: TextProcessing | None = None
+    # Called before the weights are written (LoRA fine-tuning: fold the adapters into the Q-Former).
+    before_save: Callable[[], object] | None = None
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -49,19 +53,21 @@ class _FrozenVisionTask(nn.Module):
             freeze_vision_blocks(self.vision_model)
         return self
 
-    def vision_hidden(self, batch: dict) -> torch.Tensor:
-        if "vision_hidden" in batch:  # cached by `blip2-train data cache-features`
+    def vision_hidden(self, batch: Batch) -> torch.Tensor:
+        if batch.vision_hidden is not None:  # cached by `blip2-train data cache-features`
             if self.train_vit:
                 raise ValueError("cached ViT features cannot train the ViT: drop --features or --train-vit")
-            return batch["vision_hidden"].float()
+            return batch.vision_hidden.float()
         if self.train_vit:
-            pixels = batch["pixel_values"]
+            pixels = batch.pixel_values
             with torch.autocast(pixels.device.type, enabled=False):  # fp16/bf16 ViT training diverges
                 return vision_block_features(self.vision_model, pixels.float())
-        return frozen_vision_features(self.vision_model, batch["pixel_values"])
+        return frozen_vision_features(self.vision_model, batch.pixel_values)
 
     def save_model(self, folder: Path) -> None:
         """The folder transformers loads (weights, processor) and the text processing it was trained with."""
+        if self.before_save is not None:
+            self.before_save()
         self.model.save_pretrained(folder)
         self.processor.save_pretrained(folder)
         save_text_processing(folder, self.text_processing)
@@ -83,14 +89,14 @@ class Stage1Task(_FrozenVisionTask):
         self.vision_model = model.retrieval.vision_model
         freeze_vision_blocks(self.vision_model)
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         losses = stage1_losses(
             self.model,
             self.vision_hidden(batch),
-            batch["input_ids"],
-            batch["attention_mask"],
-            image_ids=batch["image_ids"] if self.use_image_ids else None,
-            caption_ids=batch["caption_ids"] if self.same_caption_positives else None,
+            batch.input_ids,
+            batch.attention_mask,
+            image_ids=batch.image_ids if self.use_image_ids else None,
+            caption_ids=batch.caption_ids if self.same_caption_positives else None,
         )
         return {"loss": losses.total, "itc": losses.itc, "itm": losses.itm, "itg": losses.itg}
 
@@ -228,18 +234,18 @@ class Stage2Task(_FrozenVisionTask):
             rows.append((source + [eos], target + [eos]))
         return rows
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        texts = batch["texts"]
-        if "prompts" in batch:  # per-sample prompts come with their targets already joined
-            prompts = batch["prompts"]
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        texts = batch.texts
+        if batch.prompts is not None:  # per-sample prompts come with their targets already joined
+            prompts = batch.prompts
         else:
             prompts = [self.prompt] * len(texts)
             texts = [join_target(self.prompt, text) for text in texts]
         projected = project_queries(
             self.model,
             self.vision_hidden(batch),
-            batch.get("qformer_input_ids"),
-            batch.get("qformer_attention_mask"),
+            batch.qformer_input_ids,
+            batch.qformer_attention_mask,
         )
         device, num_queries = projected.device, projected.shape[1]
         image_token = self.model.config.image_token_index
@@ -260,8 +266,8 @@ class Stage2Task(_FrozenVisionTask):
             labels = [tgt + [-100] * (target_width - len(tgt)) for _, tgt in rows]
             decoder_mask = [[1] * len(tgt) + [0] * (target_width - len(tgt)) for _, tgt in rows]
             extra = {"decoder_attention_mask": torch.tensor(decoder_mask, device=device)}
-        if "qformer_input_ids" in batch:  # InstructBLIP's forward requires them (already used above)
-            extra["qformer_input_ids"] = batch["qformer_input_ids"]
+        if batch.qformer_input_ids is not None:  # InstructBLIP's forward requires them (already used above)
+            extra["qformer_input_ids"] = batch.qformer_input_ids
         image_outputs = BaseModelOutputWithVisionQformerOutputs(pooler_output=projected)
         output = self.model(
             pixel_values=None,

@@ -1,6 +1,6 @@
 """The training loop shared by every stage: optimizer, schedule, precision, DDP, logging, checkpoints.
 
-A stage supplies a `Task`: an nn.Module whose `forward(batch)` returns named losses (the first, "loss",
+A stage supplies a `Task`: an nn.Module whose `forward(batch)` (a `training.batch.Batch`) returns named losses (the first, "loss",
 is optimised), whose trainable parameters are the only ones with `requires_grad`, and which can
 `save_model(folder)` in the transformers format. The same loop runs in one plain process or under
 torchrun (DDP), with no code change.
@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm import tqdm
 
 from training import checkpoint, distributed
+from training.batch import Batch
 from training.settings import TrainSettings
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class BatchStream:
         self.batches_into_epoch = sampler.start // batch_size if sampler else 0
         self._iterator = iter(loader)
 
-    def __next__(self) -> dict:
+    def __next__(self) -> Batch:
         for _ in range(2):
             try:
                 batch = next(self._iterator)
@@ -125,12 +126,6 @@ class BatchStream:
             "epoch": self.sampler.epoch if self.sampler else 0,
             "batches_into_epoch": self.batches_into_epoch,
         }
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-    }
 
 
 @dataclass
@@ -185,11 +180,11 @@ def _accumulate(
     step_samples = 0
     for micro in range(grad_accum):
         batch = next(batches)
-        state.skipped += batch["skipped"]
-        step_samples += batch["size"]
-        if batch["size"] == 0:
+        state.skipped += batch.skipped
+        step_samples += batch.size
+        if batch.size == 0:
             continue
-        batch = _to_device(batch, device)
+        batch = batch.to(device)
         # DDP all-reduces gradients only on the last micro-batch of an accumulation.
         last = micro == grad_accum - 1
         no_sync = (
@@ -201,7 +196,7 @@ def _accumulate(
             scaler.scale(losses["loss"] / grad_accum).backward()
         for name, value in losses.items():
             accumulated[name] = accumulated.get(name, 0.0) + value.item() / grad_accum
-        state.samples_seen += batch["size"] * distributed.world_size()
+        state.samples_seen += batch.size * distributed.world_size()
     return accumulated, step_samples
 
 

@@ -59,12 +59,12 @@ def test_collators_process_captions_and_questions_but_not_answers():
         for n, (text, row) in enumerate(zip(["A RED Circle.", "Blue"], rows, strict=True))
     ]
     captions = Collator(None, text_processing=processing)(samples)
-    assert captions["texts"] == ["a red circle", "blue"]
-    assert Collator(None)(samples)["texts"] == ["A RED Circle.", "Blue"]
+    assert captions.texts == ["a red circle", "blue"]
+    assert Collator(None)(samples).texts == ["A RED Circle.", "Blue"]
     vqa = PromptCollator("Question: {} Short answer:", "question", text_processing=processing)(samples)
     # the question is processed, the template and the answer (a target) are not; a row's own template wins
-    assert vqa["prompts"] == ["Question: what colour is it? Short answer:", "A short image description:"]
-    assert vqa["texts"] == [" A RED Circle.", " Blue"]  # the targets, after their prompts
+    assert vqa.prompts == ["Question: what colour is it? Short answer:", "A short image description:"]
+    assert vqa.texts == [" A RED Circle.", " Blue"]  # the targets, after their prompts
 
 
 @pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "generation").is_dir(), reason="no packaged default model")
@@ -111,7 +111,7 @@ def test_recipe_manifest_trains_on_the_same_prompts_and_rewrites_questions(tmp_p
     rows = [json.loads(line) for line in (tmp_path / "finetune.jsonl").read_text().splitlines()]
     samples = [{"text": row["answer"], "image_id": 0, "row": row} for row in rows]
     collate = PromptCollator("Question: {} Short answer:", "question", text_processing=TextProcessing())
-    assert collate(samples)["prompts"] == ["Question: what color is the shape? Short answer:", CAPTION_PROMPT]
+    assert collate(samples).prompts == ["Question: what color is the shape? Short answer:", CAPTION_PROMPT]
 
     rewritten = {}
     for style in ("capital", "no-mark", "double-mark"):
