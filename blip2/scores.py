@@ -24,12 +24,12 @@ def _project(projection: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     return F.normalize(projected, dim=-1)
 
 
-def project_queries(retrieval: Blip2ForImageTextRetrieval, query_output: torch.Tensor) -> torch.Tensor:
+def itc_query_features(retrieval: Blip2ForImageTextRetrieval, query_output: torch.Tensor) -> torch.Tensor:
     """(B, queries, D): the query outputs projected and normalised, one ITC feature per query."""
     return _project(retrieval.vision_projection, query_output)
 
 
-def project_text(retrieval: Blip2ForImageTextRetrieval, cls_output: torch.Tensor) -> torch.Tensor:
+def itc_text_feature(retrieval: Blip2ForImageTextRetrieval, cls_output: torch.Tensor) -> torch.Tensor:
     """(B, D): a text's [CLS] output projected and normalised."""
     return _project(retrieval.text_projection, cls_output)
 
@@ -42,7 +42,7 @@ def query_features(retrieval: Blip2ForImageTextRetrieval, vision: torch.Tensor) 
     out = retrieval.qformer(
         query_embeds=queries, encoder_hidden_states=vision, encoder_attention_mask=image_mask
     )
-    return project_queries(retrieval, out.last_hidden_state)
+    return itc_query_features(retrieval, out.last_hidden_state)
 
 
 def text_features(
@@ -52,7 +52,7 @@ def text_features(
     out = retrieval.qformer(
         query_embeds=retrieval.embeddings(input_ids=input_ids), query_length=0, attention_mask=attention_mask
     )
-    return project_text(retrieval, out.last_hidden_state[:, 0, :])
+    return itc_text_feature(retrieval, out.last_hidden_state[:, 0, :])
 
 
 def itc_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,9 @@
 Generation (vqa, caption) goes through the checkpoint's own processor and `generate()`, exactly as a
 user of plain transformers would run it (BLIP-2 or InstructBLIP folders alike; `training.inference`).
 Retrieval follows LAVIS: ITC similarity for all image-text pairs, the top k candidates of each query
-re-ranked by ITM, final score ITM logit + ITC similarity (`training.scoring`). Each run writes `<output>/metrics.json` and
-`<output>/predictions.jsonl` and prints a table.
+re-ranked by ITM, final score ITM logit + ITC similarity (`training.scoring`, on the core's
+`blip2.scores`). Each run writes `<output>/metrics.json` and `<output>/predictions.jsonl` and prints a
+table.
 """
 
 from __future__ import annotations

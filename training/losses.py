@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from blip2.scores import project_queries, project_text
+from blip2.scores import itc_query_features, itc_text_feature
 from training import distributed
 from training.masks import multimodal_causal_mask, unimodal_mask
 from training.model import Stage1Model
@@ -86,8 +86,8 @@ def stage1_losses(
 
     # ITC
     hidden = qformer_pass(model, image_embeds, input_ids, attention_mask, unimodal_mask)
-    image_feats = project_queries(retrieval, hidden[:, :num_queries])
-    text_feat = project_text(retrieval, hidden[:, num_queries])
+    image_feats = itc_query_features(retrieval, hidden[:, :num_queries])
+    text_feat = itc_text_feature(retrieval, hidden[:, num_queries])
     image_feats_all = distributed.gather(image_feats, with_grad=True)
     text_feat_all = distributed.gather(text_feat, with_grad=True)
     sim_i2t = torch.einsum("bqd,nd->bnq", image_feats, text_feat_all).amax(-1) / model.temp

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
 from blip2.scores import (
+    itc_query_features,
     itc_similarity,
     itm_head_logits,
-    project_queries,
     query_features,
     reranked_score,
     text_features,
@@ -52,7 +52,7 @@ def test_a_half_precision_model_normalises_in_fp32(retrieval):
     hidden = torch.randn(2, QUERIES, 32)
     half = Blip2ForImageTextRetrieval(retrieval.config).eval().to(torch.bfloat16)
     with torch.no_grad():
-        features = project_queries(half, hidden)
+        features = itc_query_features(half, hidden)
         expected = F.normalize(half.vision_projection(hidden.to(torch.bfloat16)).float(), dim=-1)
     assert features.dtype == torch.float32 and torch.equal(features, expected)
 
@@ -61,7 +61,7 @@ def test_under_autocast_autocast_decides(retrieval):
     """Training's mixed precision: the arithmetic the stage-1 losses were verified with, bit for bit."""
     hidden = torch.randn(2, QUERIES, 32)
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-        features = project_queries(retrieval, hidden)
+        features = itc_query_features(retrieval, hidden)
         expected = F.normalize(retrieval.vision_projection(hidden), dim=-1)
     assert features.dtype == expected.dtype == torch.bfloat16 and torch.equal(features, expected)
 
