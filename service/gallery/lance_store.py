@@ -82,6 +82,7 @@ KEEP_OLD_VERSIONS = timedelta(minutes=1)
 COMPACTION = CompactionOptions(target_rows_per_fragment=32768)
 GROWTH_PER_MAINTENANCE = 0.05  # maintenance once the rows not yet indexed are 5% of the gallery
 STABLE_ROW_IDS = {"new_table_enable_stable_row_ids": "true"}
+CHUNK_ROWS = 65536  # the in-memory first pass grows by 32 MB chunks (256-d float16 means), never moved
 
 
 def sql_text(value: str) -> str:
@@ -159,25 +160,49 @@ def write_atomically(path: Path, text: str) -> None:
 
 class MeanVectors:
     """The first pass: every stored image's mean vector (float16) and row id, in row-id order (stable row ids
-    only grow, and adds append under the store's write lock). A deleted image's slot is marked dead, and the
-    dead are dropped once they are a quarter. A search reads one snapshot (row ids, means, alive): a write
-    replaces it whole, except for the dead marks, which a search in progress may or may not see."""
+    only grow, and adds append under the store's write lock). The means fill chunks of CHUNK_ROWS that are
+    never moved, so an add costs the same at any size (the row ids, 8 bytes each, sit in one array that doubles
+    when full). A search reads one snapshot (row ids, chunks, alive), the first n slots of each: an append
+    writes past every snapshot taken before it, then publishes a longer one. A deleted image's slot is marked
+    dead, which a search in progress may or may not see; the dead are dropped once they are a quarter."""
 
     def __init__(self, dim: int) -> None:
-        empty = torch.zeros((0, dim), dtype=torch.float16)
-        self.snapshot = (np.zeros(0, dtype=np.uint64), empty, np.zeros(0, dtype=bool))
+        self.dim = dim
+        self._empty()
+
+    def _empty(self) -> None:
+        self._row_ids = np.zeros(CHUNK_ROWS, dtype=np.uint64)
+        self._alive = np.zeros(CHUNK_ROWS, dtype=bool)
+        self._chunks: list[torch.Tensor] = []
+        self._publish(0)
+
+    def _publish(self, count: int) -> None:
+        self.snapshot = (self._row_ids[:count], list(self._chunks), self._alive[:count])
 
     def append(self, row_ids: np.ndarray, means: np.ndarray) -> None:
-        known, matrix, alive = self.snapshot
+        count, added = len(self.snapshot[0]), len(row_ids)
         order = np.argsort(row_ids, kind="stable")
         row_ids = np.asarray(row_ids, dtype=np.uint64)[order]
-        if len(known) and len(row_ids) and row_ids[0] <= known[-1]:
+        if count and added and row_ids[0] <= self._row_ids[count - 1]:
             raise RuntimeError("row ids out of order: the in-memory first pass no longer matches the table")
-        self.snapshot = (
-            np.concatenate([known, row_ids]),
-            torch.cat([matrix, torch.from_numpy(np.asarray(means, dtype=np.float16)[order])]),
-            np.concatenate([alive, np.ones(len(row_ids), dtype=bool)]),
-        )
+        if count + added > len(self._row_ids):
+            capacity = max(2 * len(self._row_ids), count + added)
+            self._row_ids = np.concatenate(
+                [self._row_ids, np.zeros(capacity - len(self._row_ids), np.uint64)]
+            )
+            self._alive = np.concatenate([self._alive, np.zeros(capacity - len(self._alive), bool)])
+        self._row_ids[count : count + added] = row_ids
+        self._alive[count : count + added] = True
+        means = torch.from_numpy(np.asarray(means, dtype=np.float16)[order])
+        written = 0
+        while written < added:
+            chunk, offset = divmod(count + written, CHUNK_ROWS)
+            if chunk == len(self._chunks):
+                self._chunks.append(torch.zeros((CHUNK_ROWS, self.dim), dtype=torch.float16))
+            step = min(CHUNK_ROWS - offset, added - written)
+            self._chunks[chunk][offset : offset + step] = means[written : written + step]
+            written += step
+        self._publish(count + added)
 
     @staticmethod
     def _slots(known: np.ndarray, row_ids: np.ndarray) -> np.ndarray:
@@ -189,22 +214,28 @@ class MeanVectors:
         return found[known[found] == row_ids]
 
     def remove(self, row_ids: np.ndarray) -> None:
-        known, matrix, alive = self.snapshot
+        known, chunks, alive = self.snapshot
         alive[self._slots(known, row_ids)] = False
-        if (~alive).sum() > max(1024, len(alive) // 4):
+        if (~alive).sum() > max(1024, len(alive) // 4):  # new arrays: searches keep the old ones they hold
             keep = np.flatnonzero(alive)
-            self.snapshot = (known[keep], matrix[torch.from_numpy(keep)], alive[keep])
+            means = torch.cat(chunks)[torch.from_numpy(keep)] if len(keep) else torch.zeros((0, self.dim))
+            self._empty()
+            self.append(known[keep], means.numpy())
 
     def top(self, queries: np.ndarray, limit: int, allowed: np.ndarray | None = None) -> np.ndarray:
         """The row ids of the `limit` best images by the best inner product of their mean vector with any of
         `queries` (n, dim), among the live ones (and among the `allowed` row ids, if given), best first."""
-        known, matrix, alive = self.snapshot
-        if allowed is not None:  # a filter: only its images' means are read
-            slots = self._slots(known, allowed)
-            known, matrix, alive = known[slots], matrix[torch.from_numpy(slots)], alive[slots]
-        half = torch.from_numpy(np.asarray(queries, dtype=np.float16).reshape(-1, matrix.shape[1]).copy())
-        scores = torch.stack([matrix @ query for query in half]).amax(dim=0).float()
+        known, chunks, alive = self.snapshot
+        if len(known) == 0:
+            return known
+        half = torch.from_numpy(np.asarray(queries, dtype=np.float16).reshape(-1, self.dim).copy())
+        used = [chunk[: len(known) - n * CHUNK_ROWS] for n, chunk in enumerate(chunks)]
+        scores = torch.cat([torch.stack([chunk @ query for query in half]).amax(dim=0) for chunk in used])
+        scores = scores.float()
         scores[torch.from_numpy(~alive)] = -torch.inf
+        if allowed is not None:  # a filter: the best of its images only
+            slots = self._slots(known, allowed)
+            known, scores = known[slots], scores[torch.from_numpy(slots)]
         found = torch.topk(scores, min(limit, len(known)))
         return known[found.indices.numpy()[np.isfinite(found.values.numpy())]]
 

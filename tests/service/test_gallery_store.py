@@ -15,7 +15,7 @@ from legacy_gallery import insert_old_rows, write_format2_gallery, write_old_gal
 from pymilvus import MilvusClient
 from servertools import milvus_server, settings_for
 
-from service.gallery import Gallery, NewImage, Record, content_key, mean_vector
+from service.gallery import Gallery, NewImage, Record, content_key, lance_store, mean_vector
 from service.gallery.legacy import release_embedded
 
 QUERIES, DIM = 8, 16
@@ -125,6 +125,37 @@ def test_lookups_are_by_key_and_row_ids_outlive_maintenance(tmp_path):
         # each image's mean vector in memory leads to its own row
         assert all(gallery.similar(image.vectors, 1)[0][0].image_id == image.image_id for image in kept)
     gallery.close()
+
+
+def test_the_in_memory_first_pass_over_chunks_appends_and_deletes(monkeypatch):
+    """MeanVectors (chunks of 4 rows here) ranks like numpy over the live rows, with and without a filter,
+    across chunk boundaries, and after dropping its dead slots; a snapshot taken before an append or a drop
+    still reads what it held."""
+    monkeypatch.setattr(lance_store, "CHUNK_ROWS", 4)
+    rng = np.random.default_rng(0)
+    first = lance_store.MeanVectors(DIM)
+    means = unit(rng.normal(size=(3000, DIM)))
+    row_ids = np.arange(0, 6000, 2, dtype=np.uint64)  # stable row ids grow, with gaps
+    for start in (0, 3, 10, 1500):  # batches that end inside a chunk and span several
+        end = {0: 3, 3: 10, 10: 1500, 1500: 3000}[start]
+        first.append(row_ids[start:end][::-1].copy(), means[start:end][::-1].copy())  # any order within
+    held = first.snapshot
+    query = unit(rng.normal(size=(1, DIM)))
+
+    def expected(live: np.ndarray, limit: int) -> list[int]:
+        scores = means[live] @ query[0]
+        return row_ids[live][np.argsort(-scores, kind="stable")[:limit]].tolist()
+
+    live = np.ones(3000, dtype=bool)
+    assert first.top(query, 20).tolist() == expected(live, 20)
+    live[::2] = False  # 1,500 dead: more than 1,024 and a quarter, so the dead slots are dropped
+    first.remove(row_ids[::2])
+    assert len(first.snapshot[0]) == 1500 and len(held[0]) == 3000
+    assert first.top(query, 20).tolist() == expected(live, 20)
+    allowed = row_ids[::3]
+    assert first.top(query, 7, allowed).tolist() == expected(live & (np.arange(3000) % 3 == 0), 7)
+    everything = first.top(query, 5000).tolist()  # fewer than asked: every live one, best first
+    assert sorted(everything) == sorted(row_ids[live].tolist()) and everything[:20] == expected(live, 20)
 
 
 WRITER = """
