@@ -9,7 +9,11 @@ support for the OpenAPI 3.1 that FastAPI writes), the page and its start-up scri
 sheet draws its icons as SVG `data:` URLs (an image runs no script and fetches nothing). No inline script or
 style, nothing from another origin. ReDoc is off (FastAPI's /redoc loads its script from a CDN too).
 
-/docs, its files and /openapi.json stay behind the API key like every API route: they describe the API.
+/docs, its files and /openapi.json are served without the API key, as the web page is (service/page.py): a
+browser cannot attach a bearer header to a plain navigation, so a page behind the key could only show a JSON
+401. They hold no secret and no data: the document says which routes need the key (a `bearer` security scheme
+when the server has one), and Swagger UI's "Authorize" button sends it with the calls made from the page,
+which stay behind it like every API route.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ FILES = {  # everything under /docs/: a fixed list, so no path from a request ev
     "docs.js": "text/javascript; charset=utf-8",
 }
 
+PUBLIC_PATHS = {"/docs", "/openapi.json", *(f"/docs/{name}" for name in FILES)}  # served without the key
 CSP = content_security_policy({**POLICY, "img-src": POLICY["img-src"] + " data:"})
 DOCS_HEADERS = {**HEADERS, "Content-Security-Policy": CSP}
 

@@ -156,8 +156,9 @@ class Gatekeeper:
         path = scope["path"]
         headers = dict(scope["headers"])
         refusal = None
-        # The page's own files are open too (service/page.py says why); the API it calls is not.
-        if self.expected is not None and path not in OPEN_PATHS and path not in page.PUBLIC_PATHS:
+        # The page's own files are open too, and the API reference (service/page.py and service/api_docs.py
+        # say why); the API they call is not.
+        if self.expected is not None and path not in OPEN_PATHS | page.PUBLIC_PATHS | api_docs.PUBLIC_PATHS:
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):  # constant time; the key is never logged
                 message = "a valid `Authorization: Bearer <key>` header is required"

@@ -131,8 +131,9 @@ class Settings(BaseSettings):
     url_fetch_timeout_s: float = Field(5.0, gt=0, description="Timeout of one allowed image URL fetch.")
     api_key: SecretStr | None = Field(
         None,
-        description="When set, every route but /health, /ready, /metrics and the web page's own files (/, /static/*) "
-        "needs `Authorization: Bearer <key>`; the page asks for the key and sends it.",
+        description="When set, every route but /health, /ready, /metrics and the files of the web page and the API "
+        "reference (/, /static/*, /docs, /docs/*, /openapi.json) needs `Authorization: Bearer <key>`; the page asks "
+        "for the key and sends it, /docs takes it from its Authorize button.",
     )
     max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt, question or text accepted (422).")
     max_new_tokens_limit: int = Field(

@@ -133,9 +133,8 @@ def test_unknown_file_is_a_json_404():
 def test_api_reference_is_served_from_this_server(bare):
     """/docs: Swagger UI's files from the installed package and a start-up script from service/web/, nothing
     inline and nothing from another origin, under the page's policy plus `data:` images; no ReDoc."""
-    key = {"Authorization": "Bearer page-test-key"}
-    assert bare.get("/docs").status_code == 401  # it describes the API: behind the key like the API
-    response = bare.get("/docs", headers=key)
+    # served without the key, as the page is (a browser's navigation carries none); the API stays behind it
+    response = bare.get("/docs")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
     policy = dict(
         part.strip().split(" ", 1) for part in response.headers["content-security-policy"].split(";")
@@ -147,14 +146,20 @@ def test_api_reference_is_served_from_this_server(bare):
     named = {attrs.get("src") or attrs.get("href") for tag, attrs in parsed.tags if tag in ("script", "link")}
     assert named == {"/static/icon.svg", *(f"/docs/{name}" for name in api_docs.FILES)}
     for name, kind in api_docs.FILES.items():
-        served = bare.get(f"/docs/{name}", headers=key)
+        served = bare.get(f"/docs/{name}")
         assert served.status_code == 200 and served.headers["content-type"] == kind, name
         assert served.headers["content-security-policy"] == response.headers["content-security-policy"]
         assert not re.search(r"(https?:)?//cdn|jsdelivr|unpkg", served.text[:2000]), name
-    assert "SwaggerUIBundle" in bare.get("/docs/swagger-ui-bundle.js", headers=key).text
+    key = {"Authorization": "Bearer page-test-key"}
+    assert "SwaggerUIBundle" in bare.get("/docs/swagger-ui-bundle.js").text
     assert bare.get("/docs/oauth2-redirect.html", headers=key).status_code == 404
     assert bare.get("/redoc", headers=key).status_code == 404  # FastAPI's ReDoc loads a CDN script: off
-    assert bare.get("/openapi.json", headers=key).status_code == 200
+    document = bare.get("/openapi.json")  # it says which routes need the key, for the page's Authorize button
+    assert document.status_code == 200
+    assert document.json()["components"]["securitySchemes"] == {
+        "bearer": {"type": "http", "scheme": "bearer"}
+    }
+    assert bare.get("/docs/other.js").status_code == 401  # only the reference's own files are open
 
 
 def test_web_files_ship_in_the_package():
@@ -595,6 +600,35 @@ def test_api_key_and_errors_in_the_browser(browser, guarded, easy_vqa_images, ar
             expect(error).to_contain_text(f"Try again in {retry} s.")
             tab.screenshot(path=artifacts / "page-queue-full.png", full_page=True)
         assert [f.result().status_code for f in ahead] == [200, 200]
+    assert elsewhere == []
+    tab.close()
+
+
+@needs_default_model
+def test_api_reference_with_an_api_key_in_the_browser(browser, guarded):
+    """/docs on a server with an API key (the page's footer link goes there without one): the reference opens,
+    a call tried from it is refused until the key is given to "Authorize", then answered."""
+    from playwright.sync_api import expect
+
+    tab = browser.new_page(viewport={"width": 1200, "height": 900})
+    tab.set_default_timeout(WAIT_MS)
+    elsewhere = _offline(tab, guarded.url)
+    tab.goto(guarded.url + "/docs")
+    models = tab.locator(
+        ".opblock", has=tab.locator(".opblock-summary-path", has_text=re.compile(r"^/v1/models$"))
+    )
+    models.locator(".opblock-summary").click()
+    models.get_by_role("button", name="Try it out").click()
+    status = models.locator(".live-responses-table tbody .response-col_status")
+    models.get_by_role("button", name="Execute").click()
+    expect(status).to_have_text("401")
+    tab.locator(".auth-wrapper .authorize").click()
+    dialog = tab.locator(".dialog-ux")
+    dialog.get_by_role("textbox").fill("open-sesame-42")
+    dialog.get_by_role("button", name="Apply credentials").click()
+    dialog.get_by_role("button", name="Close", exact=True).click()
+    models.get_by_role("button", name="Execute").click()
+    expect(status).to_have_text("200")
     assert elsewhere == []
     tab.close()
 
