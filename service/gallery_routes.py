@@ -41,13 +41,14 @@ from service.gallery import (
 )
 from service.images import bytes_from_string, decode_image, read_upload
 from service.jobs import EmbedJob, RetrieveJob
-from service.openapi import BODY, GALLERY, IMAGE_ID, MODEL, error_responses, request_body
+from service.openapi import BODY, GALLERY, IMAGE_ID, MODEL, REF, error_responses, named_schema, request_body
 from service.schemas import (
     IMAGE_DOC,
     RELEVANCE_DOC,
     ErrorDetail,
     OptionalImage,
     Strict,
+    integral_floats_as_ints,
     present,
     relevance,
     required,
@@ -66,18 +67,22 @@ METADATA_DOC = (
 
 # -- bodies ------------------------------------------------------------------------------------------
 # The document's metadata object (keys by the ids' rule) and filter (values: a scalar, or a list of them).
+# 64-bit integers as the rule reads them (-2^63 <= n < 2^63): a maximum of 2^63 - 1 is no float, and a generator
+# rounds it to 2^63
+INT64 = {"minimum": -(2**63), "exclusiveMaximum": 2**63}
+# Any JSON value whose numbers fit in 64 bits however deep they are (check_metadata's rule). No `type`: each
+# keyword bounds the values of its own type (numbers, arrays' items, objects' members).
+VALUE_REF = {"$ref": REF.format(model="MetadataValue")}
+METADATA_VALUE = named_schema(
+    "MetadataValue", INT64 | {"items": VALUE_REF, "additionalProperties": VALUE_REF}
+)
 METADATA_SCHEMA = {
     "type": "object",
     "propertyNames": {"pattern": NAME_PATTERN},
-    "additionalProperties": {"minimum": -(2**63), "maximum": 2**63 - 1},  # numbers, at the top level
+    "additionalProperties": METADATA_VALUE,
 }
 # what a filter can match: no control characters in strings, numbers in 64 bits (gallery.literal)
-SCALAR = {
-    "type": ["string", "number", "boolean"],
-    "pattern": "^[^\\u0000-\\u001f]*$",
-    "minimum": -(2**63),
-    "maximum": 2**63 - 1,
-}
+SCALAR = {"type": ["string", "number", "boolean"], "pattern": "^[^\\u0000-\\u001f]*$"} | INT64
 FILTER_SCHEMA = {
     "type": "object",
     "propertyNames": {"pattern": NAME_PATTERN},
@@ -127,8 +132,8 @@ class Added(BaseModel):
     file: str | None = Field(None, description="Multipart: the file part's name, as sent.")
     id: str | None = Field(
         None,
-        description="The image's id in the gallery (an existing one for a duplicate); for a rejected image, "
-        "the id it asked for, if any.",
+        description="The id the image is stored under (for a duplicate, the image holding these bytes); absent "
+        "for a rejected image, which is not stored (its `error` names the id where the id is the reason).",
     )
     status: Literal["added", "exists", "duplicate", "rejected"] = Field(
         ...,
@@ -242,11 +247,13 @@ def not_found(image_id: str) -> ApiError:
 
 # -- adding ------------------------------------------------------------------------------------------
 def _metadata(value: dict[str, Any] | str, where: str) -> dict[str, Any]:
-    if isinstance(value, str):
+    if isinstance(value, str):  # a multipart field's JSON text, read as a JSON body's numbers are
         try:
-            value = json.loads(value)
+            value = integral_floats_as_ints(json.loads(value))
         except ValueError:
             raise unprocessable(f"{where}: not valid JSON") from None
+        except RecursionError:  # deeper than Python's stack: a client's mistake, never a 500
+            raise unprocessable(f"{where}: nested too deep") from None
     try:
         return check_metadata(value)
     except ValueError as exc:
@@ -273,10 +280,10 @@ class Incoming:
         self.error = ApiError(error.status, error.type, f"{self.where}: {error.message}")
 
     def answer(self, status: str, image_id: str | None = None) -> Added:
+        """This image's answer; `image_id`: where it is stored (None for a rejected image, so every id an
+        answer names is one to read back)."""
         detail = ErrorDetail(type=self.error.type, message=self.error.message) if self.error else None
-        return Added(
-            index=self.index, file=self.file, id=image_id or self.image_id, status=status, error=detail
-        )
+        return Added(index=self.index, file=self.file, id=image_id, status=status, error=detail)
 
 
 async def _checked(

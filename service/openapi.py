@@ -88,6 +88,28 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 # -- request bodies ----------------------------------------------------------------------------------
 BODY_MODELS: dict[str, type[BaseModel]] = {}  # what `install` puts into components/schemas
+# likewise, schemas that are no model (a recursive one needs a name)
+NAMED_SCHEMAS: dict[str, dict[str, Any]] = {}
+NAMED = "x-named-schema"  # marks where a named schema goes in a model's schema, until `build` writes the $ref
+
+
+def named_schema(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """Keep `schema` in components/schemas as `name`, and return what refers to it in a model's schema: a mark,
+    as pydantic follows every `$ref` it is given and knows only its own. `schema` itself, which pydantic never
+    reads, refers to itself with `{"$ref": REF.format(model=name)}`."""
+    NAMED_SCHEMAS[name] = schema
+    return {NAMED: name}
+
+
+def _named_as_refs(node: Any) -> Any:
+    """The document with each mark of `named_schema` made a `$ref`."""
+    if isinstance(node, dict):
+        if NAMED in node:
+            return {"$ref": REF.format(model=node[NAMED])}
+        return {key: _named_as_refs(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_named_as_refs(value) for value in node]
+    return node
 
 
 def request_body(
@@ -198,6 +220,9 @@ def build(app: FastAPI, settings: Settings) -> dict[str, Any]:
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     _, defs = models_json_schema([(model, "validation") for model in BODY_MODELS.values()], ref_template=REF)
     schemas.update(defs.get("$defs", {}))
+    schemas.update(NAMED_SCHEMAS)
+    doc = _named_as_refs(doc)
+    schemas = doc["components"]["schemas"]
     bounds = _bounds(settings)
     bodies = [media["schema"] for path in doc["paths"].values() for operation in path.values()
               for media in operation.get("requestBody", {}).get("content", {}).values()]  # fmt: skip

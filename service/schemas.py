@@ -25,8 +25,9 @@ def relevance(score: float | None, itc_score: float) -> float:
 
 
 def integral_floats_as_ints(value: Any) -> Any:
-    """JSON's numbers as JSON Schema reads them: 2.0 is an integer (a strict model would refuse it for `int`)."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:  # wider ones stay floats
+    """JSON's numbers as JSON Schema reads them: 2.0 and 1e30 are integers (a strict model would refuse 2.0 for
+    `int`, and a bound on integers, such as the gallery's 64 bits, would let 1e30 through)."""
+    if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, dict):
         return {key: integral_floats_as_ints(item) for key, item in value.items()}
