@@ -11,13 +11,13 @@ A row: id, sha256, file, added_at, meta (JSON text), tags (one `key=value` per s
 filter matches), mean (the normalised mean query vector, float32) and vectors (all query vectors, float16,
 flattened). The table is created with stable row ids, so a row keeps its id through compaction.
 
-A text search is two passes, both exact:
+A text search is two passes, each exact in what it computes:
 1. every image's mean vector, held in memory as float16 (512 bytes per image: 51 MB at 100,000 images),
    times the text's vector: one matrix-vector product over the whole gallery (~3 ms at 100,000 images on 2
    cores), the metadata filter applied as a mask before the top C (BLIP2_GALLERY_CANDIDATES) are taken;
 2. those C rows read back by row id and ranked by their exact ITC, the best inner product over all their
    query vectors.
-No ANN index: at a million images the scan reads 512 MB per search, which an HNSW or IVF index would cut, but
+What it can miss is an image among the true top k whose mean is not among the best C means. No ANN index: at a million images the scan reads 512 MB per search, which an HNSW or IVF index would cut, but
 on vectors like these (one direction per image, texts in any direction) the ANN indexes measured lost 1-20%
 of the true top 10 that an exact scan keeps (docs/BENCHMARKS.md, issue 21), and they cost minutes of
 background building that slowed adds. The memory copy is rebuilt from the table when the gallery opens.
