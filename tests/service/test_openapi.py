@@ -9,6 +9,7 @@ import base64
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -111,6 +112,31 @@ def test_every_route_documents_its_errors_with_the_error_body(document):
                     assert {"application/json", "multipart/form-data"} <= content.keys(), path
     assert "404" in document["paths"]["/gallery/images/{image_id}"]["delete"]["responses"]
     assert "429" in document["paths"]["/caption"]["post"]["responses"]
+
+
+def test_api_md_lists_the_statuses_each_route_documents(document):
+    """docs/API.md's table of statuses, row by row, against the document (a route cell such as
+    "`GET`/`DELETE /gallery/images/{image_id}`" or "`POST /caption`, `/vqa`": a method carries over)."""
+    text = (HERE.parents[1] / "docs" / "API.md").read_text()
+    table = text[text.index("| route | statuses |") : text.index("Any other method on a route's path")]
+    listed = {}
+    for row in table.splitlines()[2:]:
+        if not row.strip().startswith("|"):
+            continue
+        routes, statuses = row.strip().strip("|").split("|")
+        codes = set(re.findall(r"\b[1-5]\d\d\b", statuses))
+        methods, waiting = [], []
+        for item in re.findall(r"`([^`]+)`", routes):
+            if item.isupper():  # `GET`/`DELETE /path`: a method waiting for its path
+                waiting.append(item)
+                continue
+            method, _, path = item.rpartition(" ")
+            methods = [*waiting, method] if method else methods
+            waiting = []
+            listed |= {(m.lower(), path): codes for m in methods}
+    documented = {(method, path): set(operation["responses"]) for path, operations in document["paths"].items()
+                  for method, operation in operations.items()}  # fmt: skip
+    assert listed == documented
 
 
 def test_bodies_say_what_is_required_and_bounded(document):
