@@ -104,7 +104,7 @@ def test_401_without_the_api_key(checkpoints, photos):
         error = error_of(client.post("/caption", json={"image": b64(photos[0])}), 401)
         assert error["type"] == "unauthorized" and "s3cret" not in json.dumps(error)
         assert error_of(client.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
-        assert error_of(client.get("/docs"), 401)
+        assert client.get("/docs").status_code == 200  # the API reference is open, as the page is
         ok = client.post(
             "/caption", json={"image": b64(photos[0])}, headers={"Authorization": "Bearer s3cret"}
         )
