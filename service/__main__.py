@@ -1,4 +1,6 @@
-"""`blip2-serve` / `python -m service`: CLI flags (which override BLIP2_* variables) -> settings -> uvicorn.
+"""`blip2-serve` / `python -m service`: the command line (service/cli.py) -> the command it names. `serve` (the
+default): flags (which override BLIP2_* variables) -> settings -> uvicorn; `gallery add|reindex`:
+service/gallery_cli.py.
 
 SIGTERM drains: /ready turns 503 and new requests get 503, requests in flight finish (up to
 drain_timeout_s), then uvicorn shuts down. A second SIGTERM or SIGINT exits at once.
@@ -6,9 +8,7 @@ drain_timeout_s), then uvicorn shuts down. A second SIGTERM or SIGINT exits at o
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import importlib
 import signal
 import sys
 
@@ -16,22 +16,8 @@ import uvicorn
 from pydantic import ValidationError
 
 from blip2.logs import quiet_third_party_logs
-from service.cli import add_settings_arguments, configure_logging
+from service.cli import configure_logging, parse_command
 from service.settings import Settings
-
-# `blip2-serve COMMAND ...`: a first word naming a command runs that module's `main(argv)`; anything else is
-# the server's own flags. Each command has its own parser, so its --help lists its own settings only.
-COMMANDS = {"gallery": "service.gallery_cli"}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="blip2-serve",
-        description="Serve BLIP-2 / InstructBLIP checkpoints over HTTP. Every flag also reads from BLIP2_<NAME>. "
-        "`blip2-serve gallery --help`: the gallery's bulk indexer and re-index command.",
-        argument_default=argparse.SUPPRESS,  # only flags given on the command line override the environment
-    )
-    return add_settings_arguments(parser)
 
 
 class DrainingServer(uvicorn.Server):
@@ -66,13 +52,16 @@ class DrainingServer(uvicorn.Server):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     quiet_third_party_logs()  # before transformers is imported: torchao logs while it is
-    if argv[:1] and argv[0] in COMMANDS:
-        return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
-    return serve(argv)
+    command, args = parse_command(argv)
+    if command == "serve":
+        return serve(args)
+    from service.gallery_cli import run  # the model stack: imported once the log filters are in place
+
+    return run(command.removeprefix("gallery "), args)
 
 
-def serve(argv: list[str]) -> int:
-    args = vars(build_parser().parse_args(argv))
+def serve(args: dict) -> int:
+    """The server, from the flags given (the rest from BLIP2_* variables); its exit status."""
     try:
         settings = Settings(**args)
     except ValidationError as exc:

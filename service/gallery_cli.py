@@ -12,7 +12,6 @@ other fields are its metadata, so caption manifests work as they are).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -24,7 +23,7 @@ import numpy as np
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from service.cli import add_settings_arguments, configure_logging
+from service.cli import configure_logging
 from service.errors import ApiError
 from service.gallery import (
     Gallery,
@@ -40,48 +39,6 @@ from service.inference import Runner
 from service.jobs import EmbedJob
 from service.loading import ModelLoadError, load_models
 from service.settings import Settings
-
-# The server settings an offline run reads: where the gallery is, the model that embeds, how images are read.
-INDEXER_SETTINGS = (
-    "gallery_dir",
-    "gallery_uri",
-    "gallery_token",
-    "gallery_collection",
-    "gallery_index",
-    "gallery_optimize_rows",
-    "retrieval_model",
-    "model",
-    "device",
-    "dtype",
-    "allow_pickle",
-    "max_image_bytes",
-    "max_image_pixels",
-)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="blip2-serve gallery",
-        description="The persistent gallery offline: bulk indexing and re-indexing. Each flag also reads from "
-        "BLIP2_<NAME>, as the server's do; an embedded gallery must not be open in a server.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    quiet = argparse.SUPPRESS  # only flags given on the command line override BLIP2_* variables
-    add = commands.add_parser(
-        "add", argument_default=quiet, help="index a folder or a JSONL manifest (resumable: run it again)"
-    )
-    add.add_argument("source", type=Path, help="a folder of images, or a JSONL manifest")
-    reindex = commands.add_parser(
-        "reindex", argument_default=quiet, help="re-embed every stored image with the given retrieval model"
-    )
-    for command in (add, reindex):
-        command.add_argument(
-            "--batch-size", type=int, default=32, help="images per model call and per commit"
-        )
-        command.add_argument("--no-progress", action="store_true", help="no progress bar (JSON lines only)")
-        command.add_argument("--log-level", default="warning", help="Python logging level (default: warning)")
-        add_settings_arguments(command.add_argument_group("gallery and model"), INDEXER_SETTINGS)
-    return parser
 
 
 def entries(source: Path) -> list[dict]:
@@ -150,9 +107,10 @@ class Indexer:
             self.counts.update("added" if status == "added" else "duplicate" for status in outcome.values())
 
 
-def main(argv: list[str]) -> int:
-    args = vars(build_parser().parse_args(argv))
-    command, batch_size, quiet = args.pop("command"), args.pop("batch_size"), args.pop("no_progress", False)
+def run(command: str, args: dict) -> int:
+    """`blip2-serve gallery COMMAND` (`add` or `reindex`) with its parsed flags (service/cli.py); the exit
+    status. Progress lines and the summary go to stdout as JSON."""
+    batch_size, quiet = args.pop("batch_size"), args.pop("no_progress", False)
     source, log_level = args.pop("source", None), args.pop("log_level", "warning")
     try:
         settings = Settings(**args)

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from service.__main__ import main
+from service.cli import parse_command
 from service.settings import Settings
 
 SERVER_ONLY = ["--port", "--host", "--decoder", "--api-key", "--max-batch-size", "--quantization", "--warmup"]
@@ -36,3 +37,24 @@ def test_a_server_flag_is_refused_by_the_gallery_command(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         main(["gallery", "add", str(tmp_path), "--gallery-dir", str(tmp_path / "g"), "--port", "9000"])
     assert exit_.value.code == 2 and "unrecognized arguments: --port 9000" in capsys.readouterr().err
+
+
+def test_serve_is_the_default_command(capsys):
+    assert _help(capsys, ["serve"]) >= {"--" + name.replace("_", "-") for name in Settings.model_fields}
+    argv = ["--model", "m", "--port", "9000", "--no-warmup"]
+    assert (
+        parse_command(argv)
+        == parse_command(["serve", *argv])
+        == (
+            "serve",
+            {"model": "m", "port": "9000", "warmup": False},
+        )
+    )
+
+
+def test_a_server_flag_before_the_gallery_command_is_refused(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--port", "9000", "gallery", "add", str(tmp_path), "--gallery-dir", str(tmp_path / "g")])
+    assert exit_.value.code == 2 and "--port: server flags" in capsys.readouterr().err
+    command, args = parse_command(["gallery", "reindex", "--gallery-dir", "g", "--model", "m"])
+    assert command == "gallery reindex" and args["gallery_dir"] == "g" and args["model"] == "m"

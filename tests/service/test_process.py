@@ -15,7 +15,8 @@ import openai
 import pytest
 from servertools import REPO, b64, metric, start_process, wait_for
 
-from service.__main__ import build_parser, main
+from service.__main__ import main
+from service.cli import build_parser
 from service.settings import Settings
 
 SERVE = Path(sys.executable).parent / "blip2-serve"
