@@ -44,28 +44,27 @@ def _minutes(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds / 60:.1f} min"
 
 
-def render(out: Path, shipped: Path) -> tuple[str, str]:
-    r = json.loads((out / "results.json").read_text())
-    config = json.loads((out / "finetune" / "model" / "config.json").read_text())
-    vision, qformer, text = config["vision_config"], config["qformer_config"], config["text_config"]
-    uni = r["unimodal"]
-    vqa, cap, ret = r["vqa"] or {}, r["caption"] or {}, r["retrieval"] or {}
-    same = r.get("retrieval_same_caption") or {}
-    s2 = r["stage2_from_stage1_vs_fresh"]
-    steps = r["step_seconds"]
-    wall = (r.get("wall") or {}).get("wall_s")
-    gen_mb = _size_mb(shipped / "generation") if (shipped / "generation").is_dir() else None
-    s1_mb = _size_mb(shipped / "stage1") if (shipped / "stage1").is_dir() else None
-    total_mb = None if gen_mb is None or s1_mb is None else gen_mb + s1_mb
-    per = vqa.get("per_type", {})
-    llm_acc = (uni.get("llm") or {}).get("test_answer_acc_given_true_caption") or {}
-    s2_acc = {k: ((v or {}).get("zero_shot_vqa") or {}) for k, v in s2.items()}
+def _frozen_identical(r: dict) -> bool:
+    """Whether every stage left the ViT and the LLM bit-identical to their unimodal checkpoints."""
     ident = r.get("frozen_weights_identical") or {}
-    identical = bool(ident) and all(
+    return bool(ident) and all(
         v.get("vit_identical") and v.get("llm_identical", True) for v in ident.values()
     )
 
-    figures = f"""| figure (full easy-VQA test split) | value |
+
+def _stage2_vqa(r: dict) -> dict:
+    """Zero-shot VQA of each stage-2 run (`stage2`, `stage2_fresh`)."""
+    return {k: ((v or {}).get("zero_shot_vqa") or {}) for k, v in r["stage2_from_stage1_vs_fresh"].items()}
+
+
+def _figures(r: dict) -> str:
+    """The table of headline figures, on both pages."""
+    vqa, cap, ret = r["vqa"] or {}, r["caption"] or {}, r["retrieval"] or {}
+    same = r.get("retrieval_same_caption") or {}
+    per = vqa.get("per_type", {})
+    s2_acc = _stage2_vqa(r)
+    identical = _frozen_identical(r)
+    return f"""| figure (full easy-VQA test split) | value |
 |---|---|
 | VQA exact match, all 9,673 questions (greedy) | **{_fmt(vqa.get("exact_match"), 2)}%** |
 | VQA: colour / shape / yes-no | {_fmt(per.get("color"), 2)}% / {_fmt(per.get("shape"), 2)}% / {_fmt(per.get("yes/no"), 2)}% |
@@ -78,14 +77,24 @@ def render(out: Path, shipped: Path) -> tuple[str, str]:
 | zero-shot VQA after stage 2, fresh Q-Former (same steps, data, seed) | {_fmt(s2_acc.get("stage2_fresh", {}).get("exact_match"), 2)}% |
 | ViT and LLM bit-identical to their unimodal checkpoints after every stage | {"yes" if identical else "NO"} |"""
 
-    parts = f"""| part | what | parameters |
+
+def _parts(out: Path, config: dict, uni: dict) -> str:
+    """The model card's table of the three parts and their sizes."""
+    vision, qformer, text = config["vision_config"], config["qformer_config"], config["text_config"]
+    return f"""| part | what | parameters |
 |---|---|---|
 | vision tower | `Blip2VisionModel`, {vision["image_size"]} px, patch {vision["patch_size"]}, width {vision["hidden_size"]}, {vision["num_hidden_layers"]} layers | {(uni.get("vision") or {}).get("parameters", "n/a"):,} |
 | Q-Former | width {qformer["hidden_size"]}, {qformer["num_hidden_layers"]} layers, cross-attention every {qformer["cross_attention_frequency"]} layer(s), {config["num_query_tokens"]} queries | {_qformer_params(out):,} (with queries) |
 | LLM | OPT, width {text["hidden_size"]}, {text["num_hidden_layers"]} layers, vocabulary {text["vocab_size"]} | {(uni.get("llm") or {}).get("parameters", "n/a"):,} |"""
 
-    timing_rows = "\n".join(f"| {k} | {v} s |" for k, v in steps.items())
-    card = f"""# Default model: a small BLIP-2 trained on easy-VQA
+
+def _card_head(out: Path, shipped: Path, r: dict, config: dict, figures: str) -> str:
+    """The model card up to its architecture: what the model is, its figures, its parts."""
+    gen_mb = _size_mb(shipped / "generation") if (shipped / "generation").is_dir() else None
+    s1_mb = _size_mb(shipped / "stage1") if (shipped / "stage1").is_dir() else None
+    total_mb = None if gen_mb is None or s1_mb is None else gen_mb + s1_mb
+    parts = _parts(out, config, r["unimodal"])
+    return f"""# Default model: a small BLIP-2 trained on easy-VQA
 
 The model `blip2-serve` serves when no `--model` is given: `generation/` (an
 `InstructBlipForConditionalGeneration` folder: /caption, /vqa, /generate, chat) and `stage1/` (a
@@ -122,7 +131,18 @@ Every figure comes from one run of the recipe (`{RUN}`); the commands that repro
 
 {parts}
 
-## How each part was obtained (recipes/easy_vqa/)
+"""
+
+
+def _card_training(out: Path, r: dict, config: dict) -> str:
+    """The model card from "How each part was obtained" on: training, its time, the limitations."""
+    qformer, text = config["qformer_config"], config["text_config"]
+    uni = r["unimodal"]
+    llm_acc = (uni.get("llm") or {}).get("test_answer_acc_given_true_caption") or {}
+    identical = _frozen_identical(r)
+    wall = (r.get("wall") or {}).get("wall_s")
+    timing_rows = "\n".join(f"| {k} | {v} s |" for k, v in r["step_seconds"].items())
+    return f"""## How each part was obtained (recipes/easy_vqa/)
 
 Everything is trained from random initialisation on the easy-VQA **train** split (4,000 images,
 38,575 questions, 3,971 derived captions); the test split is only evaluated.
@@ -179,7 +199,13 @@ the stage-2 evaluations beside the fine-tuning):
 - The LLM has {text["num_hidden_layers"]} layers of width {text["hidden_size"]}; it reads its context well only in the formats it was pretrained on.
 """
 
-    results_md = f"""# Results: the built-in easy-VQA BLIP-2
+
+def _results_md(r: dict, figures: str) -> str:
+    """docs/RESULTS.md: the figures, the commands that reproduce each, the stage-2 comparison."""
+    s2 = r["stage2_from_stage1_vs_fresh"]
+    s2_acc = _stage2_vqa(r)
+    wall = (r.get("wall") or {}).get("wall_s")
+    return f"""# Results: the built-in easy-VQA BLIP-2
 
 The server's default model (`service/default_model/`, model card there) trained from nothing by one
 script, `{RUN}`, which imports the data, pretrains the unimodal parts, runs `blip2-train init`,
@@ -241,7 +267,15 @@ it in one go. A second run from nothing (`SHIP=0 bash recipes/easy_vqa/run.sh ru
 21.0 min on the same shared machine) wrote a bit-identical fine-tuned model and identical figures: the
 recipe is deterministic on CPU (fixed seeds, one thread per process).
 """
-    return card, results_md
+
+
+def render(out: Path, shipped: Path) -> tuple[str, str]:
+    """The model card and docs/RESULTS.md of the run in `out`, whose models were shipped to `shipped`."""
+    r = json.loads((out / "results.json").read_text())
+    config = json.loads((out / "finetune" / "model" / "config.json").read_text())
+    figures = _figures(r)
+    card = _card_head(out, shipped, r, config, figures) + _card_training(out, r, config)
+    return card, _results_md(r, figures)
 
 
 def main(argv: list[str] | None = None) -> None:
