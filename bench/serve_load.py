@@ -185,7 +185,7 @@ def fmt(value, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -226,16 +226,23 @@ def main(argv: list[str] | None = None) -> int:
         "--revision", help="with --compare revision: the git revision to compare this tree with"
     )
     parser.add_argument("--json", type=Path, help="also write the rows here")
-    args = parser.parse_args(argv)
+    return parser
 
-    folder, label = model_folder(args.model)
+
+def payload_parts(images_arg: str) -> tuple[list[str], list[str]]:
+    """(base64 images, questions) of 256 requests: easy-VQA's images, or photos of `photos:SIZE` px."""
     corpus = easy_vqa_set(256)
     questions = [question for _, question, _ in corpus]
-    if args.images == "easy-vqa":
+    if images_arg == "easy-vqa":
         images = [png_b64(png) for png, _, _ in corpus]
     else:
-        pictures = photos(int(args.images.split(":")[1]))
+        pictures = photos(int(images_arg.split(":")[1]))
         images = [png_b64(pictures[n % len(pictures)]) for n in range(len(corpus))]
+    return images, questions
+
+
+def server_modes(args: argparse.Namespace, folder: Path) -> dict[str, dict]:
+    """The two servers' BLIP2_* environments, baseline first, by the name of what they differ in."""
     common = {
         "BLIP2_MODEL": str(folder / "generation"),
         "BLIP2_RETRIEVAL_MODEL": str(folder / "stage1"),
@@ -250,54 +257,46 @@ def main(argv: list[str] | None = None) -> int:
         common["OMP_NUM_THREADS"] = str(args.threads)
     batched = common | {"BLIP2_MAX_BATCH_SIZE": str(args.batch_size)}
     if args.compare == "batching":
-        modes = {"off": common | {"BLIP2_MAX_BATCH_SIZE": "1"}, "on": batched}
-    elif args.compare == "decoder":
-        modes = {
+        return {"off": common | {"BLIP2_MAX_BATCH_SIZE": "1"}, "on": batched}
+    if args.compare == "decoder":
+        return {
             "transformers": batched | {"BLIP2_DECODER": "transformers"},
             "fast": batched | {"BLIP2_DECODER": "fast"},
         }
-    else:
-        if not args.revision:
-            parser.error("--compare revision needs --revision")
-        modes = {args.revision: batched, "this-tree": batched}
-    baseline, candidate = modes
-    print(f"# serve_load {now()} | model: {label} ({folder}) | images: {args.images} | machine: {machine()}")
-    print(
-        f"# {args.compare}: {baseline} vs {candidate}; max_batch_size={args.batch_size} (batching off: 1), "
-        f"max_wait_ms={args.max_wait_ms}; server OMP_NUM_THREADS={args.threads or 'default'}"
-    )
-    sources = {args.revision: checkout(args.revision)} if args.compare == "revision" else {}
-    servers = {mode: Server(env, source=sources.get(mode)) for mode, env in modes.items()}
+    return {args.revision: batched, "this-tree": batched}
+
+
+def measure(args: argparse.Namespace, servers: dict, images: list[str], questions: list[str]) -> list[dict]:
+    """Every cell (route x concurrency), the servers alternating within each; one printed line per cell."""
     rows = []
-    try:
-        for server in servers.values():
-            server.wait_ready()
-        for route in args.routes.split(","):
-            payloads = bodies(route, images, questions)
-            for concurrency in [int(c) for c in args.concurrency.split(",")]:
-                requests = args.requests or max(32, 6 * concurrency)
-                for mode in modes:
-                    url, pid = servers[mode].url, servers[mode].process.pid
-                    asyncio.run(
-                        cell(url, route, payloads, concurrency, concurrency, args.cell_limit_s, pid)
-                    )  # warm-up round
-                    result = asyncio.run(
-                        cell(url, route, payloads, concurrency, requests, args.cell_limit_s, pid)
-                    )
-                    result |= {"route": route, "concurrency": concurrency, args.compare: mode}
-                    rows.append(result)
-                    print(
-                        f"/{route:<7} c={concurrency:<3} {args.compare} {mode:<12} {result['rps']:8.2f} req/s  "
-                        f"p50 {fmt(result['p50_ms']):>8} ms  p95 {fmt(result['p95_ms']):>8} ms  "
-                        f"p99 {fmt(result['p99_ms']):>8} ms  errors {result['errors']} {result['statuses']}  "
-                        f"mean batch {fmt(result['mean_batch'], '.2f')}  model busy {result['model_busy']:.0%}  "
-                        f"CPU ms/answer: loop {result['cpu_ms_loop']:.2f} threads {result['cpu_ms_threads']:.2f} "
-                        f"client {result['cpu_ms_client']:.2f}",
-                        flush=True,
-                    )
-    finally:
-        codes = {mode: server.stop() for mode, server in servers.items()}
-    b, c = baseline, candidate
+    for route in args.routes.split(","):
+        payloads = bodies(route, images, questions)
+        for concurrency in [int(c) for c in args.concurrency.split(",")]:
+            requests = args.requests or max(32, 6 * concurrency)
+            for mode, server in servers.items():
+                url, pid = server.url, server.process.pid
+                asyncio.run(
+                    cell(url, route, payloads, concurrency, concurrency, args.cell_limit_s, pid)
+                )  # warm-up round
+                result = asyncio.run(
+                    cell(url, route, payloads, concurrency, requests, args.cell_limit_s, pid)
+                )
+                result |= {"route": route, "concurrency": concurrency, args.compare: mode}
+                rows.append(result)
+                print(
+                    f"/{route:<7} c={concurrency:<3} {args.compare} {mode:<12} {result['rps']:8.2f} req/s  "
+                    f"p50 {fmt(result['p50_ms']):>8} ms  p95 {fmt(result['p95_ms']):>8} ms  "
+                    f"p99 {fmt(result['p99_ms']):>8} ms  errors {result['errors']} {result['statuses']}  "
+                    f"mean batch {fmt(result['mean_batch'], '.2f')}  model busy {result['model_busy']:.0%}  "
+                    f"CPU ms/answer: loop {result['cpu_ms_loop']:.2f} threads {result['cpu_ms_threads']:.2f} "
+                    f"client {result['cpu_ms_client']:.2f}",
+                    flush=True,
+                )
+    return rows
+
+
+def print_comparison(rows: list[dict], b: str, c: str) -> None:
+    """The Markdown table of baseline `b` against candidate `c`, cell by cell (rows alternate b, c)."""
     print(
         f"\n| route | concurrency | req/s {b} | req/s {c} | throughput {c}/{b} | p50 {b} (ms) | p50 {c} (ms) | "
         f"p50 {b}/{c} | p99 {b} (ms) | p99 {c} (ms) | p99 {c}/{b} | errors | mean batch {c} | model busy |"
@@ -313,6 +312,31 @@ def main(argv: list[str] | None = None) -> int:
             f"{fmt(cand['p99_ms'])} | {p99:.2f} | {base['errors']}/{cand['errors']} | {fmt(cand['mean_batch'], '.2f')} | "
             f"{base['model_busy']:.0%}/{cand['model_busy']:.0%} |"
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    folder, label = model_folder(args.model)
+    images, questions = payload_parts(args.images)
+    if args.compare == "revision" and not args.revision:
+        parser.error("--compare revision needs --revision")
+    modes = server_modes(args, folder)
+    baseline, candidate = modes
+    print(f"# serve_load {now()} | model: {label} ({folder}) | images: {args.images} | machine: {machine()}")
+    print(
+        f"# {args.compare}: {baseline} vs {candidate}; max_batch_size={args.batch_size} (batching off: 1), "
+        f"max_wait_ms={args.max_wait_ms}; server OMP_NUM_THREADS={args.threads or 'default'}"
+    )
+    sources = {args.revision: checkout(args.revision)} if args.compare == "revision" else {}
+    servers = {mode: Server(env, source=sources.get(mode)) for mode, env in modes.items()}
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        rows = measure(args, servers, images, questions)
+    finally:
+        codes = {mode: server.stop() for mode, server in servers.items()}
+    print_comparison(rows, baseline, candidate)
     print(f"\nserver exit codes after SIGTERM: {codes}")
     if args.json:
         args.json.write_text(
