@@ -248,13 +248,30 @@ class _Report:
         self.window_start, self.window_samples = time.perf_counter(), state.samples_seen
 
 
+def _seed(seed: int) -> None:
+    """Seeds every RNG a step draws from: torch's, Python's (image augmentation) and numpy's."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _summary(state: TrainState, report: _Report, output: Path, settings: TrainSettings) -> dict:
+    """The run's summary.json: how far it went, its first and last losses, where the model is."""
+    return {
+        "steps": state.step,
+        "samples_seen": state.samples_seen,
+        "skipped_samples": state.skipped,
+        "first_losses": report.first_losses,
+        "last_losses": report.last_losses,
+        "model": str(output / "model"),
+        "settings": asdict(settings),
+    }
+
+
 def train(task: nn.Module, dataset: Dataset, collate, settings: TrainSettings) -> dict:
     """Run `settings.steps` optimizer steps of `task` on `dataset`; returns the run summary."""
     device = distributed.setup(settings.device)
-    seed = settings.seed + distributed.rank()
-    torch.manual_seed(seed)
-    random.seed(seed)  # image augmentation draws from Python's RNG
-    np.random.seed(seed)
+    _seed(settings.seed + distributed.rank())
     output = Path(settings.output)
     ckpt_dir = output / "checkpoints"
     if distributed.is_main_process():
@@ -313,15 +330,7 @@ def train(task: nn.Module, dataset: Dataset, collate, settings: TrainSettings) -
             _save_checkpoint(ckpt_dir, task, state, optimizer, scaler, batches, settings.keep_checkpoints)
     report.bar.close()
 
-    summary = {
-        "steps": state.step,
-        "samples_seen": state.samples_seen,
-        "skipped_samples": state.skipped,
-        "first_losses": report.first_losses,
-        "last_losses": report.last_losses,
-        "model": str(output / "model"),
-        "settings": asdict(settings),
-    }
+    summary = _summary(state, report, output, settings)
     if distributed.is_main_process():
         task.save_model(output / "model")
         (output / "summary.json").write_text(json.dumps(summary, indent=2))
