@@ -1,5 +1,5 @@
-"""The embedded gallery store: one LanceDB table in BLIP2_GALLERY_DIR, one row per image, and the mean
-vectors of all its images in memory.
+"""The embedded gallery store: one LanceDB table in BLIP2_GALLERY_DIR, one row per image, and what a search
+needs of every image held in memory.
 
 Why LanceDB (figures in docs/BENCHMARKS.md): a maintained engine whose every write is an atomic new version
 (data files first, then a manifest that names them), so an add that returned is on disk whole and a crash
@@ -8,29 +8,33 @@ second, keeps scalar indexes (BTREE on id and sha256, LABEL_LIST on the filter t
 checks and a filter are look-ups by key, and reads rows back by their stable row id.
 
 A row: id, sha256, file, added_at, meta (JSON text), tags (one `key=value` per scalar metadata value: what a
-filter matches), mean (the normalised mean query vector, float32) and vectors (all query vectors, float16,
-flattened). The table is created with stable row ids, so a row keeps its id through compaction.
+filter matches), mean (the normalised mean query vector, float32) and the query vectors in two int8 layers
+(`quantize`: coarse codes and what they leave, each with a scale per vector; together closer to the vectors
+than float16, in the same 16 kB). The table has stable row ids, so a row keeps its id through compaction.
 
-A text search is two passes, each exact in what it computes:
-1. every image's mean vector, held in memory as float16 (512 bytes per image: 51 MB at 100,000 images),
-   times the text's vector: one matrix-vector product over the whole gallery (~3 ms at 100,000 images on 2
-   cores), the metadata filter applied as a mask before the top C (BLIP2_GALLERY_CANDIDATES) are taken;
-2. those C rows read back by row id and ranked by their exact ITC, the best inner product over all their
+A text search is three passes, the first two in memory (`InMemory`: 8.5 kB per image with 32 x 256 vectors,
+850 MB at 100,000 images, read from the table when the gallery opens):
+1. every image's mean vector (float16) times the text's vector, one product over the whole gallery, the
+   metadata filter applied as a mask: the best C (BLIP2_GALLERY_CANDIDATES);
+2. their ITC from the coarse codes (within ~1e-3): the best k + 64;
+3. those rows' fine layer read from the table, and their exact ITC, the best inner product over all their
    query vectors.
-What it can miss is an image among the true top k whose mean is not among the best C means. No ANN index: at a million images the scan reads 512 MB per search, which an HNSW or IVF index would cut, but
-on vectors like these (one direction per image, texts in any direction) the ANN indexes measured lost 1-20%
-of the true top 10 that an exact scan keeps (docs/BENCHMARKS.md, issue 21), and they cost minutes of
-background building that slowed adds. The memory copy is rebuilt from the table when the gallery opens.
+What it can miss is an image among the true top k whose mean is not among the best C means (or, much more
+rarely, 64 others within ~1e-3 of it by the coarse codes). Nothing but the k + 64 rows is read from disk: on
+the machines measured, the page cache did not keep the table, and a random row cost 20-150 us.
+No ANN index: on vectors like these (one direction per image, texts in any direction) the ANN indexes measured
+lost 1-20% of the true top 10 that an exact scan keeps (docs/BENCHMARKS.md, issue 21), and they cost minutes
+of background building that slowed adds.
 
 Maintenance: once the rows added since the last one are BLIP2_GALLERY_OPTIMIZE_ROWS and 5% of the gallery, a
 background thread compacts the table, adds the new rows to the scalar indexes and deletes the files of
-versions older than a minute. An add never waits for it. Rows not indexed yet are looked up by a scan of
-themselves meanwhile, so results are right throughout.
+versions older than a minute (closing the gallery deletes the rest). An add never waits for it. Rows not
+indexed yet are looked up by a scan of themselves meanwhile, so results are right throughout.
 
 `gallery.json` names the table in use and the model whose vectors it holds; it is replaced atomically
 (rename), so creating a gallery, converting an old one and re-indexing switch at one point, and a table it
-does not name is a leftover of one that died: dropped on open. A gallery of format 2 (this store before
-stable row ids and the in-memory first pass) is copied into a new table when opened.
+does not name is a leftover of one that died: dropped on open. A gallery of an earlier format (2: an ANN
+index, no stable row ids; 3: float16 vectors) is copied into a new table when opened.
 """
 
 from __future__ import annotations
@@ -62,16 +66,16 @@ from service.gallery.common import (  # noqa: E402
     Record,
     Stored,
     best,
+    max_sim,
     mean_vector,
     model_of,
-    top_by_max_sim,
 )
 from service.settings import Settings  # noqa: E402
 
 log = logging.getLogger("service.gallery")
 RECORD_FILE = "gallery.json"
 TABLES_DIR = "lance"
-FORMAT = 3  # 2: no stable row ids, an ANN index over `mean`; copied into a new table when opened
+FORMAT = 4  # 2: an ANN index over `mean`, float16 `vectors`; 3: float16 `vectors`; both copied when opened
 FIELDS = ["id", "sha256", "file", "added_at", "meta"]
 # What a search still reading an older version may need; files only older versions name go after that, at the
 # next maintenance (so the disk holds the live rows plus what the last minute's compaction rewrote).
@@ -82,7 +86,7 @@ KEEP_OLD_VERSIONS = timedelta(minutes=1)
 COMPACTION = CompactionOptions(target_rows_per_fragment=32768)
 GROWTH_PER_MAINTENANCE = 0.05  # maintenance once the rows not yet indexed are 5% of the gallery
 STABLE_ROW_IDS = {"new_table_enable_stable_row_ids": "true"}
-CHUNK_ROWS = 65536  # the in-memory first pass grows by 32 MB chunks (256-d float16 means), never moved
+CHUNK_ROWS = 8192  # what searches hold grows by chunks of this many images (68 MB of 32 x 256), never moved
 
 
 def sql_text(value: str) -> str:
@@ -127,9 +131,33 @@ def schema(dim: int, queries: int) -> pa.Schema:
             pa.field("meta", pa.string(), nullable=False),
             pa.field("tags", pa.list_(pa.string())),
             pa.field("mean", pa.list_(pa.float32(), dim)),
-            pa.field("vectors", pa.list_(pa.float16(), queries * dim)),
+            # the query vectors in two int8 layers (quantize): `coarse` is what searches hold in memory,
+            # `fine` what the second pass reads for its few best candidates
+            pa.field("coarse", pa.list_(pa.int8(), queries * dim)),
+            pa.field("coarse_scale", pa.list_(pa.float32(), queries)),
+            pa.field("fine", pa.list_(pa.int8(), queries * dim)),
+            pa.field("fine_scale", pa.list_(pa.float32(), queries)),
         ]
     )
+
+
+def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(coarse, coarse_scale, fine, fine_scale) of query vectors (..., dim): int8 codes times a scale per
+    vector, then the same for what is left over. coarse alone is within 1/254 of each vector's largest value
+    (what a middle pass needs); with fine, within 1/64,516 (closer than float16's 1/2,048), in the same
+    16 kB as float16."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    layers = []
+    for _ in range(2):
+        scale = np.maximum(np.abs(vectors).max(axis=-1), 1e-30) / 127
+        codes = np.clip(np.rint(vectors / scale[..., None]), -127, 127).astype(np.int8)
+        layers += [codes, scale.astype(np.float32)]
+        vectors = vectors - codes * scale[..., None]
+    return layers[0], layers[1], layers[2], layers[3]
+
+
+def dequantize(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return codes.astype(np.float32) * scale[..., None]
 
 
 def column_values(rows: pa.Table, name: str, dtype: type) -> np.ndarray:
@@ -158,54 +186,88 @@ def write_atomically(path: Path, text: str) -> None:
         os.close(folder)
 
 
-class MeanVectors:
-    """The first pass: every stored image's mean vector (float16) and row id, in row-id order (stable row ids
-    only grow, and adds append under the store's write lock). The means fill chunks of CHUNK_ROWS that are
-    never moved, so an add costs the same at any size (the row ids, 8 bytes each, sit in one array that doubles
-    when full). A search reads one snapshot (row ids, chunks, alive), the first n slots of each: an append
-    writes past every snapshot taken before it, then publishes a longer one. A deleted image's slot is marked
-    dead, which a search in progress may or may not see; the dead are dropped once they are a quarter."""
+class Chunk:
+    """CHUNK_ROWS images' slots: mean vectors (float16), coarse query-vector codes (int8) and their scales."""
 
-    def __init__(self, dim: int) -> None:
-        self.dim = dim
+    def __init__(self, queries: int, dim: int) -> None:
+        self.means = torch.zeros((CHUNK_ROWS, dim), dtype=torch.float16)
+        self.codes = torch.zeros((CHUNK_ROWS, queries, dim), dtype=torch.int8)
+        self.scales = torch.zeros((CHUNK_ROWS, queries), dtype=torch.float32)
+
+
+class InMemory:
+    """What a search reads from memory: every stored image's mean vector (the first pass) and coarse codes of
+    its query vectors (the middle pass), 8.5 kB per image with 32 x 256 vectors, by slot; and the row ids of the
+    slots, sorted (stable row ids only grow, adds append under the store's write lock). The chunks are never
+    moved, so an add costs the same at any size. A search reads one snapshot (row ids, chunks, alive), the
+    first n slots: an append writes past every snapshot taken before it, then publishes a longer one. A deleted
+    image's slot is marked dead, which a search in progress may or may not see; the dead are dropped once they
+    are a quarter."""
+
+    def __init__(self, queries: int, dim: int) -> None:
+        self.queries, self.dim = queries, dim
         self._empty()
 
     def _empty(self) -> None:
         self._row_ids = np.zeros(CHUNK_ROWS, dtype=np.uint64)
         self._alive = np.zeros(CHUNK_ROWS, dtype=bool)
-        self._chunks: list[torch.Tensor] = []
+        self._chunks: list[Chunk] = []
         self._publish(0)
 
     def _publish(self, count: int) -> None:
         self.snapshot = (self._row_ids[:count], list(self._chunks), self._alive[:count])
 
-    def append(self, row_ids: np.ndarray, means: np.ndarray) -> None:
-        count, added = len(self.snapshot[0]), len(row_ids)
-        order = np.argsort(row_ids, kind="stable")
-        row_ids = np.asarray(row_ids, dtype=np.uint64)[order]
-        if count and added and row_ids[0] <= self._row_ids[count - 1]:
-            raise RuntimeError("row ids out of order: the in-memory first pass no longer matches the table")
-        if count + added > len(self._row_ids):
-            capacity = max(2 * len(self._row_ids), count + added)
+    def reserve(self, count: int) -> None:
+        """Room for `count` slots in all (chunks are made as slots are written)."""
+        if count > len(self._row_ids):
+            capacity = max(2 * len(self._row_ids), count)
             self._row_ids = np.concatenate(
                 [self._row_ids, np.zeros(capacity - len(self._row_ids), np.uint64)]
             )
             self._alive = np.concatenate([self._alive, np.zeros(capacity - len(self._alive), bool)])
+
+    def write(self, slots: np.ndarray, means: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> None:
+        """These slots hold these images (not yet searched: publishing a longer snapshot makes them so)."""
+        chunk_of, offsets = np.divmod(np.asarray(slots, dtype=np.int64), CHUNK_ROWS)
+        while len(slots) and chunk_of.max() >= len(self._chunks):
+            self._chunks.append(Chunk(self.queries, self.dim))
+        for chunk in np.unique(chunk_of):
+            mine = chunk_of == chunk
+            at, target = torch.from_numpy(offsets[mine]), self._chunks[chunk]
+            target.means[at] = torch.from_numpy(np.asarray(means[mine], dtype=np.float16))
+            target.codes[at] = torch.from_numpy(np.ascontiguousarray(codes[mine]))
+            target.scales[at] = torch.from_numpy(np.asarray(scales[mine], dtype=np.float32))
+
+    def load(self, batches: Iterator[pa.Table], row_ids: np.ndarray) -> None:
+        """Fill an empty one from the table: `row_ids`, every row's (any order), then batches of rows with
+        `_rowid`, mean, coarse and coarse_scale, each written to its sorted place."""
+        row_ids = np.sort(np.asarray(row_ids, dtype=np.uint64))
+        self.reserve(len(row_ids))
+        self._row_ids[: len(row_ids)] = row_ids
+        self._alive[: len(row_ids)] = True
+        for rows in batches:
+            self.write(
+                np.searchsorted(row_ids, rows["_rowid"].to_numpy().astype(np.uint64)),
+                column_values(rows, "mean", np.float32).reshape(rows.num_rows, self.dim),
+                column_values(rows, "coarse", np.int8).reshape(rows.num_rows, self.queries, self.dim),
+                column_values(rows, "coarse_scale", np.float32).reshape(rows.num_rows, self.queries),
+            )
+        self._publish(len(row_ids))
+
+    def append(self, row_ids: np.ndarray, means: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> None:
+        count, added = len(self.snapshot[0]), len(row_ids)
+        order = np.argsort(row_ids, kind="stable")
+        row_ids = np.asarray(row_ids, dtype=np.uint64)[order]
+        if count and added and row_ids[0] <= self._row_ids[count - 1]:
+            raise RuntimeError("row ids out of order: the in-memory search data no longer matches the table")
+        self.reserve(count + added)
         self._row_ids[count : count + added] = row_ids
         self._alive[count : count + added] = True
-        means = torch.from_numpy(np.asarray(means, dtype=np.float16)[order])
-        written = 0
-        while written < added:
-            chunk, offset = divmod(count + written, CHUNK_ROWS)
-            if chunk == len(self._chunks):
-                self._chunks.append(torch.zeros((CHUNK_ROWS, self.dim), dtype=torch.float16))
-            step = min(CHUNK_ROWS - offset, added - written)
-            self._chunks[chunk][offset : offset + step] = means[written : written + step]
-            written += step
+        self.write(np.arange(count, count + added), means[order], codes[order], scales[order])
         self._publish(count + added)
 
     @staticmethod
-    def _slots(known: np.ndarray, row_ids: np.ndarray) -> np.ndarray:
+    def slots_of(known: np.ndarray, row_ids: np.ndarray) -> np.ndarray:
         """The slots in `known` (sorted row ids) of those of `row_ids` that are there."""
         if len(known) == 0:
             return np.zeros(0, dtype=np.int64)
@@ -215,29 +277,58 @@ class MeanVectors:
 
     def remove(self, row_ids: np.ndarray) -> None:
         known, chunks, alive = self.snapshot
-        alive[self._slots(known, row_ids)] = False
-        if (~alive).sum() > max(1024, len(alive) // 4):  # new arrays: searches keep the old ones they hold
+        alive[self.slots_of(known, row_ids)] = False
+        if (~alive).sum() > max(1024, len(alive) // 4):  # new chunks: searches keep the old ones they hold
             keep = np.flatnonzero(alive)
-            means = torch.cat(chunks)[torch.from_numpy(keep)] if len(keep) else torch.zeros((0, self.dim))
+            means, codes, scales = (
+                torch.cat([getattr(c, name) for c in chunks])[torch.from_numpy(keep)].numpy()
+                for name in ("means", "codes", "scales")
+            )
             self._empty()
-            self.append(known[keep], means.numpy())
+            self.append(known[keep], means, codes, scales)
 
-    def top(self, queries: np.ndarray, limit: int, allowed: np.ndarray | None = None) -> np.ndarray:
-        """The row ids of the `limit` best images by the best inner product of their mean vector with any of
-        `queries` (n, dim), among the live ones (and among the `allowed` row ids, if given), best first."""
-        known, chunks, alive = self.snapshot
+    def top(
+        self, snapshot: tuple, queries: np.ndarray, limit: int, allowed: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The slots (of `snapshot`) of the `limit` best images by the best inner product of their mean vector
+        with any of `queries` (n, dim), among the live ones (and the `allowed` row ids, if given), best first."""
+        known, chunks, alive = snapshot
         if len(known) == 0:
-            return known
+            return np.zeros(0, dtype=np.int64)
         half = torch.from_numpy(np.asarray(queries, dtype=np.float16).reshape(-1, self.dim).copy())
-        used = [chunk[: len(known) - n * CHUNK_ROWS] for n, chunk in enumerate(chunks)]
-        scores = torch.cat([torch.stack([chunk @ query for query in half]).amax(dim=0) for chunk in used])
+        used = [chunk.means[: len(known) - n * CHUNK_ROWS] for n, chunk in enumerate(chunks)]
+        scores = torch.cat([torch.stack([means @ query for query in half]).amax(dim=0) for means in used])
         scores = scores.float()
         scores[torch.from_numpy(~alive)] = -torch.inf
+        slots = np.arange(len(known))
         if allowed is not None:  # a filter: the best of its images only
-            slots = self._slots(known, allowed)
-            known, scores = known[slots], scores[torch.from_numpy(slots)]
-        found = torch.topk(scores, min(limit, len(known)))
-        return known[found.indices.numpy()[np.isfinite(found.values.numpy())]]
+            slots = self.slots_of(known, allowed)
+            scores = scores[torch.from_numpy(slots)]
+        found = torch.topk(scores, min(limit, len(slots)))
+        return slots[found.indices.numpy()[np.isfinite(found.values.numpy())]]
+
+    @staticmethod
+    def coarse(snapshot: tuple, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, scales) of these slots of `snapshot`, in their order."""
+        chunks = snapshot[1]
+        chunk_of, offsets = np.divmod(np.asarray(slots, dtype=np.int64), CHUNK_ROWS)
+        order = np.argsort(chunk_of, kind="stable")  # gathered chunk by chunk, then put back in order
+        parts = [
+            (chunks[c], torch.from_numpy(offsets[order][chunk_of[order] == c])) for c in np.unique(chunk_of)
+        ]
+        codes = torch.cat([chunk.codes[at] for chunk, at in parts])
+        scales = torch.cat([chunk.scales[at] for chunk, at in parts])
+        back = torch.from_numpy(np.argsort(order, kind="stable"))
+        return codes[back], scales[back]
+
+    def rough(self, snapshot: tuple, slots: np.ndarray, queries: np.ndarray) -> np.ndarray:
+        """The middle pass: the ITC of each slot (of `snapshot`) from its coarse codes (within ~1e-3), by
+        float16 products (torch needs no widening for them: 1,000 images of 32 x 256 in ~1 ms on 2 cores)."""
+        codes, scales = self.coarse(snapshot, slots)
+        half = torch.from_numpy(np.asarray(queries, dtype=np.float16).reshape(-1, self.dim).copy())
+        flat = codes.reshape(-1, self.dim).half()
+        per_vector = torch.stack([flat @ query for query in half]).amax(dim=0).float()
+        return (per_vector.reshape(len(slots), self.queries) * scales).amax(dim=1).numpy()
 
 
 class LanceStore:
@@ -250,8 +341,8 @@ class LanceStore:
         self.folder, self.settings, self.info = folder, settings, info
         self.db = lancedb.connect(folder / TABLES_DIR)
         self.table = self.db.open_table(info["table"])
-        self.means = MeanVectors(info["dim"])
-        self._writing = threading.Lock()  # an add or delete changes the table and `means` as one step
+        self.memory = InMemory(info["queries"], info["dim"])
+        self._writing = threading.Lock()  # an add or delete changes the table and `memory` as one step
         self._maintainer: threading.Thread | None = None
         self._maintaining = threading.Lock()  # one maintenance run at a time
         self._closed = False
@@ -271,7 +362,7 @@ class LanceStore:
         if info.get("format", 2) < FORMAT:
             store = store._upgraded()
         else:
-            store._load_means()
+            store._load_memory()
         store._maybe_maintain()
         return store
 
@@ -335,12 +426,13 @@ class LanceStore:
                 )
                 self.db.drop_table(name)
 
-    def _load_means(self) -> None:
-        """The in-memory first pass, read from the table (a column of 1 kB per image)."""
-        rows = self.table.search(None).select(["mean"]).with_row_id(True).to_arrow()
-        self.means.append(
-            rows["_rowid"].to_numpy(), column_values(rows, "mean", np.float32).reshape(-1, self.info["dim"])
-        )
+    def _load_memory(self) -> None:
+        """What searches hold in memory, read from the table: the row ids first (their order decides the
+        slots), then the means and coarse codes in batches (never the whole table at once)."""
+        row_ids = self.table.search(None).select(["added_at"]).with_row_id(True).to_arrow()["_rowid"]
+        columns = ["mean", "coarse", "coarse_scale"]
+        batches = self.table.search(None).select(columns).with_row_id(True).to_batches(CHUNK_ROWS)
+        self.memory.load((pa.Table.from_batches([batch]) for batch in batches), row_ids.to_numpy())
 
     def start_rebuild(self, model: dict[str, Any]) -> LanceStore:
         """A new, unpublished table for `model`, written while this one serves (a re-index fills it)."""
@@ -392,24 +484,42 @@ class LanceStore:
     def query_vectors(self, ids: list[str]) -> dict[str, np.ndarray]:
         if not ids:
             return {}
-        rows = self._rows(in_list("id", ids), ["id", "vectors"], len(ids))
+        rows = self._rows(in_list("id", ids), ["id", *self._vector_columns()], len(ids))
         return dict(zip(rows["id"].to_pylist(), self._vectors(rows), strict=True))
 
+    def _vector_columns(self) -> list[str]:
+        """The columns a row's query vectors are in (`vectors` in float16 before format 4)."""
+        return (
+            ["vectors"]
+            if self.info.get("format", 2) < 4
+            else ["coarse", "coarse_scale", "fine", "fine_scale"]
+        )
+
     def _vectors(self, rows: pa.Table) -> np.ndarray:
-        """The `vectors` column of `rows` as (rows, queries, dim) float16."""
-        return column_values(rows, "vectors", np.float16).reshape(-1, self.info["queries"], self.info["dim"])
+        """The query vectors of `rows`, (rows, queries, dim) float32."""
+        if "vectors" in rows.column_names:
+            shape = (rows.num_rows, self.info["queries"], self.info["dim"])
+            return column_values(rows, "vectors", np.float16).reshape(shape).astype(np.float32)
+        return self._layer(rows, "coarse") + self._layer(rows, "fine")
+
+    def _layer(self, rows: pa.Table, name: str) -> np.ndarray:
+        """One int8 layer (`coarse` or `fine`) of the query vectors of `rows`, as float32."""
+        shape = (rows.num_rows, self.info["queries"], self.info["dim"])
+        codes = column_values(rows, name, np.int8).reshape(shape)
+        return dequantize(codes, column_values(rows, f"{name}_scale", np.float32).reshape(shape[:2]))
 
     def records(self, batch_size: int = 256) -> Iterator[list[Record]]:
-        for batch in self.table.search(None).select([*FIELDS, "vectors"]).to_batches(batch_size):
+        columns = [*FIELDS, *self._vector_columns()]
+        for batch in self.table.search(None).select(columns).to_batches(batch_size):
             rows = pa.Table.from_batches([batch])
             vectors = self._vectors(rows)
             yield [
-                Record(**vars(self._stored(row)), vectors=v.astype(np.float32))
+                Record(**vars(self._stored(row)), vectors=v)
                 for row, v in zip(rows.select(FIELDS).to_pylist(), vectors, strict=True)
             ]
 
     # -- writing -------------------------------------------------------------------------------------
-    def _arrow(self, records: list[Record]) -> tuple[pa.Table, np.ndarray]:
+    def _arrow(self, records: list[Record]) -> tuple[pa.Table, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         queries, dim = self.info["queries"], self.info["dim"]
         vectors = np.stack([np.asarray(r.vectors, dtype=np.float32) for r in records])
         if vectors.shape[1:] != (queries, dim):
@@ -417,6 +527,11 @@ class LanceStore:
                 f"query vectors of shape {vectors.shape[1:]}; this gallery holds {(queries, dim)}"
             )
         means = np.stack([mean_vector(v) for v in vectors])
+        coarse, coarse_scale, fine, fine_scale = quantize(vectors)
+
+        def fixed(values: np.ndarray, size: int) -> pa.Array:
+            return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), size)
+
         table = pa.table(
             {
                 "id": [r.image_id for r in records],
@@ -425,26 +540,27 @@ class LanceStore:
                 "added_at": [float(r.added_at) for r in records],
                 "meta": [json.dumps(r.metadata) for r in records],
                 "tags": [tags(r.metadata) for r in records],
-                "mean": pa.FixedSizeListArray.from_arrays(pa.array(means.reshape(-1)), dim),
-                "vectors": pa.FixedSizeListArray.from_arrays(
-                    pa.array(vectors.astype(np.float16).reshape(-1)), queries * dim
-                ),
+                "mean": fixed(means, dim),
+                "coarse": fixed(coarse, queries * dim),
+                "coarse_scale": fixed(coarse_scale, queries),
+                "fine": fixed(fine, queries * dim),
+                "fine_scale": fixed(fine_scale, queries),
             },
             schema=self.table.schema,
         )
-        return table, means
+        return table, (means, coarse, coarse_scale)
 
     def add(self, records: list[Record]) -> None:
         """One commit (a new table version) for all of them; then their row ids into the first pass."""
         if not records:
             return
-        table, means = self._arrow(records)
+        table, (means, codes, scales) = self._arrow(records)
         with self._writing:
             self.table.add(table)
             added = self._rows(in_list("id", [r.image_id for r in records]), ["id"], len(records), True)
             position = {image_id: n for n, image_id in enumerate(table["id"].to_pylist())}
             order = [position[image_id] for image_id in added["id"].to_pylist()]
-            self.means.append(added["_rowid"].to_numpy(), means[order])
+            self.memory.append(added["_rowid"].to_numpy(), means[order], codes[order], scales[order])
             self._unindexed += len(records)
         self._maybe_maintain()
 
@@ -462,7 +578,7 @@ class LanceStore:
                     if "onflict" not in str(exc) or attempt == 4:
                         raise
                     time.sleep(0.05 * (attempt + 1))
-            self.means.remove(found["_rowid"].to_numpy())
+            self.memory.remove(found["_rowid"].to_numpy())
         return True
 
     # -- searching -----------------------------------------------------------------------------------
@@ -484,31 +600,37 @@ class LanceStore:
     def search(
         self, vectors: np.ndarray, k: int, conditions: dict[str, list[Any]] | None = None
     ) -> list[tuple[Stored, float]]:
-        """Two passes: C candidates by the mean vectors in memory, then their exact ITC. Only the k best
-        become Python objects (1,000 candidates' rows as dicts cost more than the search)."""
+        """Three passes, the first two in memory: C candidates by their mean vectors, the best k + 64 of those
+        by ITC from their coarse codes, and their exact ITC from both layers (the fine one read from the table:
+        ~20-150 us a row, so only for these)."""
         queries = np.asarray(vectors, dtype=np.float32).reshape(-1, self.info["dim"])
         limit = max(k, self.settings.gallery_candidates)
-        row_ids = self.means.top(queries, limit, self._allowed(conditions))
-        # Only the vectors of the candidates, and the fields of the k best: Lance reads each row's columns
-        # apart, ~20 us per row and column (1,000 rows' fields besides their vectors: +40 ms).
-        rows = self._take(row_ids, ["vectors"], with_row_ids=True)
-        if rows.num_rows == 0:
+        snapshot = self.memory.snapshot
+        slots = self.memory.top(snapshot, queries, limit, self._allowed(conditions))
+        if len(slots) == 0:
             return []
-        kept, scores = top_by_max_sim(self._vectors(rows), queries, k)
-        found = rows["_rowid"].to_numpy()[kept]
-        fields = self._take(found, [*FIELDS], with_row_ids=True)
+        rough = self.memory.rough(snapshot, slots, queries)
+        chosen = slots[np.argsort(-rough, kind="stable")[: k + PRESELECT_MARGIN]]
+        rows = self._take(snapshot[0][chosen], ["fine", "fine_scale"], with_row_ids=True)
+        at = self.memory.slots_of(snapshot[0], rows["_rowid"].to_numpy())  # the rows as the take gave them
+        codes, scales = self.memory.coarse(snapshot, at)
+        scores = max_sim(dequantize(codes.numpy(), scales.numpy()) + self._layer(rows, "fine"), queries)
+        order = np.argsort(-scores, kind="stable")[:k]
+        found = rows["_rowid"].to_numpy()[order]
+        fields = self._take(found, FIELDS, with_row_ids=True)
         stored = dict(zip(fields["_rowid"].to_pylist(), map(self._stored, fields.to_pylist()), strict=True))
-        # a row deleted between the two reads is left out
-        return best(
-            [(stored[r], s) for r, s in zip(found.tolist(), scores.tolist(), strict=True) if r in stored], k
-        )
+        # a row deleted between the reads is left out
+        pairs = zip(found.tolist(), scores[order].tolist(), strict=True)
+        return best([(stored[row], score) for row, score in pairs if row in stored], k)
 
     def similar(
         self, vectors: np.ndarray, k: int, conditions: dict[str, list[Any]] | None = None
     ) -> list[tuple[Stored, float]]:
         """By the cosine of the mean vectors: the best k + a margin in float16, then their exact cosines."""
         mean = mean_vector(vectors)
-        row_ids = self.means.top(mean[None], k + PRESELECT_MARGIN, self._allowed(conditions))
+        snapshot = self.memory.snapshot
+        slots = self.memory.top(snapshot, mean[None], k + PRESELECT_MARGIN, self._allowed(conditions))
+        row_ids = snapshot[0][slots]
         rows = self._take(row_ids, [*FIELDS, "mean"])
         if rows.num_rows == 0:
             return []

@@ -127,35 +127,58 @@ def test_lookups_are_by_key_and_row_ids_outlive_maintenance(tmp_path):
     gallery.close()
 
 
-def test_the_in_memory_first_pass_over_chunks_appends_and_deletes(monkeypatch):
-    """MeanVectors (chunks of 4 rows here) ranks like numpy over the live rows, with and without a filter,
-    across chunk boundaries, and after dropping its dead slots; a snapshot taken before an append or a drop
-    still reads what it held."""
+def test_what_searches_hold_in_memory_appends_deletes_and_ranks_like_numpy(monkeypatch):
+    """InMemory (chunks of 4 images here) ranks by mean like numpy over the live images, with and without a
+    filter, across chunk boundaries and after dropping its dead slots, and its coarse ITC is within 1e-2 of
+    the exact one (16-d test vectors); a snapshot taken before an append or a drop still reads what it held."""
     monkeypatch.setattr(lance_store, "CHUNK_ROWS", 4)
     rng = np.random.default_rng(0)
-    first = lance_store.MeanVectors(DIM)
-    means = unit(rng.normal(size=(3000, DIM)))
+    memory = lance_store.InMemory(QUERIES, DIM)
+    vectors = unit(rng.normal(size=(3000, QUERIES, DIM)))
+    means = np.stack([mean_vector(v) for v in vectors])
+    codes, scales, _, _ = lance_store.quantize(vectors)
     row_ids = np.arange(0, 6000, 2, dtype=np.uint64)  # stable row ids grow, with gaps
-    for start in (0, 3, 10, 1500):  # batches that end inside a chunk and span several
-        end = {0: 3, 3: 10, 10: 1500, 1500: 3000}[start]
-        first.append(row_ids[start:end][::-1].copy(), means[start:end][::-1].copy())  # any order within
-    held = first.snapshot
+    for start, end in ((0, 3), (3, 10), (10, 1500), (1500, 3000)):  # ending inside a chunk, spanning many
+        part = slice(end - 1, start - 1 if start else None, -1)  # any order within a batch
+        memory.append(row_ids[part], means[part], codes[part], scales[part])
+    held = memory.snapshot
     query = unit(rng.normal(size=(1, DIM)))
 
-    def expected(live: np.ndarray, limit: int) -> list[int]:
-        scores = means[live] @ query[0]
-        return row_ids[live][np.argsort(-scores, kind="stable")[:limit]].tolist()
+    score_of = dict(zip(row_ids.tolist(), (means @ query[0]).tolist(), strict=True))
+
+    def expected(live: np.ndarray, limit: int) -> list[float]:
+        return sorted((score_of[r] for r in row_ids[live].tolist()), reverse=True)[:limit]
+
+    def top(limit: int, allowed: np.ndarray | None = None) -> list[float]:
+        """The scores of what the first pass returns, in its order (float16 may swap near-ties)."""
+        snapshot = memory.snapshot
+        return [score_of[r] for r in snapshot[0][memory.top(snapshot, query, limit, allowed)].tolist()]
 
     live = np.ones(3000, dtype=bool)
-    assert first.top(query, 20).tolist() == expected(live, 20)
+    assert top(20) == pytest.approx(expected(live, 20), abs=FLOAT16)
+    slots = memory.top(held, query, 50)
+    exact_itc = (vectors[slots] @ query[0]).max(axis=1)
+    assert np.abs(memory.rough(held, slots, query) - exact_itc).max() < 1e-2
     live[::2] = False  # 1,500 dead: more than 1,024 and a quarter, so the dead slots are dropped
-    first.remove(row_ids[::2])
-    assert len(first.snapshot[0]) == 1500 and len(held[0]) == 3000
-    assert first.top(query, 20).tolist() == expected(live, 20)
-    allowed = row_ids[::3]
-    assert first.top(query, 7, allowed).tolist() == expected(live & (np.arange(3000) % 3 == 0), 7)
-    everything = first.top(query, 5000).tolist()  # fewer than asked: every live one, best first
-    assert sorted(everything) == sorted(row_ids[live].tolist()) and everything[:20] == expected(live, 20)
+    memory.remove(row_ids[::2])
+    assert len(memory.snapshot[0]) == 1500 and len(held[0]) == 3000
+    assert top(20) == pytest.approx(expected(live, 20), abs=FLOAT16)
+    assert top(7, row_ids[::3]) == pytest.approx(expected(live & (np.arange(3000) % 3 == 0), 7), abs=FLOAT16)
+    everything = top(5000)  # fewer than asked: every live one, best first
+    assert sorted(everything) == sorted(expected(live, 5000))
+    assert everything[:20] == pytest.approx(expected(live, 20), abs=FLOAT16)
+    slots = memory.top(memory.snapshot, query, 50)
+    exact_itc = (vectors[live][slots] @ query[0]).max(axis=1)
+    assert np.abs(memory.rough(memory.snapshot, slots, query) - exact_itc).max() < 1e-2
+
+
+def test_two_int8_layers_are_closer_than_float16():
+    vectors = unit(np.random.default_rng(1).normal(size=(50, 32, 256)))
+    coarse, coarse_scale, fine, fine_scale = lance_store.quantize(vectors)
+    both = lance_store.dequantize(coarse, coarse_scale) + lance_store.dequantize(fine, fine_scale)
+    float16 = vectors.astype(np.float16).astype(np.float32)
+    assert np.abs(both - vectors).max() < np.abs(float16 - vectors).max()
+    assert coarse.dtype == fine.dtype == np.int8
 
 
 WRITER = """
@@ -229,15 +252,15 @@ def check_converted(gallery: Gallery, records: list[Record]) -> None:
 
 
 def test_a_first_format_lancedb_gallery_is_converted_when_opened(tmp_path):
-    """A LanceDB gallery of format 2 (no stable row ids: compaction moved its rows) is copied into a new table
-    when opened, nothing lost, and its old table dropped."""
+    """A LanceDB gallery of format 2 (no stable row ids: compaction moved its rows; float16 vectors) is copied
+    into a new table when opened, nothing lost, and its old table dropped."""
     folder = tmp_path / "g"
     folder.mkdir()
     records = old_records(40)
     write_format2_gallery(folder, MODEL, records)
     gallery = open_gallery(folder)
     check_converted(gallery, records)
-    assert gallery.store.info["format"] == 3 and gallery.store.db.table_names() == [
+    assert gallery.store.info["format"] == lance_store.FORMAT and gallery.store.db.table_names() == [
         gallery.store.info["table"]
     ]
     gallery.close()
