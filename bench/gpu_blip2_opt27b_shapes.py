@@ -193,11 +193,8 @@ MODES = {
 WEIGHT_BYTES = {"fp16": 2.0, "bnb-int8": 1.0, "bnb-int8-t0": 1.0, "torchao-int8": 1.0, "torchao-fp8": 1.0}
 
 
-async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, save) -> None:
-    from service.batching import Batcher
-    from service.decoding import graph_blocker
-    from service.inference import Runner
-    from service.jobs import GenerateJob, GenerationOptions
+def load_mode(folder: Path, mode: str, max_batch: int, entry: dict):
+    """The models of `folder` with the LLM loaded as `mode` says; the load time and weight sizes go to `entry`."""
     from service.loading import load_models
     from service.settings import Settings
 
@@ -208,19 +205,23 @@ async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, 
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     settings = Settings(model=str(folder), device=device, dtype="float16" if cuda else "float32",
-                        max_batch_size=max(batches + args.greedy_batch_sizes), **MODES[mode])  # fmt: skip
+                        max_batch_size=max_batch, **MODES[mode])  # fmt: skip
     models = load_models(settings)
     gen = models.generation.model
-    entry = out.setdefault(mode, {})
     entry["load_s"] = round(time.perf_counter() - started, 1)
     entry["weights_bytes"] = gen.get_memory_footprint()
     entry["llm_weights_bytes"] = gen.language_model.get_memory_footprint()
     if cuda:
         entry["gpu_allocated_after_load_bytes"] = torch.cuda.memory_allocated()
     log(f"{mode}: loaded in {entry['load_s']} s, weights {entry['weights_bytes'] / 2**30:.2f} GiB")
-    roof = Roofline.from_config(json.loads((folder / "config.json").read_text()))
-    chip = chip_of(torch.cuda.get_device_name(0)) if cuda else None
-    clock = VitClock(gen.vision_model, cuda)
+    return settings, models
+
+
+def compare_greedy(models, mode: str, out: dict, entry: dict) -> None:
+    """The same 16 images answered greedily (10 tokens); after fp16, the answers that differ from fp16's."""
+    from service.inference import Runner
+    from service.jobs import GenerateJob, GenerationOptions
+
     greedy = GenerationOptions(max_new_tokens=10)
     tokens = [
         g.text for g in Runner(models)([GenerateJob(image, "", greedy) for image in images(16, seed=7)])
@@ -235,6 +236,49 @@ async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, 
             for n, (a, b) in enumerate(zip(tokens, reference, strict=True))
             if a != b
         ]
+
+
+async def measure_cell(batcher, runner, clock: VitClock, batch: int, options, args) -> dict:
+    """One cell's timings: a warm-up round, then `args.rounds` batches of `batch` captions (one fewer from 32
+    on). The GPU's peak memory counts from here: `peak_memory` reads it."""
+    await rounds(batcher, runner, options, batch, 1, seed=1000 * batch)  # warm-up (kernels, allocator)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    clock.seconds = 0.0
+    count = args.rounds if batch < 32 else max(1, args.rounds - 1)
+    seconds, tokens = await rounds(batcher, runner, options, batch, count, seed=1000 * batch + 1)
+    return {
+        "captions_per_s": round(batch * count / seconds, 3),
+        "seconds_per_batch": round(seconds / count, 4),
+        # the batch time outside the ViT, per new token: decode steps (the prefill and Q-Former in it)
+        "ms_per_decode_step": round(1000 * (seconds - clock.seconds) / count / args.tokens, 3),
+        "vit_share": round(clock.seconds / seconds, 4),
+        "rounds": count,
+        "mean_new_tokens": tokens,
+    }
+
+
+def peak_memory(rows: int) -> dict:
+    """The GPU's peak allocation since `measure_cell` reset it, in all and per decoded row (batch x beams)."""
+    peak = torch.cuda.max_memory_allocated()
+    return {"peak_gpu_bytes": peak, "peak_gpu_bytes_per_row": peak // rows}
+
+
+async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, save) -> None:
+    from service.batching import Batcher
+    from service.decoding import graph_blocker
+    from service.inference import Runner
+    from service.jobs import GenerationOptions
+
+    cuda = torch.cuda.is_available()
+    entry = out.setdefault(mode, {})
+    settings, models = load_mode(folder, mode, max(batches + args.greedy_batch_sizes), entry)
+    gen = models.generation.model
+    roof = Roofline.from_config(json.loads((folder / "config.json").read_text()))
+    chip = chip_of(torch.cuda.get_device_name(0)) if cuda else None
+    clock = VitClock(gen.vision_model, cuda)
+    compare_greedy(models, mode, out, entry)
     beam = GenerationOptions(max_new_tokens=args.tokens, min_new_tokens=args.tokens, num_beams=args.beams)
     greedy_fixed = GenerationOptions(max_new_tokens=args.tokens, min_new_tokens=args.tokens)
     cells = [(f"batch_{b}", b, beam) for b in batches]
@@ -259,24 +303,7 @@ async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, 
                     entry.setdefault("skipped", []).append(f"{decoder}/{label}")
                     log(f"{mode} {decoder}: budget spent, {label} skipped")
                     continue
-                await rounds(
-                    batcher, runner, options, batch, 1, seed=1000 * batch
-                )  # warm-up (kernels, allocator)
-                if cuda:
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                clock.seconds = 0.0
-                count = args.rounds if batch < 32 else max(1, args.rounds - 1)
-                seconds, tokens = await rounds(batcher, runner, options, batch, count, seed=1000 * batch + 1)
-                cell = {
-                    "captions_per_s": round(batch * count / seconds, 3),
-                    "seconds_per_batch": round(seconds / count, 4),
-                    # the batch time outside the ViT, per new token: decode steps (the prefill and Q-Former in it)
-                    "ms_per_decode_step": round(1000 * (seconds - clock.seconds) / count / args.tokens, 3),
-                    "vit_share": round(clock.seconds / seconds, 4),
-                    "rounds": count,
-                    "mean_new_tokens": tokens,
-                }
+                cell = await measure_cell(batcher, runner, clock, batch, options, args)
                 if chip is not None:
                     beams = options.num_beams
                     bound = roof.captions_per_s(batch, beams, args.tokens, 33, *chip, WEIGHT_BYTES[mode])
@@ -286,8 +313,7 @@ async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, 
                     cell["graph_captures"] = runner.fast_decoder.captures
                     cell["graph_shapes"] = len(runner.fast_decoder.graphs)
                 if cuda:
-                    cell["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
-                    cell["peak_gpu_bytes_per_row"] = cell["peak_gpu_bytes"] // (batch * options.num_beams)
+                    cell |= peak_memory(batch * options.num_beams)
                 entry[f"{decoder}/{label}"] = cell
                 log(f"{mode} {decoder} {label}: {cell}")
                 save()

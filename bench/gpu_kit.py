@@ -200,6 +200,43 @@ def junit_summary(path: Path) -> dict:
     return summary
 
 
+def steps_environment(args: argparse.Namespace, report: dict) -> dict[str, str]:
+    """The steps' environment: the carried wheels installed (not in the CPU run) and put first on the path,
+    the report folder, no hub access. Records the install step in `report`."""
+    env, paths = dict(os.environ), [str(REPO)]
+    if args.small:
+        report["steps"]["install"] = {
+            "note": "SMALL=1: the CPU run uses the packages installed here; no wheels"
+        }
+        log(report["steps"]["install"]["note"])
+    else:
+        report["steps"]["install"] = install(args.wheels, args.site)
+        paths.insert(0, str(args.site))  # the carried versions before any the image has
+        log(f"install: {report['steps']['install']}")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*paths, env.get("PYTHONPATH")]))
+    env |= {"GPU_REPORT_DIR": str(args.out), "OUT": str(args.out), "HF_HUB_OFFLINE": "1"}
+    if args.small:
+        env["GPU_TESTS_ON_CPU"] = "1"  # the GPU tests' own code runs too, on the CPU in fp32
+    return env
+
+
+def shapes_command(
+    args: argparse.Namespace, modes: list[str], without_bnb: bool, limit_s: float
+) -> list[str]:
+    """The shapes step's command line: the modes this machine can run, cells sized to end inside `limit_s`."""
+    shapes = [sys.executable, "bench/gpu_blip2_opt27b_shapes.py", "--out", str(args.out)]
+    if without_bnb:
+        modes = [mode for mode in modes if not mode.startswith("bnb")]
+    if args.small:
+        modes = [mode for mode in modes if mode in ("fp16", "bnb-int8", "torchao-int8")]
+        shapes += ["--small", "--batches", "1,2", "--greedy-batches", "2", "--tokens", "4", "--beams", "2"]
+        shapes += ["--rounds", "1", "--budget-s", str(limit_s - 30)]
+    else:
+        # new cells stop starting in time for the running one to end inside the limit
+        shapes += ["--rounds", "2", "--budget-s", str(limit_s - 60)]
+    return shapes + ["--modes", ",".join(modes)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -226,20 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         report["elapsed_s"] = round(time.monotonic() - T0, 1)
         (args.out / "kit.json").write_text(json.dumps(report, indent=1))
 
-    env, paths = dict(os.environ), [str(REPO)]
-    if args.small:
-        report["steps"]["install"] = {
-            "note": "SMALL=1: the CPU run uses the packages installed here; no wheels"
-        }
-        log(report["steps"]["install"]["note"])
-    else:
-        report["steps"]["install"] = install(args.wheels, args.site)
-        paths.insert(0, str(args.site))  # the carried versions before any the image has
-        log(f"install: {report['steps']['install']}")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*paths, env.get("PYTHONPATH")]))
-    env |= {"GPU_REPORT_DIR": str(args.out), "OUT": str(args.out), "HF_HUB_OFFLINE": "1"}
-    if args.small:
-        env["GPU_TESTS_ON_CPU"] = "1"  # the GPU tests' own code runs too, on the CPU in fp32
+    env = steps_environment(args, report)
     save()
 
     checked = subprocess.run(
@@ -275,17 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     if "shapes" not in steps:
         return finish(report, save, args.out)
 
-    shapes = [python, "bench/gpu_blip2_opt27b_shapes.py", "--out", str(args.out)]
-    if without_bnb:
-        modes = [mode for mode in modes if not mode.startswith("bnb")]
-    if args.small:
-        modes = [mode for mode in modes if mode in ("fp16", "bnb-int8", "torchao-int8")]
-        shapes += ["--small", "--batches", "1,2", "--greedy-batches", "2", "--tokens", "4", "--beams", "2"]
-        shapes += ["--rounds", "1", "--budget-s", str(limits["shapes"] - 30)]
-    else:
-        # new cells stop starting in time for the running one to end inside the limit
-        shapes += ["--rounds", "2", "--budget-s", str(limits["shapes"] - 60)]
-    shapes += ["--modes", ",".join(modes)]
+    shapes = shapes_command(args, modes, without_bnb, limits["shapes"])
     report["steps"]["shapes"] = run_step("shapes", shapes, limits["shapes"], args.out, env)
     return finish(report, save, args.out)
 

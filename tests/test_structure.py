@@ -1,5 +1,6 @@
 """How the code is put together, checked over the whole tree: no import cycle among the packages' modules
-(an import back the other way, even one deferred into a function, means the two modules are one in spirit)."""
+(an import back the other way, even one deferred into a function, means the two modules are one in spirit),
+and no function outside tests/ longer than a reader can take in without scrolling."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("blip2", "service", "training")
+LONGEST_FUNCTION = 80  # lines, decorators and docstring included
+CODE = ("blip2", "service", "training", "bench", "recipes")
 
 # Known cycle in code this check came after, left to its owner: legacy.py's deferred import of milvus_store
 # (which imports legacy) for a format-1 server collection. Nothing may be added here.
@@ -97,3 +100,33 @@ def test_the_check_sees_a_deferred_import_cycle(tmp_path):
     (tmp_path / "pkg" / "cli.py").write_text("from pkg.tool import run\n")
     (tmp_path / "pkg" / "main.py").write_text("from pkg import cli\n")
     assert cycles(import_graph(modules)) == [["pkg.cli", "pkg.main", "pkg.tool"]]
+
+
+def long_functions(root: Path, folders: tuple[str, ...], limit: int) -> dict[str, int]:
+    """`path:name` -> lines of every function or method in `folders` longer than `limit` lines."""
+    found = {}
+    for folder in folders:
+        for path in sorted((root / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                    if (lines := node.end_lineno - start + 1) > limit:
+                        found[f"{path.relative_to(root)}:{node.name}"] = lines
+    return found
+
+
+def test_no_function_is_longer_than_80_lines():
+    assert long_functions(REPO, CODE, LONGEST_FUNCTION) == {}
+
+
+def test_the_check_counts_a_functions_lines(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    body = "".join(f"    x{n} = {n}\n" for n in range(3))
+    (tmp_path / "pkg" / "m.py").write_text(
+        f"@decorated\ndef short():\n{body}\n\nasync def long():\n{body * 2}"
+    )
+    assert long_functions(tmp_path, ("pkg",), 5) == {"pkg/m.py:long": 7}
+    assert long_functions(tmp_path, ("pkg",), 4) == {
+        "pkg/m.py:short": 5,
+        "pkg/m.py:long": 7,
+    }  # the decorator counts
