@@ -86,7 +86,10 @@ KEEP_OLD_VERSIONS = timedelta(minutes=1)
 COMPACTION = CompactionOptions(target_rows_per_fragment=32768)
 GROWTH_PER_MAINTENANCE = 0.05  # maintenance once the rows not yet indexed are 5% of the gallery
 STABLE_ROW_IDS = {"new_table_enable_stable_row_ids": "true"}
-CHUNK_ROWS = 8192  # what searches hold grows by chunks of this many images (68 MB of 32 x 256), never moved
+# What searches hold grows by chunks of this many images, never moved: few enough that a search makes few
+# calls (each torch call costs ~1 ms on a busy 2-core machine), each reserved, not written, until used
+# (544 MB of address space with 32 x 256 vectors).
+CHUNK_ROWS = 65536
 
 
 def sql_text(value: str) -> str:
@@ -309,25 +312,29 @@ class InMemory:
 
     @staticmethod
     def coarse(snapshot: tuple, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes, scales) of these slots of `snapshot`, in their order."""
+        """(codes, scales) of these slots of `snapshot`, which must be sorted: one gather per chunk."""
         chunks = snapshot[1]
         chunk_of, offsets = np.divmod(np.asarray(slots, dtype=np.int64), CHUNK_ROWS)
-        order = np.argsort(chunk_of, kind="stable")  # gathered chunk by chunk, then put back in order
+        bounds = np.searchsorted(chunk_of, np.arange(len(chunks) + 1))
         parts = [
-            (chunks[c], torch.from_numpy(offsets[order][chunk_of[order] == c])) for c in np.unique(chunk_of)
+            (chunks[c], torch.from_numpy(offsets[bounds[c] : bounds[c + 1]]))
+            for c in range(len(chunks))
+            if bounds[c] < bounds[c + 1]
         ]
-        codes = torch.cat([chunk.codes[at] for chunk, at in parts])
-        scales = torch.cat([chunk.scales[at] for chunk, at in parts])
-        back = torch.from_numpy(np.argsort(order, kind="stable"))
-        return codes[back], scales[back]
+        return torch.cat([chunk.codes[at] for chunk, at in parts]), torch.cat(
+            [chunk.scales[at] for chunk, at in parts]
+        )
 
     def rough(self, snapshot: tuple, slots: np.ndarray, queries: np.ndarray) -> np.ndarray:
-        """The middle pass: the ITC of each slot (of `snapshot`) from its coarse codes (within ~1e-3), by
-        float16 products (torch needs no widening for them: 1,000 images of 32 x 256 in ~1 ms on 2 cores)."""
+        """The middle pass: the ITC of each slot (of `snapshot`; sorted) from its coarse codes and int8 codes of
+        the query vectors (within ~2e-3 of the exact one). Integer products (torch's `_int_mm`, exact in int32)
+        need no widening of the codes: 1,000 images of 32 x 256 in ~2 ms on one core, 4x less than float16."""
         codes, scales = self.coarse(snapshot, slots)
-        half = torch.from_numpy(np.asarray(queries, dtype=np.float16).reshape(-1, self.dim).copy())
-        flat = codes.reshape(-1, self.dim).half()
-        per_vector = torch.stack([flat @ query for query in half]).amax(dim=0).float()
+        texts = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        text_scales = np.maximum(np.abs(texts).max(axis=1), 1e-30) / 127
+        text_codes = np.rint(texts / text_scales[:, None]).astype(np.int8)
+        products = torch._int_mm(codes.reshape(-1, self.dim), torch.from_numpy(text_codes.T.copy()))
+        per_vector = (products.float() * torch.from_numpy(text_scales.astype(np.float32))).amax(dim=1)
         return (per_vector.reshape(len(slots), self.queries) * scales).amax(dim=1).numpy()
 
 
@@ -433,6 +440,7 @@ class LanceStore:
         columns = ["mean", "coarse", "coarse_scale"]
         batches = self.table.search(None).select(columns).with_row_id(True).to_batches(CHUNK_ROWS)
         self.memory.load((pa.Table.from_batches([batch]) for batch in batches), row_ids.to_numpy())
+        pa.default_memory_pool().release_unused()  # the batches' memory, which the pool would keep
 
     def start_rebuild(self, model: dict[str, Any]) -> LanceStore:
         """A new, unpublished table for `model`, written while this one serves (a re-index fills it)."""
@@ -606,13 +614,15 @@ class LanceStore:
         queries = np.asarray(vectors, dtype=np.float32).reshape(-1, self.info["dim"])
         limit = max(k, self.settings.gallery_candidates)
         snapshot = self.memory.snapshot
-        slots = self.memory.top(snapshot, queries, limit, self._allowed(conditions))
+        slots = np.sort(self.memory.top(snapshot, queries, limit, self._allowed(conditions)))
         if len(slots) == 0:
             return []
         rough = self.memory.rough(snapshot, slots, queries)
         chosen = slots[np.argsort(-rough, kind="stable")[: k + PRESELECT_MARGIN]]
         rows = self._take(snapshot[0][chosen], ["fine", "fine_scale"], with_row_ids=True)
         at = self.memory.slots_of(snapshot[0], rows["_rowid"].to_numpy())  # the rows as the take gave them
+        in_order = np.argsort(at)
+        rows, at = rows.take(in_order), at[in_order]
         codes, scales = self.memory.coarse(snapshot, at)
         scores = max_sim(dequantize(codes.numpy(), scales.numpy()) + self._layer(rows, "fine"), queries)
         order = np.argsort(-scores, kind="stable")[:k]

@@ -156,7 +156,7 @@ def test_what_searches_hold_in_memory_appends_deletes_and_ranks_like_numpy(monke
 
     live = np.ones(3000, dtype=bool)
     assert top(20) == pytest.approx(expected(live, 20), abs=FLOAT16)
-    slots = memory.top(held, query, 50)
+    slots = np.sort(memory.top(held, query, 50))
     exact_itc = (vectors[slots] @ query[0]).max(axis=1)
     assert np.abs(memory.rough(held, slots, query) - exact_itc).max() < 1e-2
     live[::2] = False  # 1,500 dead: more than 1,024 and a quarter, so the dead slots are dropped
@@ -167,7 +167,7 @@ def test_what_searches_hold_in_memory_appends_deletes_and_ranks_like_numpy(monke
     everything = top(5000)  # fewer than asked: every live one, best first
     assert sorted(everything) == sorted(expected(live, 5000))
     assert everything[:20] == pytest.approx(expected(live, 20), abs=FLOAT16)
-    slots = memory.top(memory.snapshot, query, 50)
+    slots = np.sort(memory.top(memory.snapshot, query, 50))
     exact_itc = (vectors[live][slots] @ query[0]).max(axis=1)
     assert np.abs(memory.rough(memory.snapshot, slots, query) - exact_itc).max() < 1e-2
 
