@@ -14,7 +14,7 @@ CODE = ("blip2", "service", "training", "bench", "recipes")
 
 # Known cycle in code this check came after, left to its owner: legacy.py's deferred import of milvus_store
 # (which imports legacy) for a format-1 server collection. Nothing may be added here.
-KNOWN_CYCLES = [["service.gallery.legacy", "service.gallery.milvus_store"]]
+KNOWN_CYCLES: list[list[str]] = []
 
 
 def module_files(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:

@@ -8,6 +8,7 @@ stays whole until the new store is complete and published, so a conversion that 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ log = logging.getLogger("service.gallery")
 OLD_FIELDS = ["image_id", "sha256", "file", "added_at", "meta"]
 EMBEDDED_FILE = "milvus.db"
 CONVERTED_SUFFIX = ".converted"
+PROPERTY = "blip2.gallery"  # the collection property holding the gallery's model and shape (old and new)
 
 
 def _batches(client: MilvusClient, collection: str, where: str, fields: list[str]) -> Iterator[list[dict]]:
@@ -63,8 +65,6 @@ def old_records(
 
 def old_collection(client: MilvusClient, name: str) -> dict[str, Any] | None:
     """The record of the old-format gallery `name` (its alias), with its physical collection, or None."""
-    from service.gallery.milvus_store import collection_info
-
     info = collection_info(client, name)
     return info if info is not None and info.get("format") != 2 else None
 
@@ -124,3 +124,12 @@ def retire_embedded(folder: Path) -> None:
             location,
             CONVERTED_SUFFIX,
         )
+
+
+def collection_info(client: MilvusClient, name: str) -> dict[str, Any] | None:
+    """The record (model, shape, physical collection) of the gallery `name` (an alias) on a server, either format, or None."""
+    for collection in client.list_collections():
+        if name in client.list_aliases(collection)["aliases"]:
+            properties = client.describe_collection(collection)["properties"]
+            return json.loads(properties[PROPERTY]) | {"collection": collection}
+    return None

@@ -24,14 +24,13 @@ import numpy as np
 from pymilvus import DataType, MilvusClient
 
 from service.gallery.common import GalleryError, Record, Stored, best, mean_vector, model_of, top_by_max_sim
-from service.gallery.legacy import old_records
+from service.gallery.legacy import PROPERTY, collection_info, old_records
 from service.settings import Settings
 
 log = logging.getLogger("service.gallery")
 logging.getLogger("pymilvus").setLevel(
     logging.ERROR
 )  # iterators warn of MVCC details that do not matter here
-PROPERTY = "blip2.gallery"  # the collection property holding the gallery's model and shape
 FIELDS = ["image_id", "sha256", "file", "added_at", "meta"]
 MAX_LIMIT = 16384  # Milvus's bound on a search's limit and a query's
 
@@ -298,12 +297,3 @@ class MilvusStore:
             "collection": self.name,
             "vector_index": self.info.get("index"),
         }
-
-
-def collection_info(client: MilvusClient, name: str) -> dict[str, Any] | None:
-    """The record (model, shape, physical collection) of the gallery `name` on a server, or None."""
-    for collection in client.list_collections():
-        if name in client.list_aliases(collection)["aliases"]:
-            properties = client.describe_collection(collection)["properties"]
-            return json.loads(properties[PROPERTY]) | {"collection": collection}
-    return None
