@@ -174,10 +174,11 @@ class Settings(BaseSettings):
         ge=1,
         le=16384,
         description="Images the first pass of a text search returns (nearest mean query vectors, metadata filter "
-        "applied), whose exact ITC over every query vector then ranks them. A gallery of at most this many "
+        "applied), whose ITC over every query vector then ranks them. A gallery of at most this many "
         "(filtered) images is searched exactly. Recall@10 against an exact search at 1,000: 1.000 on the "
-        "built-in model's vectors of 5,000 generated images, 0.99 on 100,000 synthetic images (0.98 at 500); "
-        "more: higher recall, each candidate ~20 us more (docs/BENCHMARKS.md).",
+        "built-in model's vectors of 5,000 generated images, 0.98 on 100,000 synthetic images (0.997 at "
+        "2,000); more: higher recall, ~4 ms more per 1,000 in the embedded store's in-memory middle pass "
+        "(docs/BENCHMARKS.md).",
     )
     gallery_nprobes: int = Field(
         20,

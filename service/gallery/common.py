@@ -207,8 +207,8 @@ PRESELECT_MARGIN = 64  # candidates beyond k that a float16 preselection keeps f
 
 
 def max_sim(candidates: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """The second pass: each candidate's exact ITC score, the best inner product over its query vectors
-    (candidates, queries, dim; float16 as stored) and the query's vectors (n, dim), in float32."""
+    """The last pass: each candidate's exact ITC score, the best inner product over its query vectors
+    (candidates, queries, dim; as the store keeps them) and the query's vectors (n, dim), in float32."""
     if len(candidates) == 0:
         return np.zeros(0, dtype=np.float32)
     count, per_image, dim = candidates.shape

@@ -200,6 +200,15 @@ class Chunk:
         self.scales = torch.empty((CHUNK_ROWS, queries), dtype=torch.float32)
 
 
+def by_chunk(slots: np.ndarray) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:
+    """(chunk, the positions in `slots` of those in it, their offsets in it) for each chunk the slots fall in,
+    in chunk order."""
+    chunk_of, offsets = np.divmod(np.asarray(slots, dtype=np.int64), CHUNK_ROWS)
+    for chunk in np.unique(chunk_of):
+        positions = np.flatnonzero(chunk_of == chunk)
+        yield int(chunk), positions, torch.from_numpy(offsets[positions])
+
+
 class InMemory:
     """What a search reads from memory: every stored image's mean vector (the first pass) and coarse codes of
     its query vectors (the middle pass), 8.5 kB per image with 32 x 256 vectors, by slot; and the row ids of the
@@ -233,12 +242,10 @@ class InMemory:
 
     def write(self, slots: np.ndarray, means: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> None:
         """These slots hold these images (not yet searched: publishing a longer snapshot makes them so)."""
-        chunk_of, offsets = np.divmod(np.asarray(slots, dtype=np.int64), CHUNK_ROWS)
-        while len(slots) and chunk_of.max() >= len(self._chunks):
+        while len(slots) and max(slots) // CHUNK_ROWS >= len(self._chunks):
             self._chunks.append(Chunk(self.queries, self.dim))
-        for chunk in np.unique(chunk_of):
-            mine = chunk_of == chunk
-            at, target = torch.from_numpy(offsets[mine]), self._chunks[chunk]
+        for chunk, mine, at in by_chunk(slots):
+            target = self._chunks[chunk]
             target.means[at] = torch.from_numpy(np.asarray(means[mine], dtype=np.float16))
             target.codes[at] = torch.from_numpy(np.ascontiguousarray(codes[mine]))
             target.scales[at] = torch.from_numpy(np.asarray(scales[mine], dtype=np.float32))
@@ -286,8 +293,7 @@ class InMemory:
         if (~alive).sum() > max(1024, len(alive) // 4):  # new chunks: searches keep the old ones they hold
             keep = np.flatnonzero(alive)
             means, codes, scales = (
-                torch.cat([getattr(c, name) for c in chunks])[torch.from_numpy(keep)].numpy()
-                for name in ("means", "codes", "scales")
+                part.numpy() for part in self.gather(self.snapshot, keep, ("means", "codes", "scales"))
             )
             self._empty()
             self.append(known[keep], means, codes, scales)
@@ -313,25 +319,17 @@ class InMemory:
         return slots[found.indices.numpy()[np.isfinite(found.values.numpy())]]
 
     @staticmethod
-    def coarse(snapshot: tuple, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes, scales) of these slots of `snapshot`, which must be sorted: one gather per chunk."""
-        chunks = snapshot[1]
-        chunk_of, offsets = np.divmod(np.asarray(slots, dtype=np.int64), CHUNK_ROWS)
-        bounds = np.searchsorted(chunk_of, np.arange(len(chunks) + 1))
-        parts = [
-            (chunks[c], torch.from_numpy(offsets[bounds[c] : bounds[c + 1]]))
-            for c in range(len(chunks))
-            if bounds[c] < bounds[c + 1]
-        ]
-        return torch.cat([chunk.codes[at] for chunk, at in parts]), torch.cat(
-            [chunk.scales[at] for chunk, at in parts]
-        )
+    def gather(snapshot: tuple, slots: np.ndarray, fields: tuple[str, ...]) -> list[torch.Tensor]:
+        """These fields of a Chunk (`means`, `codes`, `scales`) for these slots of `snapshot`, which must be
+        sorted (then the chunks' parts, one gather each, come in the slots' order)."""
+        parts = [(snapshot[1][chunk], at) for chunk, _, at in by_chunk(slots)]
+        return [torch.cat([getattr(chunk, field)[at] for chunk, at in parts]) for field in fields]
 
     def rough(self, snapshot: tuple, slots: np.ndarray, queries: np.ndarray) -> np.ndarray:
         """The middle pass: the ITC of each slot (of `snapshot`; sorted) from its coarse codes and int8 codes of
         the query vectors (within ~2e-3 of the exact one). Integer products (torch's `_int_mm`, exact in int32)
         need no widening of the codes: 1,000 images of 32 x 256 in ~2 ms on one core, 4x less than float16."""
-        codes, scales = self.coarse(snapshot, slots)
+        codes, scales = self.gather(snapshot, slots, ("codes", "scales"))
         texts = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
         text_scales = np.maximum(np.abs(texts).max(axis=1), 1e-30) / 127
         text_codes = np.rint(texts / text_scales[:, None]).astype(np.int8)
@@ -625,7 +623,7 @@ class LanceStore:
         at = self.memory.slots_of(snapshot[0], rows["_rowid"].to_numpy())  # the rows as the take gave them
         in_order = np.argsort(at)
         rows, at = rows.take(in_order), at[in_order]
-        codes, scales = self.memory.coarse(snapshot, at)
+        codes, scales = self.memory.gather(snapshot, at, ("codes", "scales"))
         scores = max_sim(dequantize(codes.numpy(), scales.numpy()) + self._layer(rows, "fine"), queries)
         order = np.argsort(-scores, kind="stable")[:k]
         found = rows["_rowid"].to_numpy()[order]
