@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import easy_vqa_set, machine, model_folder, now  # noqa: E402
 
 from blip2.prompts import CAPTION_DEFAULTS, VQA_DEFAULTS  # noqa: E402
-from service.inference import Runner  # noqa: E402
-from service.jobs import GenerateJob, GenerationOptions  # noqa: E402
-from service.loading import load_models  # noqa: E402
-from service.prompts import family_prompt  # noqa: E402
+from service.engine.inference import Runner  # noqa: E402
+from service.engine.jobs import GenerateJob, GenerationOptions  # noqa: E402
+from service.engine.loading import load_models  # noqa: E402
+from service.engine.prompts import family_prompt  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 

@@ -3,13 +3,13 @@
 The model has the shapes of Salesforce/blip2-opt-2.7b (EVA ViT-g: 1408 wide, 39 layers, patch 14, 224 px;
 32 queries; a BERT-base Q-Former with cross-attention every 2 layers; OPT-2.7B: 2560 wide, 32 layers,
 vocab 50272), built from configs with random weights on the GPU, saved as safetensors, then loaded with
-`service.loading.load_models` once per LLM precision (`--modes`: fp16, bitsandbytes LLM.int8 with outlier
+`service.engine.loading.load_models` once per LLM precision (`--modes`: fp16, bitsandbytes LLM.int8 with outlier
 threshold 6 and 0, torchao int8 weight-only, torchao FP8). Each mode first answers the same 16 images
 greedily (10 tokens), to compare its tokens with fp16's ("agreement with fp16"). For each mode and each
 decoder (`fast`: the server's decode loop; `fast-graphs`: the same with `--cuda-graphs`, each step a CUDA
 graph replay, not for bitsandbytes LLMs, which cannot be captured; `transformers`: generate()), captions at
 batch 1, 32 and 64 (beam 5) and at batch 64 greedily (`--greedy-batches`) go
-through `service.batching.Batcher` (B requests submitted at once form one batch): captions/s, the time per
+through `service.engine.batching.Batcher` (B requests submitted at once form one batch): captions/s, the time per
 decode step, peak GPU memory, the ViT's share of the batch time (CUDA-synchronised hooks around it), and
 "% of bound": the captions/s that memory bandwidth and peak FLOPs allow (bench/roofline.py), on a known chip.
 FP8 runs only on a GPU that has it (compute capability 8.9 and up); the others record why it was skipped.
@@ -140,7 +140,7 @@ def images(count: int, seed: int):
 async def rounds(batcher, runner, options, batch: int, count: int, seed: int) -> tuple[float, float]:
     """`count` rounds of `batch` requests submitted together (one batch each): (seconds, mean new tokens).
     Images are preprocessed before the clock starts, as the server does at intake, beside the model thread."""
-    from service.jobs import GenerateJob
+    from service.engine.jobs import GenerateJob
 
     prepared = []
     for n in range(count):
@@ -160,7 +160,7 @@ def profile_batch(runner, options, batch: int, cuda: bool) -> dict:
     Many launches per step with the device mostly idle is the overhead CUDA graphs remove."""
     from torch.profiler import ProfilerActivity, profile
 
-    from service.jobs import GenerateJob
+    from service.engine.jobs import GenerateJob
 
     jobs = [GenerateJob(image, "", options) for image in images(batch, seed=99)]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -195,7 +195,7 @@ WEIGHT_BYTES = {"fp16": 2.0, "bnb-int8": 1.0, "bnb-int8-t0": 1.0, "torchao-int8"
 
 def load_mode(folder: Path, mode: str, max_batch: int, entry: dict):
     """The models of `folder` with the LLM loaded as `mode` says; the load time and weight sizes go to `entry`."""
-    from service.loading import load_models
+    from service.engine.loading import load_models
     from service.settings import Settings
 
     cuda = torch.cuda.is_available()
@@ -219,8 +219,8 @@ def load_mode(folder: Path, mode: str, max_batch: int, entry: dict):
 
 def compare_greedy(models, mode: str, out: dict, entry: dict) -> None:
     """The same 16 images answered greedily (10 tokens); after fp16, the answers that differ from fp16's."""
-    from service.inference import Runner
-    from service.jobs import GenerateJob, GenerationOptions
+    from service.engine.inference import Runner
+    from service.engine.jobs import GenerateJob, GenerationOptions
 
     greedy = GenerationOptions(max_new_tokens=10)
     tokens = [
@@ -266,10 +266,10 @@ def peak_memory(rows: int) -> dict:
 
 
 async def measure(folder: Path, mode: str, batches: list[int], args, out: dict, save) -> None:
-    from service.batching import Batcher
-    from service.decoding import graph_blocker
-    from service.inference import Runner
-    from service.jobs import GenerationOptions
+    from service.engine.batching import Batcher
+    from service.engine.decoding import graph_blocker
+    from service.engine.inference import Runner
+    from service.engine.jobs import GenerationOptions
 
     cuda = torch.cuda.is_available()
     entry = out.setdefault(mode, {})

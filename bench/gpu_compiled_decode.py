@@ -6,7 +6,7 @@ counts of caption batches 1, 8 and 32 with beam 5 (5, 40, 160 rows), prompt of 3
 Each cell: the time of a decode step (a run of N tokens minus a run of 1 token, over N-1 steps, so the prefill
 is left out), "% of bound" (the step's bytes from bench/roofline.py at the chip's bandwidth), the compile
 time, and how many rows' tokens agree with the dynamic-cache run. It answers how near graph-captured decoding
-gets to the memory-bandwidth bound before the server's own loop (service/decoding.py) gets a static-shape,
+gets to the memory-bandwidth bound before the server's own loop (service/engine/decoding.py) gets a static-shape,
 graph-captured step. Results go to `--out` as JSON after every cell; no new cell starts after `--budget-s`.
 
     python bench/gpu_compiled_decode.py                  # one H100 / H200; compiling takes ~1-2 min a row count

@@ -53,9 +53,9 @@ IMAGE_MODULES = {
 }
 CODE_MODULES = (
     "service.settings",
-    "service.loading",
-    "service.inference",
-    "service.batching",
+    "service.engine.loading",
+    "service.engine.inference",
+    "service.engine.batching",
     "training.assemble",
 )
 

@@ -1,6 +1,6 @@
 """Weight footprint of the generation model by LLM precision, and answer agreement with full precision.
 
-Each variant loads through the server's own loader (`service.loading.load_models`) in a fresh process on
+Each variant loads through the server's own loader (`service.engine.loading.load_models`) in a fresh process on
 the CPU: fp32; bf16 and fp16 (`--dtype`: the whole model); 8-bit and 4-bit NF4 LLM (bitsandbytes; ViT,
 Q-Former and projection stay fp32). Footprint is measured two ways: the bytes of the loaded tensors
 (`get_memory_footprint()`, whole model and LLM alone) and the process's resident-set growth over loading.
@@ -38,13 +38,13 @@ def child(variant: str, folder: str, questions: int, batch: int) -> dict:
     from PIL import Image
 
     from blip2.prompts import VQA_DEFAULTS
-    from service.inference import Runner
-    from service.jobs import GenerateJob
-    from service.loading import load_models
-    from service.prompts import family_prompt
-    from service.schemas import VqaRequest
+    from service.api.schemas import VqaRequest
+    from service.api.submit import make_options, model_defaults
+    from service.engine.inference import Runner
+    from service.engine.jobs import GenerateJob
+    from service.engine.loading import load_models
+    from service.engine.prompts import family_prompt
     from service.settings import Settings
-    from service.submit import make_options, model_defaults
 
     before = rss_bytes()
     settings = Settings(model=folder, retrieval_model=None, device="cpu", **VARIANTS[variant])

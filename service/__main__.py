@@ -39,7 +39,7 @@ class DrainingServer(uvicorn.Server):
         self.force_exit = self.force_exit or self.draining  # a second signal while draining: now
 
     async def _drain_then_exit(self) -> None:
-        from service.app import drain
+        from service.api.app import drain
 
         await drain(self.config.app)
         self.should_exit = True
@@ -75,7 +75,7 @@ def serve(args: dict) -> int:
             file=sys.stderr,
         )
         return 2
-    from service.app import create_app  # the model stack: imported once the logs are set up
+    from service.api.app import create_app  # the model stack: imported once the logs are set up
 
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False)

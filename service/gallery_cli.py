@@ -23,8 +23,12 @@ import numpy as np
 from pydantic import ValidationError
 from tqdm import tqdm
 
+from service.api.errors import ApiError
+from service.api.images import decode_image
 from service.cli import configure_logging
-from service.errors import ApiError
+from service.engine.inference import Runner
+from service.engine.jobs import EmbedJob
+from service.engine.loading import ModelLoadError, load_models
 from service.gallery import (
     Gallery,
     GalleryError,
@@ -34,10 +38,6 @@ from service.gallery import (
     model_description,
     open_gallery,
 )
-from service.images import decode_image
-from service.inference import Runner
-from service.jobs import EmbedJob
-from service.loading import ModelLoadError, load_models
 from service.settings import Settings
 
 

@@ -246,9 +246,9 @@ def settings_from_env(env: dict[str, str | None]):
 @functools.cache
 def server_app():
     """The FastAPI app that `blip2-serve` runs, built from default settings (no model is loaded)."""
-    if importlib.util.find_spec("service.app") is None:
-        pytest.skip("service/app.py is not there yet: the route checks run once the server lands")
-    from service.app import create_app
+    if importlib.util.find_spec("service.api.app") is None:
+        pytest.skip("service/api/app.py is not there yet: the route checks run once the server lands")
+    from service.api.app import create_app
     from service.settings import Settings
 
     return create_app(Settings())

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from blip2.prompts import INSTRUCT_CAPTION_PROMPT, VQA_TEMPLATE_SHORT
-from service.inference import Runner
-from service.jobs import GenerateJob, GenerationOptions
-from service.loading import load_models
+from service.engine.inference import Runner
+from service.engine.jobs import GenerateJob, GenerationOptions
+from service.engine.loading import load_models
+from service.engine.vision import VisionCache
 from service.settings import DEFAULT_MODEL_DIR, Settings
-from service.vision import VisionCache
 
 from .conftest import DEVICE
 
@@ -86,7 +86,7 @@ def test_fast_decoder_answers_equal_generate(model, llm, tiny_opt_generation, im
 
 
 def test_server_starts_with_the_gpu_defaults(images, report):
-    """What the server's start-up does (service.app's lifespan, less the HTTP layer the bare machine lacks):
+    """What the server's start-up does (service.api.app's lifespan, less the HTTP layer the bare machine lacks):
     the built-in models loaded with the GPU image's settings (CUDA, fp16, the LLM in 8-bit by default), the
     runner built from the settings, the warm-up request, then a caption equal to generate()'s."""
     if not BUILT_IN.is_dir():

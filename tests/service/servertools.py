@@ -26,7 +26,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from skimage import data
 
-from service.app import create_app
+from service.api.app import create_app
 from service.settings import Settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,4 +1,4 @@
-"""The request batcher (service/batching.py) on its own, with a plain function as the model: batch sizes,
+"""The request batcher (service/engine/batching.py) on its own, with a plain function as the model: batch sizes,
 per-item errors, isolating the request at fault in a failed batch, shutdown. (Batching through the HTTP
 routes is in test_app_batching.py.)"""
 
@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import pytest
 
-from service.batching import (
+from service.engine.batching import (
     Batcher,
     BatcherMetrics,
     BatcherStopped,

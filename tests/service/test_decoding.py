@@ -1,4 +1,4 @@
-"""The serving decode loop (service/decoding.py) gives the tokens transformers' `generate()` gives, for the
+"""The serving decode loop (service/engine/decoding.py) gives the tokens transformers' `generate()` gives, for the
 same settings, on the CPU in fp32 (and with bitsandbytes' 8-bit LLM): greedy, sampling, beam search with
 length penalty, min_new_tokens, repetition penalty, max_new_tokens, EOS; batches with prompts of different
 lengths (left padding); streaming. Each case runs the same jobs through a Runner with `decoder="fast"` and
@@ -10,9 +10,9 @@ import pytest
 import torch
 from servertools import settings_for
 
-from service.inference import Runner
-from service.jobs import GenerateJob, GenerationOptions
-from service.loading import load_models
+from service.engine.inference import Runner
+from service.engine.jobs import GenerateJob, GenerationOptions
+from service.engine.loading import load_models
 from service.settings import DEFAULT_MODEL_DIR
 
 OPTIONS = {

@@ -140,7 +140,7 @@ def test_503_while_loading_fails_and_504_past_the_deadline(checkpoints, photos, 
     (tmp_path / "model.safetensors").write_bytes(b"")
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
 
     with TestClient(create_app(settings_for(tmp_path))) as client:
         while client.app.state.server.phase == "loading":

@@ -16,8 +16,8 @@ from PIL import Image
 from servertools import b64, encode, photo, running_app, settings_for
 from skimage import data
 
-from service.errors import ApiError
-from service.images import decode_base64, decode_image, fetch_url
+from service.api.errors import ApiError
+from service.api.images import decode_base64, decode_image, fetch_url
 from service.settings import Settings
 
 SETTINGS = Settings(model=None, max_image_bytes=5_000_000, max_image_pixels=2_000_000)

@@ -16,7 +16,7 @@ from transformers import (
     InstructBlipForConditionalGeneration,
 )
 
-from service.loading import ModelLoadError, load_models
+from service.engine.loading import ModelLoadError, load_models
 
 
 def quantised(module: torch.nn.Module, kind: type) -> list[str]:

@@ -106,7 +106,7 @@ def test_every_route_documents_its_errors_with_the_error_body(document):
                 assert "401" in errors, f"{method} {path}"
             if "requestBody" in operation:
                 assert {"400", "413", "422"} <= errors.keys(), f"{method} {path}"
-                if not path.startswith("/v1/"):  # read from JSON or multipart (service.deps), else 415
+                if not path.startswith("/v1/"):  # read from JSON or multipart (service.api.deps), else 415
                     assert "415" in errors, f"{method} {path}"
                     content = operation["requestBody"]["content"]
                     assert {"application/json", "multipart/form-data"} <= content.keys(), path
@@ -166,7 +166,7 @@ def test_schemathesis_finds_nothing(server, tmp_path):
 def test_schemathesis_finds_nothing_with_an_api_key(tmp_path):
     process, url = serve(tmp_path, BLIP2_API_KEY=KEY)
     try:
-        document = httpx.get(f"{url}/openapi.json").json()  # open, as /docs is (service/api_docs.py)
+        document = httpx.get(f"{url}/openapi.json").json()  # open, as /docs is (service/api/api_docs.py)
         assert document["paths"]["/caption"]["post"]["security"] == [{"bearer": []}]
         assert "security" not in document["paths"]["/health"]["get"]
         done = run_schemathesis(url, tmp_path, "-H", f"Authorization: Bearer {KEY}", examples=EXAMPLES // 2)

@@ -1,4 +1,4 @@
-"""The web page at `GET /` (service/page.py, service/web/).
+"""The web page at `GET /` (service/api/page.py, service/api/web/).
 
 Without a browser: the page and its files are served with the Content-Security-Policy, hold no inline code,
 style or remote URL, stay open when an API key is set while the API stays closed, and ship in the wheel; the
@@ -38,8 +38,8 @@ from servertools import (
     start_process,
 )
 
-from service import api_docs, page
-from service.app import create_app
+from service.api import api_docs, page
+from service.api.app import create_app
 from service.settings import DEFAULT_MODEL_DIR, Settings
 
 SERVE = Path(sys.executable).parent / "blip2-serve"
@@ -131,7 +131,7 @@ def test_unknown_file_is_a_json_404():
 
 
 def test_api_reference_is_served_from_this_server(bare):
-    """/docs: Swagger UI's files from the installed package and a start-up script from service/web/, nothing
+    """/docs: Swagger UI's files from the installed package and a start-up script from service/api/web/, nothing
     inline and nothing from another origin, under the page's policy plus `data:` images; no ReDoc."""
     # served without the key, as the page is (a browser's navigation carries none); the API stays behind it
     response = bare.get("/docs")
@@ -163,7 +163,7 @@ def test_api_reference_is_served_from_this_server(bare):
 
 
 def test_web_files_ship_in_the_package():
-    """pyproject.toml's package-data for `service` names every file of service/web/ (tomllib is 3.11+)."""
+    """pyproject.toml's package-data for `service` names every file of service/api/web/ (tomllib is 3.11+)."""
     section = (REPO / "pyproject.toml").read_text().split("[tool.setuptools.package-data]")[1]
     patterns = ast.literal_eval(re.search(r"^service = (\[.*\])$", section, re.M).group(1))
     for path in page.WEB.iterdir():

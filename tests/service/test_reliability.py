@@ -359,8 +359,8 @@ def test_request_already_in_its_handler_is_served_through_a_drain(checkpoints, p
     import asyncio
     import threading
 
-    from service.app import drain
-    from service.deps import Parsed
+    from service.api.app import drain
+    from service.api.deps import Parsed
 
     folder = checkpoints["tiny-opt"]
     entered, release, loops = threading.Event(), threading.Event(), []

@@ -259,8 +259,8 @@ def test_chat_completions_shape(opt8, photos):
 
 def test_conversation_folded_into_the_vqa_format():
     from blip2.text import TextProcessing
-    from service.chat import fold_conversation
-    from service.schemas import ChatMessage
+    from service.api.chat import fold_conversation
+    from service.api.schemas import ChatMessage
 
     messages = [
         ChatMessage(role="system", content="Answer briefly."),

@@ -132,7 +132,7 @@ def test_on_processes_text_for_a_folder_without_the_record(asked, unrecorded):
 
 
 def test_a_bad_record_stops_the_server_with_its_path(tmp_path):
-    from service.loading import ModelLoadError, load_models
+    from service.engine.loading import ModelLoadError, load_models
 
     folder = tmp_path / "generation"
     shutil.copytree(DEFAULT_MODEL_DIR / "generation", folder)

@@ -28,9 +28,9 @@ from tokenizers import (
 )
 from transformers import PreTrainedTokenizerFast
 
-from service.inference import Runner
-from service.jobs import Generated, GenerateJob, GenerationOptions
-from service.loading import load_models
+from service.engine.inference import Runner
+from service.engine.jobs import Generated, GenerateJob, GenerationOptions
+from service.engine.loading import load_models
 
 SPELLINGS = ["<image>", "</s>", "<s>", "<pad>", "<unk>", "[SEP]", "[CLS]", "[PAD]", "[MASK]", "[DEC]"]
 PROMPT = "Question: what is " + " ".join(SPELLINGS) + " here? Answer:"

@@ -1,12 +1,12 @@
-"""service.vision: the ViT-output cache and the host-to-device copy."""
+"""service.engine.vision: the ViT-output cache and the host-to-device copy."""
 
 from __future__ import annotations
 
 import torch
 from servertools import settings_for
 
-from service.loading import load_models
-from service.vision import VisionCache, to_device
+from service.engine.loading import load_models
+from service.engine.vision import VisionCache, to_device
 
 
 def test_cached_entries_own_their_memory(checkpoints):

@@ -9,7 +9,7 @@ from typing import Literal
 
 from blip2.prompts import INSTRUCT_CAPTION_PROMPT, VQA_TEMPLATE_DECODER, VQA_TEMPLATE_SHORT
 from blip2.text import TextProcessing
-from service.loading import GenerationModel
+from service.engine.loading import GenerationModel
 from service.settings import Settings
 
 

@@ -1,5 +1,5 @@
-"""HTTP routes. Each takes its runner and parsed input from service.deps, bounds its input, queues one job
-on the batcher (service.submit), and shapes the answer. The chat route is their sibling, in chat.py."""
+"""HTTP routes. Each takes its runner and parsed input from service.api.deps, bounds its input, queues one job
+on the batcher (service.api.submit), and shapes the answer. The chat route is their sibling, in chat.py."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from blip2.prompts import CAPTION_DEFAULTS, GENERATE_DEFAULTS, VQA_DEFAULTS
-from service import schemas
-from service.deps import (
+from service.api import schemas
+from service.api.deps import (
     CaptionInput,
     EmbedInput,
     GenerateInput,
@@ -19,12 +19,12 @@ from service.deps import (
     StateDep,
     VqaInput,
 )
-from service.errors import unavailable, unprocessable
-from service.jobs import EmbedJob, RetrieveJob
-from service.openapi import API, BODY, MODEL, PROBE, error_responses, request_body
-from service.prompts import Prompt, family_prompt
-from service.state import Phase
-from service.submit import check_text, generate_text, make_options, model_defaults, run_job
+from service.api.errors import unavailable, unprocessable
+from service.api.openapi import API, BODY, MODEL, PROBE, error_responses, request_body
+from service.api.state import Phase
+from service.api.submit import check_text, generate_text, make_options, model_defaults, run_job
+from service.engine.jobs import EmbedJob, RetrieveJob
+from service.engine.prompts import Prompt, family_prompt
 
 router = APIRouter()
 WORK = error_responses(*API, *BODY, *MODEL)  # what a route that queues work on a model may answer

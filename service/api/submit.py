@@ -9,15 +9,15 @@ from typing import Any
 
 from fastapi import Request
 
-from service import schemas
-from service.batching import BatcherStopped, DeadlineExceeded, InvalidInput, QueueFull
-from service.deps import get_state
-from service.errors import ApiError, unprocessable
-from service.inference import Runner
-from service.jobs import Generated, GenerateJob, GenerationOptions
-from service.prompts import Prompt
+from service.api import schemas
+from service.api.deps import get_state
+from service.api.errors import ApiError, unprocessable
+from service.api.state import ServerState
+from service.engine.batching import BatcherStopped, DeadlineExceeded, InvalidInput, QueueFull
+from service.engine.inference import Runner
+from service.engine.jobs import Generated, GenerateJob, GenerationOptions
+from service.engine.prompts import Prompt
 from service.settings import Settings
-from service.state import ServerState
 
 log = logging.getLogger("service.submit")
 

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from service.batching import BatcherStopped, DeadlineExceeded, QueueFull
+from service.engine.batching import BatcherStopped, DeadlineExceeded, QueueFull
 
 log = logging.getLogger("service.errors")
 HTTP_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")

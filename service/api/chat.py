@@ -14,14 +14,14 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from service import schemas
-from service.deps import GenerationRunner, SettingsDep
-from service.errors import unprocessable
-from service.images import image_from_string
-from service.jobs import GenerationOptions
-from service.openapi import API, MODEL, error_responses
-from service.prompts import Prompt, family_prompt
-from service.submit import check_text, generate_text
+from service.api import schemas
+from service.api.deps import GenerationRunner, SettingsDep
+from service.api.errors import unprocessable
+from service.api.images import image_from_string
+from service.api.openapi import API, MODEL, error_responses
+from service.api.submit import check_text, generate_text
+from service.engine.jobs import GenerationOptions
+from service.engine.prompts import Prompt, family_prompt
 
 router = APIRouter()
 DEFAULT_MAX_TOKENS = 64

@@ -1,15 +1,15 @@
 """`GET /docs`: the API reference (Swagger UI), served whole from this server, so it works air-gapped.
 
 FastAPI's own /docs page loads Swagger UI from a CDN and starts it with an inline script: offline it is
-blank, and the page's Content-Security-Policy (service/page.py) forbids both. Here Swagger UI's files come
+blank, and the page's Content-Security-Policy (service/api/page.py) forbids both. Here Swagger UI's files come
 from the `swagger-ui-bundle-v2` package (Swagger UI's release files as a Python package: the fork of
 spec-first's `swagger-ui-bundle` that follows Swagger UI 5; the original ships 4.15, older than Swagger UI's
-support for the OpenAPI 3.1 that FastAPI writes), the page and its start-up script from service/web/
+support for the OpenAPI 3.1 that FastAPI writes), the page and its start-up script from service/api/web/
 (`docs.html`, `docs.js`). All under the page's CSP with one addition, `data:` images: Swagger UI's style
 sheet draws its icons as SVG `data:` URLs (an image runs no script and fetches nothing). No inline script or
 style, nothing from another origin. ReDoc is off (FastAPI's /redoc loads its script from a CDN too).
 
-/docs, its files and /openapi.json are served without the API key, as the web page is (service/page.py): a
+/docs, its files and /openapi.json are served without the API key, as the web page is (service/api/page.py): a
 browser cannot attach a bearer header to a plain navigation, so a page behind the key could only show a JSON
 401. They hold no secret and no data: the document says which routes need the key (a `bearer` security scheme
 when the server has one), and Swagger UI's "Authorize" button sends it with the calls made from the page,
@@ -22,7 +22,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from swagger_ui_bundle import swagger_ui_path
 
-from service.page import HEADERS, POLICY, WEB, content_security_policy, listed_file, read_file
+from service.api.page import HEADERS, POLICY, WEB, content_security_policy, listed_file, read_file
 
 FILES = {  # everything under /docs/: a fixed list, so no path from a request ever reaches the disk
     "swagger-ui-bundle.js": "text/javascript; charset=utf-8",

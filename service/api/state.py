@@ -1,4 +1,4 @@
-"""The server's state, typed: one object on `app.state.server`, read by the routes through service.deps."""
+"""The server's state, typed: one object on `app.state.server`, read by the routes through service.api.deps."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from service.batching import Batcher
+from service.api.metrics import Metrics
+from service.engine.batching import Batcher
+from service.engine.inference import Runner
 from service.gallery import Gallery
-from service.inference import Runner
-from service.metrics import Metrics
 from service.settings import Settings
 
 

@@ -31,7 +31,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from service.jobs import GenerationOptions
+from service.engine.jobs import GenerationOptions
 
 log = logging.getLogger("service.decoding")
 

@@ -57,7 +57,7 @@ class Strict(Typed):
 
 def required(*names: str, **keywords: Any) -> ConfigDict:
     """A request model that the document says needs `names` (and `keywords`, e.g. oneOf), while the model
-    itself leaves them optional: from multipart they come as file parts, which service.deps reads apart."""
+    itself leaves them optional: from multipart they come as file parts, which service.api.deps reads apart."""
     return ConfigDict(extra="forbid", strict=True, json_schema_extra={"required": list(names), **keywords})
 
 
@@ -182,7 +182,7 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    """Every error answer: `{"error": {"type": ..., "message": ...}}` (service/errors.py)."""
+    """Every error answer: `{"error": {"type": ..., "message": ...}}` (service/api/errors.py)."""
 
     error: ErrorDetail
 

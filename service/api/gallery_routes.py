@@ -25,8 +25,33 @@ from PIL import Image
 from pydantic import BaseModel, Field, WithJsonSchema, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from service.deps import Parsed, RetrievalRunner, SettingsDep, StateDep, parsed
-from service.errors import ApiError, unprocessable
+from service.api.deps import Parsed, RetrievalRunner, SettingsDep, StateDep, parsed
+from service.api.errors import ApiError, unprocessable
+from service.api.images import bytes_from_string, decode_image, read_upload
+from service.api.openapi import (
+    BODY,
+    GALLERY,
+    IMAGE_ID,
+    MODEL,
+    REF,
+    error_responses,
+    named_schema,
+    request_body,
+)
+from service.api.schemas import (
+    IMAGE_DOC,
+    RELEVANCE_DOC,
+    ErrorDetail,
+    OptionalImage,
+    Strict,
+    integral_floats_as_ints,
+    present,
+    relevance,
+    required,
+    when,
+)
+from service.api.submit import check_text, run_job
+from service.engine.jobs import EmbedJob, RetrieveJob
 from service.gallery import (
     MAX_METADATA_BYTES,
     NAME_PATTERN,
@@ -39,23 +64,7 @@ from service.gallery import (
     check_metadata,
     check_name,
 )
-from service.images import bytes_from_string, decode_image, read_upload
-from service.jobs import EmbedJob, RetrieveJob
-from service.openapi import BODY, GALLERY, IMAGE_ID, MODEL, REF, error_responses, named_schema, request_body
-from service.schemas import (
-    IMAGE_DOC,
-    RELEVANCE_DOC,
-    ErrorDetail,
-    OptionalImage,
-    Strict,
-    integral_floats_as_ints,
-    present,
-    relevance,
-    required,
-    when,
-)
 from service.settings import Settings
-from service.submit import check_text, run_job
 
 router = APIRouter(prefix="/gallery", tags=["gallery"])
 ID_DOC = f"Your id for the image ({NAME_RULE}). Default: from its content."

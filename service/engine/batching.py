@@ -47,7 +47,7 @@ class InvalidInput(Exception):
 
 
 class Job(Protocol):
-    """What the batcher needs of a job (service.jobs has the real ones)."""
+    """What the batcher needs of a job (service.engine.jobs has the real ones)."""
 
     task: str  # for metrics: "generate", "embed", ...
 

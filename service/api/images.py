@@ -21,7 +21,7 @@ import numpy as np
 from fastapi import UploadFile
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.errors import ApiError, invalid_image, too_large
+from service.api.errors import ApiError, invalid_image, too_large
 from service.settings import Settings
 
 # We cap pixels ourselves from the header; Pillow's own bomb check would only warn below 2x its limit.

@@ -18,7 +18,7 @@ from blip2.prompts import GENERATE_DEFAULTS
 if TYPE_CHECKING:
     import torch
 
-    from service.prompts import Prompt
+    from service.engine.prompts import Prompt
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,9 @@ class Generated:
 @dataclass(eq=False)
 class GenerateJob:
     image: Image.Image
-    prompt: str | Prompt  # a Prompt holds a person's text, which the runner processes (service.prompts)
+    prompt: (
+        str | Prompt
+    )  # a Prompt holds a person's text, which the runner processes (service.engine.prompts)
     options: GenerationOptions
     # Streaming: called on the model thread with each token of this answer as it is generated (up to, not
     # including, its end of sequence). Greedy and sampled decoding only: transformers streams no beams.

@@ -14,12 +14,12 @@ from PIL import Image
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
-from service import schemas
-from service.errors import ApiError, bad_request, model_not_loaded, unavailable, unprocessable
-from service.images import image_from_string, image_from_upload
-from service.inference import Runner
+from service.api import schemas
+from service.api.errors import ApiError, bad_request, model_not_loaded, unavailable, unprocessable
+from service.api.images import image_from_string, image_from_upload
+from service.api.state import Phase, ServerState
+from service.engine.inference import Runner
 from service.settings import Settings
-from service.state import Phase, ServerState
 
 
 def get_state(request: Request) -> ServerState:

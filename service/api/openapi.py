@@ -18,13 +18,13 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from service.schemas import ErrorBody
+from service.api.schemas import ErrorBody
 from service.settings import Settings
 
 REF = "#/components/schemas/{model}"
 # A string that holds an image: base64, a `data:image/...;base64,` URI, or an http(s) URL on an allowed host.
 IMAGE_FORMAT = "image"
-# A multipart file part holding an image (service/images.py decodes what Pillow reads).
+# A multipart file part holding an image (service/api/images.py decodes what Pillow reads).
 FILE = {"type": "string", "format": "binary", "contentMediaType": "image/*"}
 
 # status -> (when, error.type, an example message)
@@ -118,7 +118,7 @@ def request_body(
     required: list[str] | None = None,
     omit: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """`openapi_extra` for a route whose body service.deps.parsed reads: JSON as `model`, or multipart with the
+    """`openapi_extra` for a route whose body service.api.deps.parsed reads: JSON as `model`, or multipart with the
     same fields, where `files` names the image fields sent as file parts ("one" or "many" each).
 
     The multipart schema has no oneOf/anyOf (validators cannot judge a file part against alternatives), so a
@@ -163,7 +163,7 @@ def _as_file_part(prop: dict[str, Any], kind: str | None, required: bool) -> dic
     options = [option for option in prop.get("anyOf", []) if option.get("type") != "null"]
     if len(options) == 1:
         prop = options[0] | {k: v for k, v in prop.items() if k not in ("anyOf", "default")}
-    if required and prop.get("type") == "string":  # a blank form field is one not given (service.deps)
+    if required and prop.get("type") == "string":  # a blank form field is one not given (service.api.deps)
         prop = {"minLength": 1} | prop
     return prop
 

@@ -1,4 +1,4 @@
-"""`GET /`: the web page for people, served from the files in service/web/ as they are (no build step,
+"""`GET /`: the web page for people, served from the files in service/api/web/ as they are (no build step,
 nothing loaded from the internet, so it works air-gapped).
 
 The page is a client of the public API and nothing more: it calls the same routes a curl user calls,
@@ -20,7 +20,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from service.errors import ApiError
+from service.api.errors import ApiError
 
 WEB = Path(__file__).parent / "web"
 STATIC = {  # everything under /static/: a fixed list, so no path from a request ever reaches the disk

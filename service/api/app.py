@@ -17,15 +17,15 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service import api_docs, chat, gallery_routes, openapi, page, routes
-from service.batching import Batcher
-from service.errors import error_body, install_handlers, too_large
+from service.api import api_docs, chat, gallery_routes, openapi, page, routes
+from service.api.errors import error_body, install_handlers, too_large
+from service.api.state import Phase, ServerState
+from service.engine.batching import Batcher
+from service.engine.inference import Runner
+from service.engine.loading import load_models
+from service.engine.vision import VisionCache
 from service.gallery import open_gallery
-from service.inference import Runner
-from service.loading import load_models
 from service.settings import Settings
-from service.state import Phase, ServerState
-from service.vision import VisionCache
 
 log = logging.getLogger("service.app")
 access_log = logging.getLogger("service.access")
@@ -122,7 +122,7 @@ def create_app(settings: Settings) -> FastAPI:
         description="Captioning, VQA, prompted generation, embeddings and retrieval with BLIP-2 models.",
         version="0.1.0",
         lifespan=lifespan,
-        docs_url=None,  # /docs is service/api_docs.py's: FastAPI's loads Swagger UI from a CDN
+        docs_url=None,  # /docs is service/api/api_docs.py's: FastAPI's loads Swagger UI from a CDN
         redoc_url=None,
     )
     state = app.state.server = ServerState(settings)
@@ -156,7 +156,7 @@ class Gatekeeper:
         path = scope["path"]
         headers = dict(scope["headers"])
         refusal = None
-        # The page's own files are open too, and the API reference (service/page.py and service/api_docs.py
+        # The page's own files are open too, and the API reference (service/api/page.py and service/api/api_docs.py
         # say why); the API they call is not.
         if self.expected is not None and path not in OPEN_PATHS | page.PUBLIC_PATHS | api_docs.PUBLIC_PATHS:
             given = headers.get(b"authorization", b"")

@@ -20,12 +20,12 @@ from torch.nn import functional as F
 from transformers.generation.streamers import BaseStreamer
 
 from blip2 import scores as qformer_scores
-from service.batching import InvalidInput
-from service.decoding import FastDecoder, graph_blocker, unsupported
-from service.jobs import EmbedJob, Generated, GenerateJob, GenerationOptions, RetrieveJob
-from service.loading import GenerationModel, LoadedModels, RetrievalModel
-from service.prompts import Prompt
-from service.vision import VisionCache, to_device
+from service.engine.batching import InvalidInput
+from service.engine.decoding import FastDecoder, graph_blocker, unsupported
+from service.engine.jobs import EmbedJob, Generated, GenerateJob, GenerationOptions, RetrieveJob
+from service.engine.loading import GenerationModel, LoadedModels, RetrievalModel
+from service.engine.prompts import Prompt
+from service.engine.vision import VisionCache, to_device
 
 log = logging.getLogger("service.inference")
 
