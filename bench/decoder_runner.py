@@ -28,11 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import easy_vqa_set, machine, model_folder, now  # noqa: E402
 
-from blip2.prompts import CAPTION_DEFAULTS, VQA_DEFAULTS  # noqa: E402
 from service.engine.inference import Runner  # noqa: E402
 from service.engine.jobs import GenerateJob, GenerationOptions  # noqa: E402
 from service.engine.loading import load_models  # noqa: E402
-from service.engine.prompts import family_prompt  # noqa: E402
+from service.engine.tasks import task_profiles  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     decoding = {decoder: 0.0 for decoder in runners}  # seconds spent in the LLM's decoding, per decoder
     timed(models.generation.model.language_model, "generate", decoding, "transformers")
     timed(runners["fast"].fast_decoder, "generate", decoding, "fast")
-    caption_prompt, vqa_template = family_prompt(models.generation, settings)
+    tasks = task_profiles(models.generation, settings)
     corpus = easy_vqa_set(256)
     images = [Image.open(io.BytesIO(png)).convert("RGB") for png, _, _ in corpus]
     print(f"# decoder_runner {now()} | model: {label} | machine: {machine()}")
@@ -66,16 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for route in args.routes.split(","):
-        defaults = CAPTION_DEFAULTS if route == "caption" else VQA_DEFAULTS
-        options = GenerationOptions(**(defaults | models.generation.generation_defaults))
+        options = GenerationOptions(**(tasks.caption if route == "caption" else tasks.vqa).defaults)
         for size in [int(b) for b in args.batches.split(",")]:
             batches = [
                 [
                     GenerateJob(
                         images[n % len(images)],
-                        caption_prompt
+                        tasks.caption.prompt
                         if route == "caption"
-                        else vqa_template.format(corpus[n % len(corpus)][1]),
+                        else tasks.vqa.template.format(corpus[n % len(corpus)][1]),
                         options,
                     )
                     for n in range(start * size, (start + 1) * size)

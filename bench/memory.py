@@ -37,13 +37,11 @@ def child(variant: str, folder: str, questions: int, batch: int) -> dict:
 
     from PIL import Image
 
-    from blip2.prompts import VQA_DEFAULTS
     from service.api.schemas import VqaRequest
-    from service.api.submit import make_options, model_defaults
     from service.engine.inference import Runner
     from service.engine.jobs import GenerateJob
     from service.engine.loading import load_models
-    from service.engine.prompts import family_prompt
+    from service.engine.tasks import task_profiles
     from service.settings import Settings
 
     before = rss_bytes()
@@ -52,8 +50,8 @@ def child(variant: str, folder: str, questions: int, batch: int) -> dict:
     after = rss_bytes()
     model = models.generation.model
     runner = Runner(models)
-    template = family_prompt(models.generation, settings)[1]
-    options = make_options(VqaRequest(question="x"), model_defaults(runner, VQA_DEFAULTS), settings)
+    vqa = task_profiles(models.generation, settings).vqa
+    template, options = vqa.template, vqa.options(VqaRequest(question="x"))
     corpus = easy_vqa_set(questions)
     answers = []
     for start in range(0, len(corpus), batch):

@@ -23,9 +23,8 @@ import numpy as np
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from service.api.errors import ApiError
-from service.api.images import decode_image
 from service.cli import configure_logging
+from service.engine.images import ImageTooLarge, InvalidImage, decode_image
 from service.engine.inference import Runner
 from service.engine.jobs import EmbedJob
 from service.engine.loading import ModelLoadError, load_models
@@ -83,7 +82,7 @@ class Indexer:
             if entry["id"] is not None:
                 check_name(entry["id"], "id")
             return data, decode_image(data, self.settings)
-        except (OSError, ApiError, ValueError):
+        except (OSError, InvalidImage, ImageTooLarge, ValueError):
             self.counts["unreadable"] += 1
             return None
 

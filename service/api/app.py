@@ -23,6 +23,7 @@ from service.api.state import Phase, ServerState
 from service.engine.batching import Batcher
 from service.engine.inference import Runner
 from service.engine.loading import load_models
+from service.engine.tasks import task_profiles
 from service.engine.vision import VisionCache
 from service.gallery import open_gallery
 from service.settings import Settings
@@ -63,6 +64,8 @@ async def _load(app: FastAPI) -> None:
         gc.collect()
         gc.freeze()
         batcher.start()
+        if models.generation is not None:
+            state.tasks = task_profiles(models.generation, state.settings)
         state.runner, state.batcher = runner, batcher
         if state.phase == Phase.LOADING:  # a SIGTERM during loading keeps the server draining
             state.phase = Phase.READY

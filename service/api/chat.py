@@ -11,17 +11,18 @@ import json
 import time
 import uuid
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from service.api import schemas
-from service.api.deps import GenerationRunner, SettingsDep
+from service.api.deps import GenerationRunner, GenerationTasks, SettingsDep
 from service.api.errors import unprocessable
 from service.api.images import image_from_string
 from service.api.openapi import API, MODEL, error_responses
-from service.api.submit import check_text, generate_text
+from service.api.submit import SubmitDep, Submitter
 from service.engine.jobs import GenerationOptions
-from service.engine.prompts import Prompt, family_prompt
+from service.engine.prompts import Prompt
+from service.engine.tasks import GenerationTask, check_text
 
 router = APIRouter()
 DEFAULT_MAX_TOKENS = 64
@@ -109,7 +110,11 @@ STREAM = {
     responses=STREAM | error_responses(*API, 400, 413, 422, *MODEL),
 )
 async def chat_completions(
-    body: schemas.ChatRequest, request: Request, runner: GenerationRunner, settings: SettingsDep
+    body: schemas.ChatRequest,
+    runner: GenerationRunner,
+    tasks: GenerationTasks,
+    submit: SubmitDep,
+    settings: SettingsDep,
 ):
     """OpenAI chat completions with one `image_url` part (a data: URI, or an allow-listed URL)."""
     urls = _image_urls(body.messages)
@@ -122,13 +127,13 @@ async def chat_completions(
         texts = [message.content] if isinstance(message.content, str) else message.content or []
         for text in texts:
             check_text(settings, f"messages.{n}.content", text if isinstance(text, str) else text.text or "")
-    prompt = fold_conversation(body.messages, family_prompt(runner.models.generation, settings)[1])
+    task = GenerationTask(fold_conversation(body.messages, tasks.vqa.template), options)
     image = await image_from_string(urls[0], settings)
     header = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
     markers = _stop_markers(body.stop)
     if body.stream:
-        return await _streamed(request, runner, image, prompt, options, markers, header)
-    result, usage = await generate_text(request, runner, image, prompt, options)
+        return await _streamed(submit, runner, image, task, markers, header)
+    result, usage = await submit.generate(task, image)
     text, stopped = _apply_stop(result.text, markers)
     finish = "stop" if stopped else result.finish_reason
     return schemas.ChatResponse(
@@ -140,9 +145,7 @@ async def chat_completions(
     )
 
 
-async def _streamed(
-    request: Request, runner, image, prompt: Prompt, options, markers: list[str], header: dict
-):
+async def _streamed(submit: Submitter, runner, image, task: GenerationTask, markers: list[str], header: dict):
     """`stream: true`: server-sent events with the answer's text as the model produces it.
 
     The request joins a batch like any other; the model thread hands its tokens over one by one. The
@@ -151,9 +154,7 @@ async def _streamed(
     loop = asyncio.get_running_loop()
     tokens: asyncio.Queue[int] = asyncio.Queue()
     work = asyncio.ensure_future(
-        generate_text(
-            request, runner, image, prompt, options, lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t)
-        )
+        submit.generate(task, image, lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t))
     )
     next_token = asyncio.ensure_future(tokens.get())
     await asyncio.wait({work, next_token}, return_when=asyncio.FIRST_COMPLETED)

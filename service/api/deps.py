@@ -1,6 +1,7 @@
 """Dependencies the routes declare (`Annotated[..., Depends(...)]`, as in full-stack-fastapi-template): the
 server state, the settings, the runner a route needs (503 while not ready, 501 when its model is not
-configured), and the body parsed from JSON or multipart with its images decoded on demand."""
+configured), the generation model's task profiles, and the body parsed from JSON or multipart with its images
+decoded on demand."""
 
 from __future__ import annotations
 
@@ -19,17 +20,14 @@ from service.api.errors import ApiError, bad_request, model_not_loaded, unavaila
 from service.api.images import image_from_string, image_from_upload
 from service.api.state import Phase, ServerState
 from service.engine.inference import Runner
+from service.engine.tasks import TaskProfiles
 from service.settings import Settings
-
-
-def get_state(request: Request) -> ServerState:
-    return request.app.state.server
 
 
 # Dependencies are `async def` although they never wait: FastAPI runs a plain `def` one in its thread pool,
 # a thread hop per dependency per request, paid on the same GIL as the model thread.
 async def _state(request: Request) -> ServerState:
-    return get_state(request)
+    return request.app.state.server
 
 
 StateDep = Annotated[ServerState, Depends(_state)]
@@ -67,6 +65,14 @@ async def retrieval_runner(state: StateDep) -> Runner:
 
 GenerationRunner = Annotated[Runner, Depends(generation_runner)]
 RetrievalRunner = Annotated[Runner, Depends(retrieval_runner)]
+
+
+async def generation_tasks(runner: GenerationRunner, state: StateDep) -> TaskProfiles:
+    """The generation model's task profiles (built with it), once its runner may be used."""
+    return state.tasks
+
+
+GenerationTasks = Annotated[TaskProfiles, Depends(generation_tasks)]
 
 
 # -- bodies: JSON or multipart, validated by the same model ------------------------------------------

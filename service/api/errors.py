@@ -1,4 +1,5 @@
-"""One error format for every failure: `{"error": {"type": ..., "message": ...}}` with the right status.
+"""One error format for every failure: `{"error": {"type": ..., "message": ...}}` with the right status. The
+only place an engine error (service.engine raises no HTTP error) becomes an HTTP status.
 
 A client's mistake is never a 500: validation -> 422, bad image -> 400, too large -> 413. Only a bug or
 a failing model call is a 500, and its message says nothing internal.
@@ -15,7 +16,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from service.engine.batching import BatcherStopped, DeadlineExceeded, QueueFull
+from service.engine.batching import BatcherStopped, DeadlineExceeded, InvalidInput, QueueFull
+from service.engine.images import ImageTooLarge, InvalidImage
 
 log = logging.getLogger("service.errors")
 HTTP_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
@@ -51,6 +53,23 @@ def model_not_loaded(what: str, setting: str) -> ApiError:
     return ApiError(501, "model_not_loaded", f"this server has no {what} loaded; start it with {setting}")
 
 
+def client_closed() -> ApiError:
+    return ApiError(499, "client_closed_request", "the client closed the connection")
+
+
+def internal_error() -> ApiError:
+    return ApiError(500, "internal_error", "the server failed to answer this request")
+
+
+# What the engine refuses as the request's own fault, and the error each is answered with.
+REFUSALS = {InvalidInput: unprocessable, InvalidImage: invalid_image, ImageTooLarge: too_large}
+
+
+def refusal(exc: InvalidInput | InvalidImage | ImageTooLarge) -> ApiError:
+    """The HTTP error of an engine's refusal (its message is the client's to read)."""
+    return REFUSALS[type(exc)](str(exc))
+
+
 def error_body(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
 
@@ -80,6 +99,12 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return error_body(exc.status, exc.type, exc.message, exc.headers)
+
+    async def _refused(request: Request, exc: InvalidInput | InvalidImage | ImageTooLarge) -> JSONResponse:
+        return await _api_error(request, refusal(exc))
+
+    for refused in REFUSALS:
+        app.add_exception_handler(refused, _refused)
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -26,8 +26,8 @@ from pydantic import BaseModel, Field, WithJsonSchema, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from service.api.deps import Parsed, RetrievalRunner, SettingsDep, StateDep, parsed
-from service.api.errors import ApiError, unprocessable
-from service.api.images import bytes_from_string, decode_image, read_upload
+from service.api.errors import ApiError, refusal, unprocessable
+from service.api.images import bytes_from_string, read_upload
 from service.api.openapi import (
     BODY,
     GALLERY,
@@ -50,8 +50,10 @@ from service.api.schemas import (
     required,
     when,
 )
-from service.api.submit import check_text, run_job
+from service.api.submit import SubmitDep, Submitter
+from service.engine.images import ImageTooLarge, InvalidImage, decode_image
 from service.engine.jobs import EmbedJob, RetrieveJob
+from service.engine.tasks import check_text
 from service.gallery import (
     MAX_METADATA_BYTES,
     NAME_PATTERN,
@@ -310,6 +312,8 @@ async def _checked(
         item.decoded = await asyncio.to_thread(decode_image, item.data, settings)
     except ApiError as exc:
         item.reject(exc)
+    except (InvalidImage, ImageTooLarge) as exc:
+        item.reject(refusal(exc))
 
 
 async def _incoming(given: Parsed[AddRequest], settings: Settings) -> list[Incoming]:
@@ -371,8 +375,8 @@ def _plan(items: list[Incoming], gallery: Gallery) -> list[tuple[Incoming, Plann
     openapi_extra=request_body(AddRequest, {"images": "many"}),
 )
 async def add_images(
-    request: Request,
     runner: RetrievalRunner,
+    submit: SubmitDep,
     settings: SettingsDep,
     gallery: GalleryDep,
     given: Annotated[Parsed[AddRequest], parsed(AddRequest)],
@@ -384,7 +388,7 @@ async def add_images(
     new = [(item, plan) for item, plan in planned if plan.status == "new"]
     outcome: dict[str, str] = {}
     if new:
-        vectors = (await run_job(request, EmbedJob([i.decoded for i, _ in new], [], query_vectors=True)))[
+        vectors = (await submit.run(EmbedJob([i.decoded for i, _ in new], [], query_vectors=True)))[
             "image_queries"
         ]
         fresh = [
@@ -486,8 +490,8 @@ async def describe(gallery: GalleryDep) -> dict:
     openapi_extra=request_body(SearchRequest, {"image": "one"}, required=["image"], omit=("text",)),
 )
 async def search(
-    request: Request,
     runner: RetrievalRunner,
+    submit: SubmitDep,
     settings: SettingsDep,
     gallery: GalleryDep,
     given: Annotated[Parsed[SearchRequest], parsed(SearchRequest)],
@@ -510,15 +514,15 @@ async def search(
     except ValueError as exc:
         raise unprocessable(f"filter: {exc}") from None
     if image_query:
-        out = await run_job(request, EmbedJob([await given.image()], [], query_vectors=True))
+        out = await submit.run(EmbedJob([await given.image()], [], query_vectors=True))
         hits = await asyncio.to_thread(_similar, gallery, out["image_queries"][0].numpy(), body.top_k, wanted)
         return SearchResponse(model=gallery.info["model"], results=hits)
     text = check_text(settings, "text", body.text)
-    vectors = (await run_job(request, EmbedJob([], [text])))["text"].numpy()
+    vectors = (await submit.run(EmbedJob([], [text])))["text"].numpy()
     found = await asyncio.to_thread(gallery.search, vectors, body.top_k, wanted)
     hits = [Hit(id=s.image_id, relevance=itc, itc_score=itc, metadata=s.metadata) for s, itc in found]
     if itm_top_k > 0 and found:
-        await _rerank(request, gallery, settings, text, found[:itm_top_k], hits)
+        await _rerank(submit, gallery, settings, text, found[:itm_top_k], hits)
     return SearchResponse(model=gallery.info["model"], results=hits)
 
 
@@ -539,7 +543,7 @@ def _similar(gallery: Gallery, queries: np.ndarray, k: int, wanted: dict[str, li
 
 
 async def _rerank(
-    request: Request,
+    submit: Submitter,
     gallery: Gallery,
     settings: Settings,
     text: str,
@@ -558,7 +562,7 @@ async def _rerank(
         images.append(await asyncio.to_thread(decode_image, data, settings))
     if not images:
         return
-    ranked = await run_job(request, RetrieveJob(text, None, [], images, top_k=len(images)))
+    ranked = await submit.run(RetrieveJob(text, None, [], images, top_k=len(images)))
     for result in ranked:
         hit = hits[positions[result["index"]]]
         logit = result["score"] - result["itc_score"]  # the ITM logit; ITC as stored, so score = logit + itc

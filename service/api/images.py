@@ -1,4 +1,5 @@
-"""Image intake: bytes in (upload, base64, data URI, allow-listed URL), an RGB PIL image out.
+"""Image intake: bytes in (upload, base64, data URI, allow-listed URL), an RGB PIL image out (decoded by
+service.engine.images).
 
 Limits are checked as early as they can be: bytes before the whole body is read or decoded, pixels from
 the header before any pixel is decoded (a 50 kB PNG can decode to gigabytes).
@@ -9,72 +10,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import io
 import ipaddress
 import re
-import warnings
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import httpx
-import numpy as np
 from fastapi import UploadFile
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from service.api.errors import ApiError, invalid_image, too_large
+from service.engine.images import decode_image
 from service.settings import Settings
 
-# We cap pixels ourselves from the header; Pillow's own bomb check would only warn below 2x its limit.
-Image.MAX_IMAGE_PIXELS = None
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w/+.-]*)(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
 _CHUNK = 64 * 1024
-
-
-def decode_image(data: bytes, settings: Settings) -> Image.Image:
-    """Bytes -> RGB image: byte cap, header pixel cap, first frame, EXIF orientation, any mode to RGB."""
-    if len(data) > settings.max_image_bytes:
-        raise too_large(f"image is {len(data)} bytes; the limit is {settings.max_image_bytes}")
-    if not data:
-        raise invalid_image("the image is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # truncated-EXIF and palette warnings are not the client's errors
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > settings.max_image_pixels:
-                raise too_large(
-                    f"image is {width}x{height} pixels; the limit is {settings.max_image_pixels} pixels"
-                )
-            if getattr(image, "n_frames", 1) > 1:
-                image.seek(0)  # animations: the first frame
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
-    except ApiError:
-        raise
-    except UnidentifiedImageError:
-        raise invalid_image("cannot decode the image: not a supported image format") from None
-    except Image.DecompressionBombError as exc:
-        raise too_large(str(exc)) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt files
-        raise invalid_image(f"cannot decode the image: {exc}") from None
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB; transparency is composited over white (what a viewer shows)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # 16-bit and float greyscale: scale the actual range to 0..255 instead of clipping to white.
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
-        return Image.fromarray(scaled.round().astype(np.uint8), mode="L").convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB") if image.mode != "RGB" else image
 
 
 def decode_base64(text: str, settings: Settings) -> bytes:

@@ -1,18 +1,18 @@
-"""HTTP routes. Each takes its runner and parsed input from service.api.deps, bounds its input, queues one job
-on the batcher (service.api.submit), and shapes the answer. The chat route is their sibling, in chat.py."""
+"""HTTP routes. Each takes its runner (or task profiles) and parsed input from service.api.deps, bounds its
+input, queues one job on the engine (service.api.submit), and shapes the answer. The chat route is their
+sibling, in chat.py."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from blip2.prompts import CAPTION_DEFAULTS, GENERATE_DEFAULTS, VQA_DEFAULTS
 from service.api import schemas
 from service.api.deps import (
     CaptionInput,
     EmbedInput,
     GenerateInput,
-    GenerationRunner,
+    GenerationTasks,
     RetrievalRunner,
     RetrieveInput,
     SettingsDep,
@@ -22,9 +22,9 @@ from service.api.deps import (
 from service.api.errors import unavailable, unprocessable
 from service.api.openapi import API, BODY, MODEL, PROBE, error_responses, request_body
 from service.api.state import Phase
-from service.api.submit import check_text, generate_text, make_options, model_defaults, run_job
+from service.api.submit import SubmitDep
 from service.engine.jobs import EmbedJob, RetrieveJob
-from service.engine.prompts import Prompt, family_prompt
+from service.engine.tasks import check_text
 
 router = APIRouter()
 WORK = error_responses(*API, *BODY, *MODEL)  # what a route that queues work on a model may answer
@@ -38,19 +38,11 @@ WORK = error_responses(*API, *BODY, *MODEL)  # what a route that queues work on 
     openapi_extra=request_body(schemas.CaptionRequest, {"image": "one"}),
 )
 async def caption(
-    request: Request, runner: GenerationRunner, settings: SettingsDep, given: CaptionInput
+    tasks: GenerationTasks, submit: SubmitDep, settings: SettingsDep, given: CaptionInput
 ) -> schemas.CaptionResponse:
     """Image (+ optional prompt and generation options) -> caption."""
-    body = given.body
-    # cheap checks before decoding the image
-    options = make_options(body, model_defaults(runner, CAPTION_DEFAULTS), settings)
-    # the client's prompt is a person's text (processed as the model was trained); the default is the server's
-    prompt = (
-        Prompt.person(check_text(settings, "prompt", body.prompt))
-        if body.prompt is not None
-        else family_prompt(runner.models.generation, settings)[0]
-    )
-    result, usage = await generate_text(request, runner, await given.image(), prompt, options)
+    body = given.body  # the task is checked before the image is decoded
+    result, usage = await submit.generate(tasks.caption.task(body, body.prompt), await given.image())
     return schemas.CaptionResponse(model=settings.model_name, caption=result.text, usage=usage)
 
 
@@ -61,18 +53,12 @@ async def caption(
     openapi_extra=request_body(schemas.VqaRequest, {"image": "one"}),
 )
 async def vqa(
-    request: Request, runner: GenerationRunner, settings: SettingsDep, given: VqaInput
+    tasks: GenerationTasks, submit: SubmitDep, settings: SettingsDep, given: VqaInput
 ) -> schemas.VqaResponse:
     """Image + question -> short answer (beam 5, at most 10 tokens, length penalty -1 by default)."""
     body = given.body
-    options = make_options(body, model_defaults(runner, VQA_DEFAULTS), settings)
-    if body.prompt_template is not None:  # each text as the document bounds it; tokens in all, later
-        check_text(settings, "prompt_template", body.prompt_template)
-    template = body.prompt_template or family_prompt(runner.models.generation, settings)[1]
-    if template.count("{}") != 1:
-        raise unprocessable("prompt_template: must hold exactly one `{}` for the question")
-    prompt = Prompt.question(template, check_text(settings, "question", body.question))
-    result, usage = await generate_text(request, runner, await given.image(), prompt, options)
+    task = tasks.vqa.task(body, body.question, body.prompt_template)
+    result, usage = await submit.generate(task, await given.image())
     return schemas.VqaResponse(model=settings.model_name, answer=result.text, usage=usage)
 
 
@@ -83,13 +69,11 @@ async def vqa(
     openapi_extra=request_body(schemas.GenerateRequest, {"image": "one"}),
 )
 async def generate(
-    request: Request, runner: GenerationRunner, settings: SettingsDep, given: GenerateInput
+    tasks: GenerationTasks, submit: SubmitDep, settings: SettingsDep, given: GenerateInput
 ) -> schemas.GenerateResponse:
     """Image + free prompt + generation options -> text."""
     body = given.body
-    options = make_options(body, model_defaults(runner, GENERATE_DEFAULTS), settings)
-    prompt = Prompt.person(check_text(settings, "prompt", body.prompt))
-    result, usage = await generate_text(request, runner, await given.image(), prompt, options)
+    result, usage = await submit.generate(tasks.generate.task(body, body.prompt), await given.image())
     return schemas.GenerateResponse(
         model=settings.model_name, text=result.text, finish_reason=result.finish_reason, usage=usage
     )
@@ -104,7 +88,7 @@ async def generate(
     openapi_extra=request_body(schemas.EmbedRequest, {"images": "many"}, required=["images"]),
 )
 async def embed(
-    request: Request, runner: RetrievalRunner, settings: SettingsDep, given: EmbedInput
+    runner: RetrievalRunner, submit: SubmitDep, settings: SettingsDep, given: EmbedInput
 ) -> schemas.EmbedResponse:
     """Images and/or texts -> L2-normalised embeddings (ITC space, 256-d for BLIP-2)."""
     body = given.body
@@ -114,11 +98,11 @@ async def embed(
     texts = [check_text(settings, "texts", t) for t in body.texts]
     if not images and not texts:
         raise unprocessable("give at least one image or text")
-    out = await run_job(request, EmbedJob(images, texts, body.return_query_embeddings))
+    out = await submit.run(EmbedJob(images, texts, body.return_query_embeddings))
     queries = out.get("image_queries")
     return schemas.EmbedResponse(
         model=settings.model_name,
-        dim=runner.models.retrieval.model.config.image_text_hidden_size,
+        dim=runner.embedding_dim,
         image_embeddings=out["image"].tolist() if "image" in out else [],
         text_embeddings=out["text"].tolist() if "text" in out else [],
         image_query_embeddings=queries.tolist() if queries is not None else None,
@@ -135,7 +119,7 @@ async def embed(
     ),
 )
 async def retrieve(
-    request: Request, runner: RetrievalRunner, settings: SettingsDep, given: RetrieveInput
+    runner: RetrievalRunner, submit: SubmitDep, settings: SettingsDep, given: RetrieveInput
 ) -> schemas.RetrieveResponse:
     """A text or image query + candidates of the other kind -> ranked: ITC for all, ITM for the top k."""
     body, files = given.body, given.files
@@ -157,7 +141,7 @@ async def retrieve(
         raise unprocessable("give at least one candidate")
     if len(candidates) > settings.max_retrieve_candidates:
         raise unprocessable(f"at most {settings.max_retrieve_candidates} candidates per request")
-    results = await run_job(request, job)
+    results = await submit.run(job)
     return schemas.RetrieveResponse(model=settings.model_name, results=results)
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from service.api.metrics import Metrics
 from service.engine.batching import Batcher
 from service.engine.inference import Runner
+from service.engine.tasks import TaskProfiles
 from service.gallery import Gallery
 from service.settings import Settings
 
@@ -29,6 +30,7 @@ class ServerState:
     load_error: str | None = None
     on_load_failure: Callable[[], None] | None = None  # set by __main__: stop the process
     runner: Runner | None = None
+    tasks: TaskProfiles | None = None  # the generation routes' task profiles, with a generation model
     batcher: Batcher | None = None
     gallery: Gallery | None = None  # the persistent image gallery, when BLIP2_GALLERY_DIR is set
     working: int = 0  # HTTP requests in flight (probes and scrapes not counted)

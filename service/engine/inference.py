@@ -330,6 +330,18 @@ class Runner:
         """Tokens the LLM sees for a prompt: the text plus the query tokens."""
         return len(self.prompt_ids(prompt).llm) + self.models.generation.model.config.num_query_tokens
 
+    def checked_prompt_tokens(self, prompt: str | Prompt, options: GenerationOptions) -> int:
+        """`prompt_tokens`, refused (InvalidInput) where the prompt and the answer would run past the LLM's
+        positions, instead of failing inside the model."""
+        tokens = self.prompt_tokens(prompt)
+        limit = self.models.generation.max_positions
+        if limit is not None and tokens + options.max_new_tokens > limit:
+            raise InvalidInput(
+                f"prompt ({tokens} tokens with the image) + max_new_tokens ({options.max_new_tokens}) exceeds "
+                f"the model's {limit} positions"
+            )
+        return tokens
+
     def decode(self, token_ids: list[int]) -> str:
         """Text of generated tokens, on the event loop (streaming), as `Generated.text` is made."""
         with self._private_lock:
@@ -345,6 +357,11 @@ class Runner:
     # -- retrieval model ----------------------------------------------------------------------------
     def _retrieval(self) -> RetrievalModel:
         return self.models.retrieval
+
+    @property
+    def embedding_dim(self) -> int:
+        """The size of the ITC space's vectors (/embed's, the gallery's): 256 for BLIP-2."""
+        return self._retrieval().model.config.image_text_hidden_size
 
     def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """ViT outputs, once per distinct image (the tower and its cache may be shared with generation)."""

@@ -13,8 +13,16 @@ from service.engine.loading import GenerationModel
 from service.settings import Settings
 
 
-def family_prompt(gen: GenerationModel, settings: Settings) -> tuple[str, str]:
-    """Default (caption prompt, VQA template) for the loaded model family; the settings may override both."""
+@dataclass(frozen=True)
+class FamilyPrompts:
+    """The server's own prompts for the loaded model family."""
+
+    caption: str  # what a caption continues when the client gives no prompt
+    vqa_template: str  # a question's template, `{}` where the question goes (/vqa and the chat)
+
+
+def family_prompts(gen: GenerationModel, settings: Settings) -> FamilyPrompts:
+    """The default caption prompt and VQA template for the loaded model family; the settings may override both."""
     instruct = gen.kind == "instructblip"
     caption = (
         settings.caption_prompt
@@ -22,9 +30,9 @@ def family_prompt(gen: GenerationModel, settings: Settings) -> tuple[str, str]:
         else (INSTRUCT_CAPTION_PROMPT if instruct else "")
     )
     if settings.vqa_prompt_template is not None:
-        return caption, settings.vqa_prompt_template
+        return FamilyPrompts(caption, settings.vqa_prompt_template)
     decoder = not gen.is_encoder_decoder and not instruct
-    return caption, VQA_TEMPLATE_DECODER if decoder else VQA_TEMPLATE_SHORT
+    return FamilyPrompts(caption, VQA_TEMPLATE_DECODER if decoder else VQA_TEMPLATE_SHORT)
 
 
 # The kinds of a person's text in a prompt: a VQA question, or free text (a /caption or /generate prompt, a

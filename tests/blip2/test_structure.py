@@ -1,5 +1,6 @@
 """The architecture's one rule in imports: the core package (blip2/) imports neither side, and neither
-side imports the other; what both must compute alike lives in the core (docs: DESIGN.md)."""
+side imports the other; what both must compute alike lives in the core (docs: DESIGN.md). Inside the
+server, the engine imports nothing of its HTTP face."""
 
 from __future__ import annotations
 
@@ -12,18 +13,25 @@ REPO = Path(__file__).resolve().parents[2]
 FORBIDDEN = {"blip2": {"training", "service"}, "service": {"training"}, "training": {"service"}}
 
 
-def imported_packages(package: str) -> dict[str, set[str]]:
-    """Per module of `package`, the top-level packages it imports (relative imports stay inside)."""
+def imported_modules(folder: str) -> dict[str, set[str]]:
+    """Per module under `folder`, the modules it imports, dotted (relative imports stay inside)."""
     found = {}
-    for path in sorted((REPO / package).rglob("*.py")):
+    for path in sorted((REPO / folder).rglob("*.py")):
         names = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and not node.level and node.module:
-                names.add(node.module.split(".")[0])
+                names.add(node.module)
             elif isinstance(node, ast.Import):
-                names |= {alias.name.split(".")[0] for alias in node.names}
+                names |= {alias.name for alias in node.names}
         found[str(path.relative_to(REPO))] = names
     return found
+
+
+def imported_packages(package: str) -> dict[str, set[str]]:
+    """Per module of `package`, the top-level packages it imports."""
+    return {
+        module: {name.split(".")[0] for name in names} for module, names in imported_modules(package).items()
+    }
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
@@ -39,3 +47,21 @@ def test_imports_follow_the_architecture(package):
 def test_both_sides_import_the_core():
     for package in ("training", "service"):
         assert any("blip2" in names for names in imported_packages(package).values()), package
+
+
+# The engine (models, batching, the gallery store) knows nothing of HTTP; service/api/ is its HTTP face.
+ENGINE = ("service/engine", "service/gallery")
+HTTP = ("fastapi", "starlette", "service.api")
+
+
+@pytest.mark.parametrize("folder", ENGINE)
+def test_the_engine_imports_no_http(folder):
+    def http(name: str) -> bool:
+        return any(name == face or name.startswith(face + ".") for face in HTTP)
+
+    crossing = {
+        module: sorted(filter(http, names))
+        for module, names in imported_modules(folder).items()
+        if any(map(http, names))
+    }
+    assert crossing == {}

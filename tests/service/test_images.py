@@ -16,17 +16,20 @@ from PIL import Image
 from servertools import b64, encode, photo, running_app, settings_for
 from skimage import data
 
-from service.api.errors import ApiError
-from service.api.images import decode_base64, decode_image, fetch_url
+from service.api.errors import ApiError, refusal
+from service.api.images import decode_base64, fetch_url
+from service.engine.images import ImageTooLarge, InvalidImage, decode_image
 from service.settings import Settings
 
 SETTINGS = Settings(model=None, max_image_bytes=5_000_000, max_image_pixels=2_000_000)
 
 
 def status_of(call) -> int:
-    with pytest.raises(ApiError) as caught:
+    """The status the refusal is answered with: an API error's own, an engine error's as the API maps it."""
+    with pytest.raises((ApiError, InvalidImage, ImageTooLarge)) as caught:
         call()
-    return caught.value.status
+    error = caught.value
+    return error.status if isinstance(error, ApiError) else refusal(error).status
 
 
 def test_rgba_and_palette_transparency_composite_on_white():
