@@ -12,8 +12,12 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from service.engine.loading import LoadedModels
 
 
 def to_device(
@@ -67,3 +71,16 @@ class VisionCache:
         self._entries[key] = value.clone()
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
+
+
+class ModelsOnDevice:
+    """What the runner's generation and retrieval share: the loaded models, their device and dtype, and the
+    cache of ViT states (one tower may serve both)."""
+
+    def __init__(self, models: LoadedModels, vision_cache: VisionCache | None = None) -> None:
+        self.models = models
+        self.vision = vision_cache or VisionCache(0)
+
+    def vision_states(self, tower: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """`tower`'s outputs for host pixels, on the models' device and in their dtype, once per distinct image."""
+        return self.vision.states(tower, pixels, self.models.device, self.models.dtype)
