@@ -24,7 +24,7 @@ from service.settings import Settings
 REF = "#/components/schemas/{model}"
 # A string that holds an image: base64, a `data:image/...;base64,` URI, or an http(s) URL on an allowed host.
 IMAGE_FORMAT = "image"
-# A multipart file part holding an image (service/api/images.py decodes what Pillow reads).
+# A multipart file part holding an image (service/engine/images.py decodes what Pillow reads).
 FILE = {"type": "string", "format": "binary", "contentMediaType": "image/*"}
 
 # status -> (when, error.type, an example message)
