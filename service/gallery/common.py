@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -203,7 +204,31 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-PRESELECT_MARGIN = 64  # candidates beyond k that a float16 preselection keeps for the exact scores
+PRESELECT_MARGIN = 64  # most candidates beyond k that a rough preselection keeps for the exact scores
+# How far below the k-th best rough score a candidate can still be among the k best exact ones: twice the largest
+# error of a rough score measured (2.9e-3: int8 codes on 100,000 synthetic images and on the built-in model's
+# vectors; float16 products are closer), rounded up. A true top-k image scores at least s_k - e roughly, and the
+# k-th best rough score is at most s_k + e (s_k: the k-th best exact score, e: the largest error).
+ROUGH_SLACK = 8e-3
+# Up to this many images the first pass keeps BLIP2_GALLERY_CANDIDATES; beyond, C grows with the square root of
+# the images, as the candidates needed for recall@10 >= 0.99 did (synthetic vectors: 2,000 at 100,000 images,
+# 5,000 at 1,000,000; docs/BENCHMARKS.md).
+CANDIDATES_GROW_FROM = 100_000
+
+
+def candidate_count(setting: int, images: int) -> int:
+    """C, the first pass's candidates in a gallery of `images`: the setting, grown as above."""
+    return max(setting, round(setting * math.sqrt(images / CANDIDATES_GROW_FROM)))
+
+
+def within_reach(rough: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the rough scores whose exact ones can be among the k best, best first: those within
+    ROUGH_SLACK of the k-th best rough score, at most k + PRESELECT_MARGIN (a dense cluster of near-equal
+    images). Typically 10-30 for k = 10, where a fixed margin read 74 rows."""
+    order = np.argsort(-rough, kind="stable")[: k + PRESELECT_MARGIN]
+    if len(order) <= k:
+        return order
+    return order[rough[order] >= rough[order[k - 1]] - ROUGH_SLACK]
 
 
 def max_sim(candidates: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -224,8 +249,7 @@ def top_by_max_sim(candidates: np.ndarray, queries: np.ndarray, k: int) -> tuple
     """(positions, exact scores) of the candidates that can be among the k best by max_sim. Many candidates
     are first scored in float16 by torch's matrix product with the vector, which needs no widening (0.6 ms for 1,000
     images of 32 x 256, where widening them to float32 takes 15-30 ms, measured on 2 cores; each score within
-    ~1e-3), and only the best k + 64 of those exactly: a true top-k image is lost only if 64 others come
-    within ~1e-3 of it."""
+    ~1e-3), and only those within reach of the k best (`within_reach`) exactly."""
     keep = np.arange(len(candidates))
     if len(candidates) > 2 * (k + PRESELECT_MARGIN):
         count, per_image, dim = candidates.shape
@@ -234,7 +258,7 @@ def top_by_max_sim(candidates: np.ndarray, queries: np.ndarray, k: int) -> tuple
         half = torch.from_numpy(np.asarray(queries, dtype=np.float16).reshape(-1, dim).copy())
         rough = torch.stack([flat @ query for query in half])  # (n, count * per_image)
         best_rough = rough.float().reshape(len(half), count, per_image).amax(dim=(0, 2))
-        keep = np.sort(torch.topk(best_rough, k + PRESELECT_MARGIN).indices.numpy())
+        keep = np.sort(within_reach(best_rough.numpy(), k))
     return keep, max_sim(candidates[keep], queries)
 
 

@@ -39,6 +39,7 @@ index, no stable row ids; 3: float16 vectors) is copied into a new table when op
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -53,6 +54,7 @@ from typing import Any
 # Lance's Rust side logs warnings to stderr by itself (a future default of a statistic, a column it will stop
 # adding): noise for the people reading a server's output. Its errors are raised to us as exceptions anyway.
 os.environ.setdefault("LANCEDB_LOG", "error")
+M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
 
 import lancedb  # noqa: E402
 import numpy as np  # noqa: E402
@@ -66,9 +68,11 @@ from service.gallery.common import (  # noqa: E402
     Record,
     Stored,
     best,
+    candidate_count,
     max_sim,
     mean_vector,
     model_of,
+    within_reach,
 )
 from service.settings import Settings  # noqa: E402
 
@@ -175,6 +179,37 @@ def column_values(rows: pa.Table, name: str, dtype: type) -> np.ndarray:
     )
 
 
+def glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (Linux), whose heap the two functions below tune; None elsewhere."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def limit_heap_arenas() -> None:
+    """At most two glibc heaps ("arenas") for the whole process. Lance reads on many threads, and glibc gives
+    each its own heap, which keeps what the thread freed for its reuse: 150-250 MB of resident memory left in
+    them after a 100,000-image gallery loads. Two arenas hold ~1.3 GB there instead of 1.45-1.6 GB (bench/
+    gallery.py --part scale); allocation is not what any thread of the server waits on."""
+    libc = glibc()
+    if libc is not None:
+        libc.mallopt(M_ARENA_MAX, 2)
+
+
+def release_freed_heap() -> None:
+    """Give the memory freed on the C heap (the gallery's load: batches of rows) back to the system."""
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def connect(folder: Path) -> lancedb.DBConnection:
+    """The gallery folder's LanceDB database, the process's heap limited first (before Lance's threads start)."""
+    limit_heap_arenas()
+    return lancedb.connect(folder / TABLES_DIR)
+
+
 def write_atomically(path: Path, text: str) -> None:
     """Replace `path` with `text`, whole or not at all, and durably (file and folder synced)."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
@@ -207,6 +242,15 @@ def by_chunk(slots: np.ndarray) -> Iterator[tuple[int, np.ndarray, torch.Tensor]
     for chunk in np.unique(chunk_of):
         positions = np.flatnonzero(chunk_of == chunk)
         yield int(chunk), positions, torch.from_numpy(offsets[positions])
+
+
+def best_products(matrix: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """Each row's best inner product with any of `vectors`: a matrix-vector product per vector (a product with
+    a matrix of one column is ~3x slower on CPU), nothing more for the usual single text vector."""
+    best = matrix @ vectors[0]
+    for vector in vectors[1:]:
+        best = torch.maximum(best, matrix @ vector)
+    return best
 
 
 class InMemory:
@@ -308,8 +352,7 @@ class InMemory:
             return np.zeros(0, dtype=np.int64)
         half = torch.from_numpy(np.asarray(queries, dtype=np.float16).reshape(-1, self.dim).copy())
         used = [chunk.means[: len(known) - n * CHUNK_ROWS] for n, chunk in enumerate(chunks)]
-        scores = torch.cat([torch.stack([means @ query for query in half]).amax(dim=0) for means in used])
-        scores = scores.float()
+        scores = torch.cat([best_products(means, half) for means in used]).float()
         scores[torch.from_numpy(~alive)] = -torch.inf
         slots = np.arange(len(known))
         if allowed is not None:  # a filter: the best of its images only
@@ -323,19 +366,26 @@ class InMemory:
         """These fields of a Chunk (`means`, `codes`, `scales`) for these slots of `snapshot`, which must be
         sorted (then the chunks' parts, one gather each, come in the slots' order)."""
         parts = [(snapshot[1][chunk], at) for chunk, _, at in by_chunk(slots)]
-        return [torch.cat([getattr(chunk, field)[at] for chunk, at in parts]) for field in fields]
+        return [
+            torch.cat([getattr(chunk, field).index_select(0, at) for chunk, at in parts]) for field in fields
+        ]
 
     def rough(self, snapshot: tuple, slots: np.ndarray, queries: np.ndarray) -> np.ndarray:
         """The middle pass: the ITC of each slot (of `snapshot`; sorted) from its coarse codes and int8 codes of
-        the query vectors (within ~2e-3 of the exact one). Integer products (torch's `_int_mm`, exact in int32)
-        need no widening of the codes: 1,000 images of 32 x 256 in ~2 ms on one core, 4x less than float16."""
-        codes, scales = self.gather(snapshot, slots, ("codes", "scales"))
+        the query vectors (within 2.9e-3 of the exact one, common.ROUGH_SLACK). Integer products (torch's
+        `_int_mm`, exact in int32) need no widening of the codes: 1,000 images of 32 x 256 in ~2 ms on one
+        core, 4x less than float16. Chunk by chunk, so the codes are copied once (into the product's input)."""
         texts = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
         text_scales = np.maximum(np.abs(texts).max(axis=1), 1e-30) / 127
-        text_codes = np.rint(texts / text_scales[:, None]).astype(np.int8)
-        products = torch._int_mm(codes.reshape(-1, self.dim), torch.from_numpy(text_codes.T.copy()))
-        per_vector = (products.float() * torch.from_numpy(text_scales.astype(np.float32))).amax(dim=1)
-        return (per_vector.reshape(len(slots), self.queries) * scales).amax(dim=1).numpy()
+        text_codes = torch.from_numpy(np.rint(texts / text_scales[:, None]).astype(np.int8).T.copy())
+        text_scales = torch.from_numpy(text_scales.astype(np.float32))
+        scores = []
+        for chunk, _, at in by_chunk(slots):
+            source = snapshot[1][chunk]
+            products = torch._int_mm(source.codes.index_select(0, at).reshape(-1, self.dim), text_codes)
+            per_vector = (products.float() * text_scales).amax(dim=1).reshape(len(at), self.queries)
+            scores.append((per_vector * source.scales.index_select(0, at)).amax(dim=1))
+        return torch.cat(scores).numpy()
 
 
 class LanceStore:
@@ -346,7 +396,7 @@ class LanceStore:
 
     def __init__(self, folder: Path, settings: Settings, info: dict[str, Any]) -> None:
         self.folder, self.settings, self.info = folder, settings, info
-        self.db = lancedb.connect(folder / TABLES_DIR)
+        self.db = connect(folder)
         self.table = self.db.open_table(info["table"])
         self.memory = InMemory(info["queries"], info["dim"])
         self._writing = threading.Lock()  # an add or delete changes the table and `memory` as one step
@@ -395,7 +445,7 @@ class LanceStore:
     ) -> LanceStore:
         """A new, empty gallery for `model` ({"fingerprint", "name", "dim", "queries"}). Unpublished (publish=
         False: a conversion fills it first), it is a leftover until `publish()`."""
-        db = lancedb.connect(folder / TABLES_DIR)
+        db = connect(folder)
         existing = set(db.table_names())
         generation = 1 + max((int(n.rsplit("_", 1)[1]) for n in existing), default=0)
         name = f"images_{generation}"
@@ -441,6 +491,7 @@ class LanceStore:
         batches = self.table.search(None).select(columns).with_row_id(True).to_batches(LOAD_ROWS)
         self.memory.load((pa.Table.from_batches([batch]) for batch in batches), row_ids.to_numpy())
         pa.default_memory_pool().release_unused()  # the batches' memory, which the pool would keep
+        release_freed_heap()
 
     def start_rebuild(self, model: dict[str, Any]) -> LanceStore:
         """A new, unpublished table for `model`, written while this one serves (a re-index fills it)."""
@@ -608,30 +659,25 @@ class LanceStore:
     def search(
         self, vectors: np.ndarray, k: int, conditions: dict[str, list[Any]] | None = None
     ) -> list[tuple[Stored, float]]:
-        """Three passes, the first two in memory: C candidates by their mean vectors, the best k + 64 of those
-        by ITC from their coarse codes, and their exact ITC from both layers (the fine one read from the table:
-        ~20-150 us a row, so only for these)."""
+        """Three passes, the first two in memory: C candidates by their mean vectors, those of them within reach
+        of the k best by ITC from their coarse codes, and their exact ITC from both layers; the fine layer
+        and the fields come from the table in one read (~20-150 us a row, so only for these few)."""
         queries = np.asarray(vectors, dtype=np.float32).reshape(-1, self.info["dim"])
-        limit = max(k, self.settings.gallery_candidates)
         snapshot = self.memory.snapshot
+        limit = max(k, candidate_count(self.settings.gallery_candidates, len(snapshot[0])))
         slots = np.sort(self.memory.top(snapshot, queries, limit, self._allowed(conditions)))
         if len(slots) == 0:
             return []
-        rough = self.memory.rough(snapshot, slots, queries)
-        chosen = slots[np.argsort(-rough, kind="stable")[: k + PRESELECT_MARGIN]]
-        rows = self._take(snapshot[0][chosen], ["fine", "fine_scale"], with_row_ids=True)
-        at = self.memory.slots_of(snapshot[0], rows["_rowid"].to_numpy())  # the rows as the take gave them
-        in_order = np.argsort(at)
-        rows, at = rows.take(in_order), at[in_order]
-        codes, scales = self.memory.gather(snapshot, at, ("codes", "scales"))
-        scores = max_sim(dequantize(codes.numpy(), scales.numpy()) + self._layer(rows, "fine"), queries)
-        order = np.argsort(-scores, kind="stable")[:k]
-        found = rows["_rowid"].to_numpy()[order]
-        fields = self._take(found, FIELDS, with_row_ids=True)
-        stored = dict(zip(fields["_rowid"].to_pylist(), map(self._stored, fields.to_pylist()), strict=True))
-        # a row deleted between the reads is left out
-        pairs = zip(found.tolist(), scores[order].tolist(), strict=True)
-        return best([(stored[row], score) for row, score in pairs if row in stored], k)
+        chosen = np.sort(slots[within_reach(self.memory.rough(snapshot, slots, queries), k)])
+        codes, scales = self.memory.gather(snapshot, chosen, ("codes", "scales"))
+        row_ids = snapshot[0][chosen]  # sorted, as the slots are
+        rows = self._take(row_ids, [*FIELDS, "fine", "fine_scale"], with_row_ids=True)
+        # the rows in the take's order; one deleted meanwhile is missing
+        at = np.searchsorted(row_ids, rows["_rowid"].to_numpy())
+        coarse = dequantize(codes.numpy()[at], scales.numpy()[at])
+        scores = max_sim(coarse + self._layer(rows, "fine"), queries)
+        stored = map(self._stored, rows.select(FIELDS).to_pylist())
+        return best(list(zip(stored, scores.tolist(), strict=True)), k)
 
     def similar(
         self, vectors: np.ndarray, k: int, conditions: dict[str, list[Any]] | None = None
@@ -688,5 +734,5 @@ class LanceStore:
             "location": str(self.folder / TABLES_DIR / f"{self.info['table']}.lance"),
             "table": self.info["table"],
             "first_pass": "exact, mean vectors in memory",
-            "candidates": self.settings.gallery_candidates,
+            "candidates": candidate_count(self.settings.gallery_candidates, self.count()),
         }
