@@ -205,11 +205,7 @@ class Store(Protocol):
 
 
 PRESELECT_MARGIN = 64  # most candidates beyond k that a rough preselection keeps for the exact scores
-# How far below the k-th best rough score a candidate can still be among the k best exact ones: twice the largest
-# error of a rough score measured (2.9e-3: int8 codes on 100,000 synthetic images and on the built-in model's
-# vectors; float16 products are closer), rounded up. A true top-k image scores at least s_k - e roughly, and the
-# k-th best rough score is at most s_k + e (s_k: the k-th best exact score, e: the largest error).
-ROUGH_SLACK = 8e-3
+FLOAT16_ERROR = 2e-3  # how far a score from float16 vectors may be from the exact one (unit vectors)
 # Up to this many images the first pass keeps BLIP2_GALLERY_CANDIDATES; beyond, C grows with the square root of
 # the images, as the candidates needed for recall@10 >= 0.99 did (synthetic vectors: 2,000 at 100,000 images,
 # 5,000 at 1,000,000; docs/BENCHMARKS.md).
@@ -221,14 +217,16 @@ def candidate_count(setting: int, images: int) -> int:
     return max(setting, round(setting * math.sqrt(images / CANDIDATES_GROW_FROM)))
 
 
-def within_reach(rough: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the rough scores whose exact ones can be among the k best, best first: those within
-    ROUGH_SLACK of the k-th best rough score, at most k + PRESELECT_MARGIN (a dense cluster of near-equal
-    images). Typically 10-30 for k = 10, where a fixed margin read 74 rows."""
+def within_reach(rough: np.ndarray, k: int, error: float) -> np.ndarray:
+    """Positions of the rough scores whose exact ones can be among the k best, best first, when each is within
+    `error` of its exact one: a true top-k image scores at least s_k - error roughly, and the k-th best rough
+    score is at most s_k + error (s_k: the k-th best exact score), so those within twice the error of the k-th
+    best rough score. At most k + PRESELECT_MARGIN (a dense cluster of near-equal images); typically 10-30 for
+    k = 10 and 32 x 256 int8 codes."""
     order = np.argsort(-rough, kind="stable")[: k + PRESELECT_MARGIN]
     if len(order) <= k:
         return order
-    return order[rough[order] >= rough[order[k - 1]] - ROUGH_SLACK]
+    return order[rough[order] >= rough[order[k - 1]] - 2 * error]
 
 
 def max_sim(candidates: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -258,7 +256,7 @@ def top_by_max_sim(candidates: np.ndarray, queries: np.ndarray, k: int) -> tuple
         half = torch.from_numpy(np.asarray(queries, dtype=np.float16).reshape(-1, dim).copy())
         rough = torch.stack([flat @ query for query in half])  # (n, count * per_image)
         best_rough = rough.float().reshape(len(half), count, per_image).amax(dim=(0, 2))
-        keep = np.sort(within_reach(best_rough.numpy(), k))
+        keep = np.sort(within_reach(best_rough.numpy(), k, FLOAT16_ERROR))
     return keep, max_sim(candidates[keep], queries)
 
 

@@ -16,6 +16,7 @@ from pymilvus import MilvusClient
 from servertools import milvus_server, settings_for
 
 from service.gallery import Gallery, NewImage, Record, content_key, lance_store, mean_vector
+from service.gallery.common import PRESELECT_MARGIN, candidate_count, within_reach
 from service.gallery.legacy import release_embedded
 
 QUERIES, DIM = 8, 16
@@ -158,7 +159,7 @@ def test_what_searches_hold_in_memory_appends_deletes_and_ranks_like_numpy(monke
     assert top(20) == pytest.approx(expected(live, 20), abs=FLOAT16)
     slots = np.sort(memory.top(held, query, 50))
     exact_itc = (vectors[slots] @ query[0]).max(axis=1)
-    assert np.abs(memory.rough(held, slots, query) - exact_itc).max() < 1e-2
+    assert_within_its_bound(memory.rough(held, slots, query), exact_itc)
     live[::2] = False  # 1,500 dead: more than 1,024 and a quarter, so the dead slots are dropped
     memory.remove(row_ids[::2])
     assert len(memory.snapshot[0]) == 1500 and len(held[0]) == 3000
@@ -169,7 +170,28 @@ def test_what_searches_hold_in_memory_appends_deletes_and_ranks_like_numpy(monke
     assert everything[:20] == pytest.approx(expected(live, 20), abs=FLOAT16)
     slots = np.sort(memory.top(memory.snapshot, query, 50))
     exact_itc = (vectors[live][slots] @ query[0]).max(axis=1)
-    assert np.abs(memory.rough(memory.snapshot, slots, query) - exact_itc).max() < 1e-2
+    assert_within_its_bound(memory.rough(memory.snapshot, slots, query), exact_itc)
+
+
+def assert_within_its_bound(rough: tuple[np.ndarray, float], exact_itc: np.ndarray) -> None:
+    scores, error = rough
+    assert np.abs(scores - exact_itc).max() <= error < 2e-2
+
+
+def test_the_last_pass_reads_every_candidate_that_can_be_among_the_k_best():
+    """within_reach keeps each candidate whose exact score can reach the k best, given rough scores within
+    `error` of the exact ones, and no more than k + 64; C grows with the square root beyond 100,000 images."""
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        exact_scores = rng.normal(0.3, 0.05, size=2000)
+        rough = exact_scores + rng.uniform(-3e-3, 3e-3, size=2000)
+        kept = within_reach(rough, 10, 3e-3)
+        assert set(np.argsort(-exact_scores)[:10]) <= set(kept.tolist())
+        assert list(kept) == sorted(kept, key=lambda n: -rough[n])
+    near_equal = 0.3 + rng.uniform(-3e-3, 3e-3, size=2000)
+    assert len(within_reach(near_equal, 10, 3e-3)) == 10 + PRESELECT_MARGIN
+    assert len(within_reach(np.linspace(1, 0, 1000), 10, 1e-4)) == 10  # far apart: the k best alone
+    assert [candidate_count(2000, n) for n in (10, 100_000, 400_000, 1_000_000)] == [2000, 2000, 4000, 6325]
 
 
 def test_two_int8_layers_are_closer_than_float16():
