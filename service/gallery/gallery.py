@@ -69,18 +69,8 @@ def _convert_embedded(folder: Path, settings: Settings) -> LanceStore | None:
     if old is None:
         return None
     info, records = old
-    started = time.perf_counter()
-    store = LanceStore.create(folder, settings, model_of(info), publish=False)
-    for start in range(0, len(records), 1024):
-        store.add(records[start : start + 1024])
-    store.publish()
-    log.info(
-        "converted the gallery in %s to LanceDB: %d images in %.1f s",
-        folder,
-        len(records),
-        time.perf_counter() - started,
-    )
-    return store
+    batches = (records[start : start + 1024] for start in range(0, len(records), 1024))
+    return LanceStore.copied(folder, settings, model_of(info), batches, "Milvus Lite")
 
 
 class Gallery:

@@ -433,19 +433,38 @@ class LanceStore:
 
     def _upgraded(self) -> LanceStore:
         """This older-format gallery copied, image by image as stored, into a new table of this format."""
+        source = f"LanceDB format {self.info.get('format', 2)}"
+        return self.copied(self.folder, self.settings, model_of(self.info), self.records(1024), source, self)
+
+    @classmethod
+    def copied(
+        cls,
+        folder: Path,
+        settings: Settings,
+        model: dict[str, Any],
+        batches: Iterator[list[Record]],
+        source: str,
+        old: LanceStore | None = None,
+    ) -> LanceStore:
+        """A gallery converted from an earlier one (`source`, for the log): a new table filled with its images
+        as stored, then published, the `old` table (if any) closed first. One that dies on the way leaves the
+        earlier gallery as it was, and the next open converts it again."""
         started = time.perf_counter()
-        target = self.start_rebuild(model_of(self.info))
-        for records in self.records(1024):
-            target.add(records)
+        store = cls.create(folder, settings, model, publish=False)
+        for records in batches:
+            store.add(records)
+        if old is None:
+            store.publish()
+        else:
+            store = old.finish_rebuild(store)
         log.info(
-            "converted the gallery in %s from format %s to %s: %d images in %.1f s",
-            self.folder,
-            self.info.get("format", 2),
-            FORMAT,
-            target.count(),
+            "converted the gallery in %s from %s: %d images in %.1f s",
+            folder,
+            source,
+            store.count(),
             time.perf_counter() - started,
         )
-        return self.finish_rebuild(target)
+        return store
 
     @classmethod
     def create(
