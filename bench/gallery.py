@@ -437,11 +437,12 @@ def main() -> None:
     if args.part == "scale-open":
         print(json.dumps(scale_open(args)))
         return
-    if args.part == "scale-measure":
-        print(json.dumps(scale_measure(args)))
-        return
     report = {"date": now(), "machine": machine()}
-    print(json.dumps(report), flush=True)
+    if args.part == "scale-measure":
+        report["scale"] = [scale_measure(args)]
+        print(json.dumps(report["scale"][0]))
+    else:
+        print(json.dumps(report), flush=True)
     if args.part in ("quality", "all"):
         report["quality"] = quality(args)
         print(json.dumps(report["quality"]), flush=True)
