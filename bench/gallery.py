@@ -297,7 +297,7 @@ MODEL = {"fingerprint": "synthetic", "name": "synthetic", "dim": DIM, "queries":
 def scale(count: int, args) -> dict:
     """Build a gallery of `count` synthetic images through the store (vectors given), then measure it opened
     afresh in a child process; recall against the exact max-sim of the float32 vectors, computed here."""
-    from service.gallery import Gallery, Record
+    from service.engine.gallery import Gallery, Record
     from service.settings import Settings
 
     folder = Path(tempfile.mkdtemp(prefix=f"gallery-{count}-", dir=args.folder))
@@ -366,7 +366,7 @@ def scale_measure(args) -> dict:
 
 def scale_open(args) -> dict:
     """In a fresh process: open the gallery, search, add 16 images ten times; time and memory."""
-    from service.gallery import Gallery, NewImage
+    from service.engine.gallery import Gallery, NewImage
     from service.settings import Settings
 
     rss_before = rss_bytes()

@@ -14,7 +14,7 @@ recall@10 against the exact max-sim over every image's 32 query vectors in float
   what the mean vector loses from what an ANN index loses.
 - LanceDB multivector column (all 32 vectors of an image, max-sim natively) with an index: the best C
   images, then the same exact re-scoring.
-- --today CHECKOUT: the gallery of that checkout (Milvus Lite 3, `service.gallery.Gallery`), fed the same
+- --today CHECKOUT: the gallery of that checkout (Milvus Lite 3, `service.engine.gallery.Gallery`), fed the same
   vectors in a child process that imports that checkout's package.
 - --store CHECKOUT: that checkout's gallery store as `gallery.py --part scale` measures it (synthetic only: it
   makes the same images and texts from the same seeds).
@@ -326,7 +326,7 @@ def index_config(name: str, partitions: int):
 
 # -- today's store, in a child process that imports the given checkout's package ------------------------
 def today_worker(path: Path, searches: int) -> dict:
-    from service.gallery import Gallery, NewImage
+    from service.engine.gallery import Gallery, NewImage
     from service.settings import Settings
 
     data = VectorSet.load(path)

@@ -1,4 +1,4 @@
-"""The BLIP-2 server: the engine (service/engine/, service/gallery/) and its HTTP face (service/api/);
+"""The BLIP-2 server: the engine (service/engine/, service/engine/gallery/) and its HTTP face (service/api/);
 docs/ARCHITECTURE.md.
 
 Torch's OpenMP threads (libgomp) spin after each parallel operation before they sleep: 300,000 spins by

@@ -24,11 +24,7 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from service.cli import configure_logging
-from service.engine.images import ImageTooLarge, InvalidImage, decode_image
-from service.engine.inference import Runner
-from service.engine.jobs import EmbedJob
-from service.engine.loading import ModelLoadError, load_models
-from service.gallery import (
+from service.engine.gallery import (
     Gallery,
     GalleryError,
     NewImage,
@@ -37,6 +33,10 @@ from service.gallery import (
     model_description,
     open_gallery,
 )
+from service.engine.images import ImageTooLarge, InvalidImage, decode_image
+from service.engine.inference import Runner
+from service.engine.jobs import EmbedJob
+from service.engine.loading import ModelLoadError, load_models
 from service.settings import Settings
 
 

@@ -21,11 +21,11 @@ from service.api import api_docs, chat, gallery_routes, openapi, page, routes
 from service.api.errors import error_body, install_handlers, too_large
 from service.api.state import Phase, ServerState
 from service.engine.batching import Batcher
+from service.engine.gallery import open_gallery
 from service.engine.inference import Runner
 from service.engine.loading import load_models
 from service.engine.tasks import task_profiles
 from service.engine.vision import VisionCache
-from service.gallery import open_gallery
 from service.settings import Settings
 
 log = logging.getLogger("service.app")

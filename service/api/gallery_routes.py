@@ -51,10 +51,7 @@ from service.api.schemas import (
     when,
 )
 from service.api.submit import SubmitDep, Submitter
-from service.engine.images import ImageTooLarge, InvalidImage, decode_image
-from service.engine.jobs import EmbedJob, RetrieveJob
-from service.engine.tasks import check_text
-from service.gallery import (
+from service.engine.gallery import (
     MAX_METADATA_BYTES,
     NAME_PATTERN,
     NAME_RULE,
@@ -66,6 +63,9 @@ from service.gallery import (
     check_metadata,
     check_name,
 )
+from service.engine.images import ImageTooLarge, InvalidImage, decode_image
+from service.engine.jobs import EmbedJob, RetrieveJob
+from service.engine.tasks import check_text
 from service.settings import Settings
 
 router = APIRouter(prefix="/gallery", tags=["gallery"])

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 from service.api.metrics import Metrics
 from service.engine.batching import Batcher
+from service.engine.gallery import Gallery
 from service.engine.inference import Runner
 from service.engine.tasks import TaskProfiles
-from service.gallery import Gallery
 from service.settings import Settings
 
 

@@ -1,6 +1,6 @@
 """A gallery in the format earlier versions wrote (one Milvus row per query vector, a mean-vector row of query -1
 per image, the model in a collection property, reached by an alias): the schema and rows exactly as the
-Milvus-backed service/gallery.py (before the one-record-per-image stores) created them, so the conversion is
+Milvus-backed service/engine/gallery.py (before the one-record-per-image stores) created them, so the conversion is
 tested against what users have on disk."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
-from service.gallery import Record, mean_vector
+from service.engine.gallery import Record, mean_vector
 
 NAME = "blip2_gallery"
 PROPERTY = "blip2.gallery"

@@ -28,9 +28,9 @@ from servertools import (
 )
 
 from service.__main__ import main as serve_main
-from service.gallery import Gallery, NewImage, check_filter, content_key
-from service.gallery.lance_store import tags_filter
-from service.gallery.milvus_store import metadata_filter
+from service.engine.gallery import Gallery, NewImage, check_filter, content_key
+from service.engine.gallery.lance_store import tags_filter
+from service.engine.gallery.milvus_store import metadata_filter
 from service.gallery_cli import Indexer
 
 SERVE = Path(sys.executable).parent / "blip2-serve"

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from servertools import REPO, b64, easy_vqa_facts, encode, running_app, settings_for
 
-from service.gallery import NAME_RULE
+from service.engine.gallery import NAME_RULE
 from service.settings import DEFAULT_MODEL_DIR
 
 easy_vqa = pytest.importorskip("easy_vqa")

@@ -15,9 +15,9 @@ from legacy_gallery import insert_old_rows, write_format2_gallery, write_old_gal
 from pymilvus import MilvusClient
 from servertools import milvus_server, settings_for
 
-from service.gallery import Gallery, NewImage, Record, content_key, lance_store, mean_vector
-from service.gallery.common import PRESELECT_MARGIN, candidate_count, within_reach
-from service.gallery.legacy import release_embedded
+from service.engine.gallery import Gallery, NewImage, Record, content_key, lance_store, mean_vector
+from service.engine.gallery.common import PRESELECT_MARGIN, candidate_count, within_reach
+from service.engine.gallery.legacy import release_embedded
 
 QUERIES, DIM = 8, 16
 MODEL = {"fingerprint": "f" * 64, "name": "synthetic", "dim": DIM, "queries": QUERIES}
@@ -182,7 +182,7 @@ def test_the_last_pass_reads_every_candidate_that_can_be_among_the_k_best():
     """within_reach keeps each candidate whose exact score can reach the k best, given rough scores within
     `error` of the exact ones, and no more than k + 64; C grows with the square root beyond 100,000 images."""
     rng = np.random.default_rng(3)
-    for trial in range(200):
+    for _ in range(200):
         exact_scores = rng.normal(0.3, 0.05, size=2000)
         rough = exact_scores + rng.uniform(-3e-3, 3e-3, size=2000)
         kept = within_reach(rough, 10, 3e-3)
@@ -209,7 +209,7 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 from servertools import settings_for
 from test_gallery_store import MODEL, images
-from service.gallery import Gallery
+from service.engine.gallery import Gallery
 
 settings = settings_for(None, None, gallery_dir={folder!r}, gallery_optimize_rows=8)
 gallery = Gallery.open(settings, MODEL)  # compaction and index updates run between the adds
