@@ -2,7 +2,7 @@
 common.py the shared rules and the store interface, lance_store.py and milvus_store.py the two engines,
 legacy.py the conversion of galleries written by earlier versions."""
 
-from service.gallery.common import (
+from service.engine.gallery.common import (
     MAX_METADATA_BYTES,
     NAME_PATTERN,
     NAME_RULE,
@@ -18,7 +18,7 @@ from service.gallery.common import (
     mean_vector,
     model_fingerprint,
 )
-from service.gallery.gallery import Gallery, model_description, open_gallery, open_store
+from service.engine.gallery.gallery import Gallery, model_description, open_gallery, open_store
 
 __all__ = [
     "MAX_METADATA_BYTES",

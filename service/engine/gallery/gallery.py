@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from service.gallery import legacy
-from service.gallery.common import (
+from service.engine.gallery import legacy
+from service.engine.gallery.common import (
     FolderLock,
     GalleryError,
     NewImage,
@@ -41,7 +41,7 @@ from service.gallery.common import (
     model_fingerprint,
     model_of,
 )
-from service.gallery.lance_store import LanceStore
+from service.engine.gallery.lance_store import LanceStore
 from service.settings import Settings
 
 log = logging.getLogger("service.gallery")
@@ -51,7 +51,9 @@ def open_store(settings: Settings, model: dict[str, Any]) -> Store:
     """The store BLIP2_GALLERY_URI / BLIP2_GALLERY_DIR name, created for `model` if new, an old-format one
     converted. An embedded store's folder must be locked by the caller (Gallery.open does)."""
     if settings.gallery_uri:
-        from service.gallery.milvus_store import MilvusStore  # pymilvus only for a server (and conversions)
+        from service.engine.gallery.milvus_store import (
+            MilvusStore,  # pymilvus only for a server (and conversions)
+        )
 
         return MilvusStore.open(settings, model)
     folder = Path(settings.gallery_dir).expanduser().resolve()

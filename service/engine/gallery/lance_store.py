@@ -65,7 +65,7 @@ import torch  # noqa: E402
 from lancedb.index import BTree, LabelList  # noqa: E402
 from lancedb.table import CompactionOptions  # noqa: E402
 
-from service.gallery.common import (  # noqa: E402
+from service.engine.gallery.common import (  # noqa: E402
     PRESELECT_MARGIN,
     Record,
     Stored,

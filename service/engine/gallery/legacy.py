@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from pymilvus import MilvusClient, MilvusException
 
-from service.gallery.common import Record, Stored
+from service.engine.gallery.common import Record, Stored
 
 log = logging.getLogger("service.gallery")
 OLD_FIELDS = ["image_id", "sha256", "file", "added_at", "meta"]

@@ -23,8 +23,16 @@ from typing import Any
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
-from service.gallery.common import GalleryError, Record, Stored, best, mean_vector, model_of, top_by_max_sim
-from service.gallery.legacy import PROPERTY, collection_info, old_records
+from service.engine.gallery.common import (
+    GalleryError,
+    Record,
+    Stored,
+    best,
+    mean_vector,
+    model_of,
+    top_by_max_sim,
+)
+from service.engine.gallery.legacy import PROPERTY, collection_info, old_records
 from service.settings import Settings
 
 log = logging.getLogger("service.gallery")
