@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from blip2.prompts import VQA_TEMPLATE_DECODER, VQA_TEMPLATE_SHORT
+
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 
 
@@ -202,8 +204,8 @@ class Settings(BaseSettings):
     )
     vqa_prompt_template: str | None = Field(
         None,
-        description="Default /vqa template with `{}` for the question. Unset: `Question: {} Answer:` for OPT, "
-        "`Question: {} Short answer:` for Flan-T5 and InstructBLIP.",
+        description="Default /vqa template with `{}` for the question. Unset: "
+        f"`{VQA_TEMPLATE_DECODER}` for OPT, `{VQA_TEMPLATE_SHORT}` for Flan-T5 and InstructBLIP.",
     )
     text_processing: Literal["auto", "on", "off"] = Field(
         "auto",
