@@ -15,7 +15,15 @@ from legacy_gallery import insert_old_rows, write_format2_gallery, write_old_gal
 from pymilvus import MilvusClient
 from servertools import milvus_server, settings_for
 
-from service.engine.gallery import Gallery, NewImage, Record, content_key, lance_store, mean_vector
+from service.engine.gallery import (
+    Gallery,
+    NewImage,
+    Record,
+    content_key,
+    lance_store,
+    mean_vector,
+    search_memory,
+)
 from service.engine.gallery.common import PRESELECT_MARGIN, candidate_count, within_reach
 from service.engine.gallery.legacy import release_embedded
 
@@ -132,9 +140,9 @@ def test_what_searches_hold_in_memory_appends_deletes_and_ranks_like_numpy(monke
     """InMemory (chunks of 4 images here) ranks by mean like numpy over the live images, with and without a
     filter, across chunk boundaries and after dropping its dead slots, and its coarse ITC is within 1e-2 of
     the exact one (16-d test vectors); a snapshot taken before an append or a drop still reads what it held."""
-    monkeypatch.setattr(lance_store, "CHUNK_ROWS", 4)
+    monkeypatch.setattr(search_memory, "CHUNK_ROWS", 4)
     rng = np.random.default_rng(0)
-    memory = lance_store.InMemory(QUERIES, DIM)
+    memory = search_memory.InMemory(QUERIES, DIM)
     vectors = unit(rng.normal(size=(3000, QUERIES, DIM)))
     means = np.stack([mean_vector(v) for v in vectors])
     codes, scales, _, _ = lance_store.quantize(vectors)

@@ -12,8 +12,8 @@ filter matches), mean (the normalised mean query vector, float32) and the query 
 (`quantize`: coarse codes and what they leave, each with a scale per vector; together closer to the vectors
 than float16, in the same 16 kB). The table has stable row ids, so a row keeps its id through compaction.
 
-A text search is three passes, the first two in memory (`InMemory`: 8.5 kB per image with 32 x 256 vectors,
-850 MB at 100,000 images, read from the table when the gallery opens):
+A text search is three passes, the first two in memory (search_memory.py's `InMemory`: 8.5 kB per image
+with 32 x 256 vectors, 850 MB at 100,000 images, read from the table when the gallery opens):
 1. every image's mean vector (float16) times the text's vector, one product over the whole gallery, the
    metadata filter applied as a mask: the best C (BLIP2_GALLERY_CANDIDATES; more beyond 100,000 images,
    common.candidate_count);
@@ -61,7 +61,6 @@ M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
 import lancedb  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
-import torch  # noqa: E402
 from lancedb.index import BTree, LabelList  # noqa: E402
 from lancedb.table import CompactionOptions  # noqa: E402
 
@@ -76,6 +75,7 @@ from service.engine.gallery.common import (  # noqa: E402
     model_of,
     within_reach,
 )
+from service.engine.gallery.search_memory import InMemory  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 log = logging.getLogger("service.gallery")
@@ -92,10 +92,6 @@ KEEP_OLD_VERSIONS = timedelta(minutes=1)
 COMPACTION = CompactionOptions(target_rows_per_fragment=32768)
 GROWTH_PER_MAINTENANCE = 0.05  # maintenance once the rows not yet indexed are 5% of the gallery
 STABLE_ROW_IDS = {"new_table_enable_stable_row_ids": "true"}
-# What searches hold grows by chunks of this many images, never moved: few enough that a search makes few
-# calls (each torch call costs ~1 ms on a busy 2-core machine), each reserved, not written, until used
-# (544 MB of address space with 32 x 256 vectors).
-CHUNK_ROWS = 65536
 LOAD_ROWS = 4096  # rows per batch read when the gallery opens (37 MB with 32 x 256 vectors: memory it frees)
 
 
@@ -227,175 +223,6 @@ def write_atomically(path: Path, text: str) -> None:
         os.close(folder)
 
 
-class Chunk:
-    """CHUNK_ROWS images' slots: mean vectors (float16), coarse query-vector codes (int8) and their scales."""
-
-    def __init__(self, queries: int, dim: int) -> None:
-        # empty, not zeros: the memory is taken as slots are written (a slot is read only once written)
-        self.means = torch.empty((CHUNK_ROWS, dim), dtype=torch.float16)
-        self.codes = torch.empty((CHUNK_ROWS, queries, dim), dtype=torch.int8)
-        self.scales = torch.empty((CHUNK_ROWS, queries), dtype=torch.float32)
-
-
-def by_chunk(slots: np.ndarray) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:
-    """(chunk, the positions in `slots` of those in it, their offsets in it) for each chunk the slots fall in,
-    in chunk order."""
-    chunk_of, offsets = np.divmod(np.asarray(slots, dtype=np.int64), CHUNK_ROWS)
-    for chunk in np.unique(chunk_of):
-        positions = np.flatnonzero(chunk_of == chunk)
-        yield int(chunk), positions, torch.from_numpy(offsets[positions])
-
-
-def best_products(matrix: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """Each row's best inner product with any of `vectors`: a matrix-vector product per vector (a product with
-    a matrix of one column is ~3x slower on CPU), nothing more for the usual single text vector."""
-    best = matrix @ vectors[0]
-    for vector in vectors[1:]:
-        best = torch.maximum(best, matrix @ vector)
-    return best
-
-
-class InMemory:
-    """What a search reads from memory: every stored image's mean vector (the first pass) and coarse codes of
-    its query vectors (the middle pass), 8.5 kB per image with 32 x 256 vectors, by slot; and the row ids of the
-    slots, sorted (stable row ids only grow, adds append under the store's write lock). The chunks are never
-    moved, so an add costs the same at any size. A search reads one snapshot (row ids, chunks, alive), the
-    first n slots: an append writes past every snapshot taken before it, then publishes a longer one. A deleted
-    image's slot is marked dead, which a search in progress may or may not see; the dead are dropped once they
-    are a quarter."""
-
-    def __init__(self, queries: int, dim: int) -> None:
-        self.queries, self.dim = queries, dim
-        self._empty()
-
-    def _empty(self) -> None:
-        self._row_ids = np.zeros(CHUNK_ROWS, dtype=np.uint64)
-        self._alive = np.zeros(CHUNK_ROWS, dtype=bool)
-        self._chunks: list[Chunk] = []
-        self._publish(0)
-
-    def _publish(self, count: int) -> None:
-        self.snapshot = (self._row_ids[:count], list(self._chunks), self._alive[:count])
-
-    def reserve(self, count: int) -> None:
-        """Room for `count` slots in all (chunks are made as slots are written)."""
-        if count > len(self._row_ids):
-            capacity = max(2 * len(self._row_ids), count)
-            self._row_ids = np.concatenate(
-                [self._row_ids, np.zeros(capacity - len(self._row_ids), np.uint64)]
-            )
-            self._alive = np.concatenate([self._alive, np.zeros(capacity - len(self._alive), bool)])
-
-    def write(self, slots: np.ndarray, means: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> None:
-        """These slots hold these images (not yet searched: publishing a longer snapshot makes them so)."""
-        while len(slots) and max(slots) // CHUNK_ROWS >= len(self._chunks):
-            self._chunks.append(Chunk(self.queries, self.dim))
-        for chunk, mine, at in by_chunk(slots):
-            target = self._chunks[chunk]
-            target.means[at] = torch.from_numpy(np.asarray(means[mine], dtype=np.float16))
-            target.codes[at] = torch.from_numpy(np.ascontiguousarray(codes[mine]))
-            target.scales[at] = torch.from_numpy(np.asarray(scales[mine], dtype=np.float32))
-
-    def load(self, batches: Iterator[pa.Table], row_ids: np.ndarray) -> None:
-        """Fill an empty one from the table: `row_ids`, every row's (any order), then batches of rows with
-        `_rowid`, mean, coarse and coarse_scale, each written to its sorted place."""
-        row_ids = np.sort(np.asarray(row_ids, dtype=np.uint64))
-        self.reserve(len(row_ids))
-        self._row_ids[: len(row_ids)] = row_ids
-        self._alive[: len(row_ids)] = True
-        for rows in batches:
-            self.write(
-                np.searchsorted(row_ids, rows["_rowid"].to_numpy().astype(np.uint64)),
-                column_values(rows, "mean", np.float32).reshape(rows.num_rows, self.dim),
-                column_values(rows, "coarse", np.int8).reshape(rows.num_rows, self.queries, self.dim),
-                column_values(rows, "coarse_scale", np.float32).reshape(rows.num_rows, self.queries),
-            )
-        self._publish(len(row_ids))
-
-    def append(self, row_ids: np.ndarray, means: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> None:
-        count, added = len(self.snapshot[0]), len(row_ids)
-        order = np.argsort(row_ids, kind="stable")
-        row_ids = np.asarray(row_ids, dtype=np.uint64)[order]
-        if count and added and row_ids[0] <= self._row_ids[count - 1]:
-            raise RuntimeError("row ids out of order: the in-memory search data no longer matches the table")
-        self.reserve(count + added)
-        self._row_ids[count : count + added] = row_ids
-        self._alive[count : count + added] = True
-        self.write(np.arange(count, count + added), means[order], codes[order], scales[order])
-        self._publish(count + added)
-
-    @staticmethod
-    def slots_of(known: np.ndarray, row_ids: np.ndarray) -> np.ndarray:
-        """The slots in `known` (sorted row ids) of those of `row_ids` that are there."""
-        if len(known) == 0:
-            return np.zeros(0, dtype=np.int64)
-        row_ids = np.asarray(row_ids, dtype=np.uint64)
-        found = np.searchsorted(known, row_ids).clip(max=len(known) - 1)
-        return found[known[found] == row_ids]
-
-    def remove(self, row_ids: np.ndarray) -> None:
-        known, chunks, alive = self.snapshot
-        alive[self.slots_of(known, row_ids)] = False
-        if (~alive).sum() > max(1024, len(alive) // 4):  # new chunks: searches keep the old ones they hold
-            keep = np.flatnonzero(alive)
-            means, codes, scales = (
-                part.numpy() for part in self.gather(self.snapshot, keep, ("means", "codes", "scales"))
-            )
-            self._empty()
-            self.append(known[keep], means, codes, scales)
-
-    def top(
-        self, snapshot: tuple, queries: np.ndarray, limit: int, allowed: np.ndarray | None = None
-    ) -> np.ndarray:
-        """The slots (of `snapshot`) of the `limit` best images by the best inner product of their mean vector
-        with any of `queries` (n, dim), among the live ones (and the `allowed` row ids, if given), best first."""
-        known, chunks, alive = snapshot
-        if len(known) == 0:
-            return np.zeros(0, dtype=np.int64)
-        half = torch.from_numpy(np.asarray(queries, dtype=np.float16).reshape(-1, self.dim).copy())
-        used = [chunk.means[: len(known) - n * CHUNK_ROWS] for n, chunk in enumerate(chunks)]
-        scores = torch.cat([best_products(means, half) for means in used]).float()
-        scores[torch.from_numpy(~alive)] = -torch.inf
-        slots = np.arange(len(known))
-        if allowed is not None:  # a filter: the best of its images only
-            slots = self.slots_of(known, allowed)
-            scores = scores[torch.from_numpy(slots)]
-        found = torch.topk(scores, min(limit, len(slots)))
-        return slots[found.indices.numpy()[np.isfinite(found.values.numpy())]]
-
-    @staticmethod
-    def gather(snapshot: tuple, slots: np.ndarray, fields: tuple[str, ...]) -> list[torch.Tensor]:
-        """These fields of a Chunk (`means`, `codes`, `scales`) for these slots of `snapshot`, which must be
-        sorted (then the chunks' parts, one gather each, come in the slots' order)."""
-        parts = [(snapshot[1][chunk], at) for chunk, _, at in by_chunk(slots)]
-        return [
-            torch.cat([getattr(chunk, field).index_select(0, at) for chunk, at in parts]) for field in fields
-        ]
-
-    def rough(self, snapshot: tuple, slots: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, float]:
-        """The middle pass: the ITC of each slot (of `snapshot`; sorted) from its coarse codes and int8 codes of
-        the query vectors, and a bound on how far each is from the exact one. Integer products (torch's
-        `_int_mm`, exact in int32) need no widening of the codes: 1,000 images of 32 x 256 in ~2 ms on one
-        core, 4x less than float16. Chunk by chunk, so the codes are copied once (into the product's input)."""
-        texts = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
-        text_scales = np.maximum(np.abs(texts).max(axis=1), 1e-30) / 127
-        text_codes = torch.from_numpy(np.rint(texts / text_scales[:, None]).astype(np.int8).T.copy())
-        scores, largest_step = [], 0.0
-        for chunk, _, at in by_chunk(slots):
-            source = snapshot[1][chunk]
-            products = torch._int_mm(source.codes.index_select(0, at).reshape(-1, self.dim), text_codes)
-            per_vector = products.float() * torch.from_numpy(text_scales.astype(np.float32))
-            steps = source.scales.index_select(0, at)
-            scores.append((per_vector.amax(dim=1).reshape(len(at), self.queries) * steps).amax(dim=1))
-            largest_step = max(largest_step, float(steps.max()))
-        # Rounding leaves each element off by up to half a step, uniformly and independently, so a score of unit
-        # vectors is off by sqrt((vector step^2 + text step^2) / 12) in standard deviation. Six of them bound it:
-        # the largest error of 5 million measured (256-d, synthetic and the built-in model's) was 2.9e-3, the
-        # bound 3.9e-3.
-        error = 6 * np.sqrt((largest_step**2 + float(text_scales.max()) ** 2) / 12)
-        return torch.cat(scores).numpy(), float(error)
-
-
 class LanceStore:
     """The gallery's records in one LanceDB table (see the module's docstring). Thread-safe: routes call it
     from worker threads while its own thread maintains the indexes."""
@@ -516,9 +343,19 @@ class LanceStore:
         row_ids = self.table.search(None).select(["added_at"]).with_row_id(True).to_arrow()["_rowid"]
         columns = ["mean", "coarse", "coarse_scale"]
         batches = self.table.search(None).select(columns).with_row_id(True).to_batches(LOAD_ROWS)
-        self.memory.load((pa.Table.from_batches([batch]) for batch in batches), row_ids.to_numpy())
+        self.memory.load(map(self._memory_columns, batches), row_ids.to_numpy())
         pa.default_memory_pool().release_unused()  # the batches' memory, which the pool would keep
         release_freed_heap()
+
+    def _memory_columns(self, batch: pa.RecordBatch) -> tuple[np.ndarray, ...]:
+        """A batch of rows as InMemory takes them: (row ids, means, coarse codes, their scales)."""
+        rows, queries, dim = pa.Table.from_batches([batch]), self.info["queries"], self.info["dim"]
+        return (
+            rows["_rowid"].to_numpy(),
+            column_values(rows, "mean", np.float32).reshape(rows.num_rows, dim),
+            column_values(rows, "coarse", np.int8).reshape(rows.num_rows, queries, dim),
+            column_values(rows, "coarse_scale", np.float32).reshape(rows.num_rows, queries),
+        )
 
     def start_rebuild(self, model: dict[str, Any]) -> LanceStore:
         """A new, unpublished table for `model`, written while this one serves (a re-index fills it)."""
