@@ -221,7 +221,7 @@ def within_reach(rough: np.ndarray, k: int, error: float) -> np.ndarray:
     """Positions of the rough scores whose exact ones can be among the k best, best first, when each is within
     `error` of its exact one: a true top-k image scores at least s_k - error roughly, and the k-th best rough
     score is at most s_k + error (s_k: the k-th best exact score), so those within twice the error of the k-th
-    best rough score. At most k + PRESELECT_MARGIN (a dense cluster of near-equal images); typically 10-30 for
+    best rough score. At most k + PRESELECT_MARGIN (a dense cluster of near-equal images); typically 15-45 for
     k = 10 and 32 x 256 int8 codes."""
     order = np.argsort(-rough, kind="stable")[: k + PRESELECT_MARGIN]
     if len(order) <= k:

@@ -17,8 +17,8 @@ with 32 x 256 vectors, 850 MB at 100,000 images, read from the table when the ga
 1. every image's mean vector (float16) times the text's vector, one product over the whole gallery, the
    metadata filter applied as a mask: the best C (BLIP2_GALLERY_CANDIDATES; more beyond 100,000 images,
    common.candidate_count);
-2. their ITC from the coarse codes (within ~3e-3, a bound computed from the steps): those within reach of the k best (common.within_reach;
-   typically 10-30 for k = 10, at most k + 64);
+2. their ITC from the coarse codes, with a bound on its error from the codes' steps: those within reach of
+   the k best (common.within_reach; typically 15-45 for k = 10, at most k + 64);
 3. those rows' fine layer and fields read from the table in one take, and their exact ITC, the best inner
    product over all their query vectors.
 What it can miss is an image among the true top k whose mean is not among the best C means. Nothing but the
