@@ -70,6 +70,7 @@ from service.engine.gallery.common import (  # noqa: E402
     Stored,
     best,
     candidate_count,
+    int8_codes,
     max_sim,
     mean_vector,
     model_of,
@@ -155,9 +156,8 @@ def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     vectors = np.asarray(vectors, dtype=np.float32)
     layers = []
     for _ in range(2):
-        scale = np.maximum(np.abs(vectors).max(axis=-1), 1e-30) / 127
-        codes = np.clip(np.rint(vectors / scale[..., None]), -127, 127).astype(np.int8)
-        layers += [codes, scale.astype(np.float32)]
+        codes, scale = int8_codes(vectors)
+        layers += [codes, scale]
         vectors = vectors - codes * scale[..., None]
     return layers[0], layers[1], layers[2], layers[3]
 
